@@ -1,0 +1,29 @@
+// The torch adapters of every op, one file each; registration.cpp binds them to the schemas.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace token_recycling {
+
+at::Tensor build_draft_tree_cpu(const at::Tensor& matrix, const at::Tensor& roots, const at::Tensor& parents,
+                                const at::Tensor& ranks);
+void update_adjacency_cpu(at::Tensor& matrix, const at::Tensor& tokens, const at::Tensor& candidates);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cpu(const at::Tensor& tokens,
+                                                                 const at::Tensor& predictions,
+                                                                 const at::Tensor& parents);
+void compact_kv_cpu(at::TensorList caches, const at::Tensor& prefix_len, const at::Tensor& accepted_nodes,
+                    const at::Tensor& accept_len);
+at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& prefix_len, const at::Tensor& tree_mask, double scale);
+
+}  // namespace token_recycling
+
+namespace token_recycling {
+// Validation shared by the CPU and CUDA adapters of the two float ops.
+void check_compact_kv_inputs(at::TensorList caches, const at::Tensor& prefix_len, const at::Tensor& accepted_nodes,
+                             const at::Tensor& accept_len);
+void check_tree_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& prefix_len, const at::Tensor& tree_mask);
+}  // namespace token_recycling

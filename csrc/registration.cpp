@@ -1,0 +1,21 @@
+// The public ops contract: every schema of torch.ops.token_recycling, defined once, with its CPU
+// implementation. CUDA implementations register in cuda/registration_cuda.cpp when built.
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(token_recycling, m) {
+  m.def("build_draft_tree(Tensor matrix, Tensor roots, Tensor parents, Tensor ranks) -> Tensor");
+  m.def("update_adjacency(Tensor(a!) matrix, Tensor tokens, Tensor candidates) -> ()");
+  m.def("verify_greedy(Tensor tokens, Tensor predictions, Tensor parents) -> (Tensor, Tensor, Tensor)");
+  m.def("compact_kv(Tensor(a!)[] caches, Tensor prefix_len, Tensor accepted_nodes, Tensor accept_len) -> ()");
+  m.def("tree_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_len, Tensor tree_mask, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(token_recycling, CPU, m) {
+  m.impl("build_draft_tree", &token_recycling::build_draft_tree_cpu);
+  m.impl("update_adjacency", &token_recycling::update_adjacency_cpu);
+  m.impl("verify_greedy", &token_recycling::verify_greedy_cpu);
+  m.impl("compact_kv", &token_recycling::compact_kv_cpu);
+  m.impl("tree_attention", &token_recycling::tree_attention_cpu);
+}

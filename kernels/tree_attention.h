@@ -1,0 +1,94 @@
+// Step 2 (inside the verification forward): attention of the N tree nodes over the prefix
+// (all visible) and the tree block (visible where tree_mask[i, j]). GQA: query head h reads kv head
+// h / (q_heads / kv_heads). Scores, softmax and the weighted sum are computed in float.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "numeric.h"
+#include "status.h"
+
+namespace token_recycling::kernels {
+
+// A [batch, heads, len, dim] tensor view with element strides.
+template <typename T>
+struct Strided4D {
+  T* data;
+  int64_t stride_b, stride_h, stride_s, stride_d;
+  T& at(int64_t b, int64_t h, int64_t s, int64_t d) const {
+    return data[b * stride_b + h * stride_h + s * stride_s + d * stride_d];
+  }
+};
+
+struct TreeAttentionShape {
+  int64_t batch, q_heads, kv_heads, num_nodes, seq, head_dim;
+};
+
+inline Status CheckTreeAttentionShape(const TreeAttentionShape& s, const int64_t* prefix_len) {
+  if (s.kv_heads <= 0 || s.q_heads % s.kv_heads != 0) {
+    return Status::Error("q_heads (" + std::to_string(s.q_heads) + ") must be a multiple of kv_heads (" +
+                         std::to_string(s.kv_heads) + ")");
+  }
+  for (int64_t b = 0; b < s.batch; ++b) {
+    if (prefix_len[b] < 0 || prefix_len[b] + s.num_nodes > s.seq) {
+      return Status::Error("prefix_len[" + std::to_string(b) + "] = " + std::to_string(prefix_len[b]) +
+                           " does not fit: need 0 <= prefix_len and prefix_len + num_nodes (" +
+                           std::to_string(s.num_nodes) + ") <= kv length (" + std::to_string(s.seq) + ")");
+    }
+  }
+  return Status::Ok();
+}
+
+// tree_mask: [num_nodes, num_nodes] row-major bytes (non-zero = visible). out: [batch, q_heads, num_nodes, head_dim]
+// view. A node that sees no key at all gets a zero output.
+template <typename T>
+Status tree_attention(const Strided4D<const T>& q, const Strided4D<const T>& k, const Strided4D<const T>& v,
+                      const Strided4D<T>& out, const TreeAttentionShape& s, const int64_t* prefix_len,
+                      const uint8_t* tree_mask, float scale) {
+  Status st = CheckTreeAttentionShape(s, prefix_len);
+  if (!st.ok) return st;
+  const int64_t group = s.q_heads / s.kv_heads;
+  std::vector<float> qf(s.head_dim), acc(s.head_dim), scores;
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const int64_t prefix = prefix_len[b];
+    scores.resize(static_cast<size_t>(prefix + s.num_nodes));
+    for (int64_t h = 0; h < s.q_heads; ++h) {
+      const int64_t hk = h / group;
+      for (int64_t i = 0; i < s.num_nodes; ++i) {
+        for (int64_t d = 0; d < s.head_dim; ++d) qf[d] = to_float(q.at(b, h, i, d));
+        float max_score = -INFINITY;
+        auto score_at = [&](int64_t pos) {
+          float dot = 0.f;
+          for (int64_t d = 0; d < s.head_dim; ++d) dot += qf[d] * to_float(k.at(b, hk, pos, d));
+          return dot * scale;
+        };
+        // Keys visible to node i: the whole prefix, then tree nodes j with tree_mask[i, j].
+        int64_t count = 0;
+        for (int64_t pos = 0; pos < prefix; ++pos) scores[count++] = score_at(pos);
+        for (int64_t j = 0; j < s.num_nodes; ++j) {
+          if (tree_mask[i * s.num_nodes + j]) scores[count++] = score_at(prefix + j);
+        }
+        for (int64_t c = 0; c < count; ++c) max_score = std::fmax(max_score, scores[c]);
+        float denom = 0.f;
+        for (int64_t c = 0; c < count; ++c) denom += (scores[c] = std::exp(scores[c] - max_score));
+        for (int64_t d = 0; d < s.head_dim; ++d) acc[d] = 0.f;
+        int64_t c = 0;
+        auto accumulate = [&](int64_t pos) {
+          const float w = scores[c++];
+          for (int64_t d = 0; d < s.head_dim; ++d) acc[d] += w * to_float(v.at(b, hk, pos, d));
+        };
+        for (int64_t pos = 0; pos < prefix; ++pos) accumulate(pos);
+        for (int64_t j = 0; j < s.num_nodes; ++j) {
+          if (tree_mask[i * s.num_nodes + j]) accumulate(prefix + j);
+        }
+        const float inv = count > 0 ? 1.f / denom : 0.f;
+        for (int64_t d = 0; d < s.head_dim; ++d) out.at(b, h, i, d) = from_float<T>(acc[d] * inv);
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace token_recycling::kernels

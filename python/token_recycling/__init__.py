@@ -1,0 +1,7 @@
+"""Token Recycling: faster greedy decoding for HuggingFace causal LMs, no training, no draft model."""
+
+from . import ops, reference  # noqa: F401
+from ._extension import BUILT_WITH_TORCH, WITH_CUDA  # noqa: F401
+from .tree import DraftTree, make_tree  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,96 @@
+"""Typed wrappers of ``torch.ops.token_recycling.*``, the public ops contract.
+
+Other frameworks may call ``torch.ops.token_recycling.<name>`` directly; these wrappers only add
+types and docs. Each op also has a fake (meta) implementation so it works under ``torch.compile``
+and ``FakeTensorMode``. Trees are given as ``parents`` (``parents[0] == -1``, ``0 <= parents[i] < i``)
+and ``ranks`` (the matrix column each node takes from its parent's row).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _extension  # noqa: F401  (loads the native library)
+
+_ops = torch.ops.token_recycling
+
+
+def build_draft_tree(matrix: torch.Tensor, roots: torch.Tensor, parents: torch.Tensor,
+                     ranks: torch.Tensor) -> torch.Tensor:
+    """Fill a draft tree from the adjacency matrix.
+
+    matrix ``[V, k]`` int32/int64, roots ``[B]`` int64, parents/ranks ``[N]`` int32.
+    Returns tokens ``[B, N]`` int64 with ``tokens[:, 0] = roots`` and
+    ``tokens[b, i] = matrix[tokens[b, parents[i]], ranks[i]]``.
+    """
+    return _ops.build_draft_tree(matrix, roots, parents, ranks)
+
+
+def update_adjacency(matrix: torch.Tensor, tokens: torch.Tensor, candidates: torch.Tensor) -> None:
+    """Recycle: row ``tokens[b, n]`` of ``matrix`` := ``candidates[b, n]`` (in place).
+
+    tokens ``[B, N]`` int64, candidates ``[B, N, k]`` int32/int64 (top-k next tokens, best first).
+    When a token occurs more than once, its last occurrence in row-major ``(b, n)`` order wins.
+    """
+    _ops.update_adjacency(matrix, tokens, candidates)
+
+
+def verify_greedy(tokens: torch.Tensor, predictions: torch.Tensor,
+                  parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Find the longest draft path equal to the model's greedy choices.
+
+    tokens, predictions ``[B, N]`` int64 (predictions = argmax of the logits at each node);
+    parents ``[N]`` (or ``[B, N]``, one tree per row) int32. Returns ``(accept_len [B],
+    accepted_nodes [B, max_depth + 1] padded with -1, bonus [B])``; ``accept_len`` counts the root.
+    """
+    return _ops.verify_greedy(tokens, predictions, parents)
+
+
+def compact_kv(caches: list[torch.Tensor], prefix_len: torch.Tensor, accepted_nodes: torch.Tensor,
+               accept_len: torch.Tensor) -> None:
+    """Move the accepted path's cache entries into place, for all layers in one call.
+
+    caches: key and value tensors ``[B, H, S, D]``; tree node ``i`` of row ``b`` sits at
+    ``prefix_len[b] + i``. Position ``prefix_len[b] + j`` receives the entry at
+    ``prefix_len[b] + accepted_nodes[b, j]`` for ``j < accept_len[b]``; all reads precede writes.
+    """
+    _ops.compact_kv(caches, prefix_len, accepted_nodes, accept_len)
+
+
+def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: torch.Tensor,
+                   tree_mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of tree nodes over the prefix and their visible tree nodes.
+
+    q ``[B, Hq, N, D]``; k, v ``[B, Hkv, S, D]`` with the prefix at ``[0, prefix_len[b])`` and node
+    ``i`` at ``prefix_len[b] + i``; tree_mask ``[N, N]`` bool (node i may see node j). GQA when
+    ``Hq % Hkv == 0``. fp32/fp16/bf16 with fp32 accumulation. Returns ``[B, Hq, N, D]``.
+    """
+    return _ops.tree_attention(q, k, v, prefix_len, tree_mask, scale)
+
+
+# ----------------------------------------------------------------------------- fake implementations
+@torch.library.register_fake("token_recycling::build_draft_tree")
+def _(matrix, roots, parents, ranks):
+    return roots.new_empty((roots.shape[0], parents.shape[0]))
+
+
+@torch.library.register_fake("token_recycling::update_adjacency")
+def _(matrix, tokens, candidates):
+    return None
+
+
+@torch.library.register_fake("token_recycling::verify_greedy")
+def _(tokens, predictions, parents):
+    width = torch.library.get_ctx().new_dynamic_size(min=1)  # tree depth + 1: data-dependent
+    batch = tokens.shape[0]
+    return tokens.new_empty((batch,)), tokens.new_empty((batch, width)), tokens.new_empty((batch,))
+
+
+@torch.library.register_fake("token_recycling::compact_kv")
+def _(caches, prefix_len, accepted_nodes, accept_len):
+    return None
+
+
+@torch.library.register_fake("token_recycling::tree_attention")
+def _(q, k, v, prefix_len, tree_mask, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
