@@ -5,3 +5,5 @@ from ._extension import BUILT_WITH_TORCH, WITH_CUDA  # noqa: F401
 from .tree import DraftTree, make_tree  # noqa: F401
 
 __version__ = "0.1.0"
+from .recycler import TokenRecycler  # noqa: E402,F401
+from .stats import GenerationStats  # noqa: E402,F401

@@ -1,0 +1,47 @@
+"""What the last generate() call did: steps, tokens, acceptance, and where accepted tokens came from."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class GenerationStats:
+    steps: int = 0                     # verification forwards (the prefill is not a step)
+    new_tokens: int = 0                # tokens returned beyond the prompt
+    accept_lengths: list[int] = field(default_factory=list)  # tokens emitted per step (accepted + bonus)
+    node_matches: list[int] = field(default_factory=list)    # per tree node: steps whose accepted path used it
+    tree_nodes: list[int] = field(default_factory=list)      # nodes forwarded per step (root included)
+    from_matrix: int = 0               # accepted draft tokens that came from the adjacency matrix
+    from_ngram: int = 0                # accepted draft tokens that came from the context n-gram chain
+    seconds: float = 0.0
+    tree: str = ""                     # the tree in use at the end of the call
+    tree_size: int = 0                 # its nodes under the root
+    predicted_speedup: float | None = None  # auto tree: what the cost model expected vs one token/step
+    measured_speedup: float | None = None   # auto tree: tokens/s vs the measured single-token step
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean tokens emitted per step (the paper's MAT, bonus token included)."""
+        return sum(self.accept_lengths) / len(self.accept_lengths) if self.accept_lengths else 0.0
+
+    @property
+    def accept_histogram(self) -> list[int]:
+        hist = [0] * (max(self.accept_lengths, default=0) + 1)
+        for n in self.accept_lengths:
+            hist[n] += 1
+        return hist
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(mean_accepted=self.mean_accepted, accept_histogram=self.accept_histogram,
+                 tokens_per_second=self.tokens_per_second)
+        return d
+
+    def summary(self) -> str:
+        return (f"{self.new_tokens} new tokens in {self.steps} steps, {self.mean_accepted:.2f} tokens/step, "
+                f"{self.tokens_per_second:.1f} tokens/s, tree {self.tree}")

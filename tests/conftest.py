@@ -1,0 +1,21 @@
+import pytest
+import torch
+
+
+@pytest.fixture
+def gen():
+    """A seeded generator per test, so failures reproduce; the seed differs per test."""
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, (1,)).item())
+    return g
+
+
+def random_tree(num_nodes: int, g: torch.Generator, k: int = 8, chain_bias: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random parents (topological) and ranks for a tree of num_nodes nodes (root included)."""
+    parents = [-1]
+    for i in range(1, num_nodes):
+        if chain_bias and torch.rand(1, generator=g).item() < chain_bias:
+            parents.append(i - 1)  # deep trees
+        else:
+            parents.append(int(torch.randint(0, i, (1,), generator=g)))
+    ranks = [0] + torch.randint(0, k, (num_nodes - 1,), generator=g).tolist()
+    return torch.tensor(parents, dtype=torch.int32), torch.tensor(ranks, dtype=torch.int32)
