@@ -55,7 +55,7 @@ def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def plot_speedup(table: dict, path: Path) -> None:
+def plot_speedup(table: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,13 +67,14 @@ def plot_speedup(table: dict, path: Path) -> None:
     width = 0.8 / max(1, len(pairs))
     for i, pair in enumerate(pairs):
         xs = [c + (i - (len(pairs) - 1) / 2) * width for c in range(len(cats))]
-        ax.bar(xs, [table[c]["speedup"].get(pair, 0.0) for c in cats], width, label=pair)
+        bars = ax.bar(xs, [table[c]["speedup"].get(pair, 0.0) for c in cats], width, label=pair)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
     ax.set_ylabel("speedup (tokens/s ratio)")
-    ax.set_title("Speedup by category")
+    ax.set_title(title, fontsize=10)
     if pairs:
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -160,6 +161,8 @@ def write(results: dict, out_dir: str | Path) -> dict[str, Path]:
     counts = accept_length_counts(results)
     paths = {"report": out / "report.md", "speedup": out / "speedup.png", "accept_lengths": out / "accept_lengths.png"}
     paths["report"].write_text(markdown(results, table, counts))
-    plot_speedup(table, paths["speedup"])
+    cfg = results["config"]
+    plot_speedup(table, paths["speedup"], f"Speedup by category: {cfg.get('model', '?')}, {cfg.get('dtype', '?')}, "
+                                          f"{results['environment'].get('device', '?')}")
     plot_accept_lengths(counts, paths["accept_lengths"])
     return paths
