@@ -30,7 +30,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> graft_cha
   TORCH_CHECK_VALUE(N >= 1, op, ": the tree has no nodes (tree_tokens.size(1) = 0; node 0 is the root)");
   TORCH_CHECK_VALUE(M <= std::numeric_limits<int32_t>::max(), op, ": ", M, " nodes do not fit int32 parents");
 
-  const auto t = tree_tokens.contiguous(), p = parents.contiguous(), c = chain.contiguous(), cl = chain_len.contiguous();
+  const auto t = tree_tokens.contiguous(), p = parents.contiguous();
+  const auto c = chain.contiguous(), cl = chain_len.contiguous();
   auto tokens = at::empty({B, M}, tree_tokens.options());
   auto out_parents = at::empty({B, M}, parents.options());
   auto depths = at::empty({B, M}, tree_tokens.options());
