@@ -47,19 +47,22 @@ class NgramIndex:
     def extend(self, tokens: torch.Tensor, counts: torch.Tensor | None = None) -> None:
         """Append ``tokens[b, :counts[b]]`` to row ``b`` (all of ``tokens [B, T]`` when counts is None)."""
         tokens = tokens.detach().to("cpu", torch.long)
-        if tokens.dim() != 2 or tokens.shape[0] != self.history.shape[0]:
-            raise ValueError(f"tokens must be [batch={self.history.shape[0]}, T], got shape {tuple(tokens.shape)}")
-        if counts is None:
-            counts = torch.full_like(self.lengths, tokens.shape[1])
-        counts = counts.detach().to("cpu", torch.long)
-        if counts.shape != self.lengths.shape or bool((counts < 0).any()) or bool((counts > tokens.shape[1]).any()):
-            raise ValueError(f"counts must be [batch] in [0, T={tokens.shape[1]}], got {counts.tolist()}")
-        new_len = self.lengths + counts
-        if bool((new_len > self.capacity).any()):
-            raise ValueError(f"NgramIndex holds at most {self.capacity} tokens per row; appending {counts.tolist()} "
-                             f"to {self.lengths.tolist()} overflows it")
-        for b, (lo, hi) in enumerate(zip(self.lengths.tolist(), new_len.tolist())):
-            self.history[b, lo:hi] = tokens[b, : hi - lo]
+        batch = self.history.shape[0]
+        if tokens.dim() != 2 or tokens.shape[0] != batch:
+            raise ValueError(f"tokens must be [batch={batch}, T], got shape {tuple(tokens.shape)}")
+        width = tokens.shape[1]
+        counts_list = [width] * batch if counts is None else [int(c) for c in counts.reshape(-1).tolist()]
+        if len(counts_list) != batch or any(not 0 <= c <= width for c in counts_list):
+            raise ValueError(f"counts must be [batch={batch}] in [0, T={width}], got {counts_list}")
+        old = self.lengths.tolist()
+        new = [lo + c for lo, c in zip(old, counts_list)]
+        if max(new) > self.capacity:
+            raise ValueError(f"NgramIndex holds at most {self.capacity} tokens per row; appending {counts_list} "
+                             f"to {old} overflows it")
+        for b, (lo, hi) in enumerate(zip(old, new)):
+            if hi > lo:
+                self.history[b, lo:hi] = tokens[b, : hi - lo]
+        new_len = torch.tensor(new, dtype=torch.long)
         ops.ngram_index_append(self.table, self.history, self.lengths, new_len)
         self.lengths = new_len
 
