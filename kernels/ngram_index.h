@@ -122,7 +122,8 @@ inline uint64_t ngram_hash(const int64_t* tokens, int64_t n) {
 }
 
 // Indexes the n-grams (n = 1..max_ngram) ending at positions old_len[b] + 1 .. new_len[b] of each
-// row. old_len[b] must be the length the table already indexes. Checks everything before writing.
+// row. old_len[b] must be the length the table already indexes. Checks the inputs and that length
+// before writing anything (only a corrupted table can still fail midway).
 // table: [batch, max_ngram, num_slots, 3]; history: [batch, capacity]; old_len, new_len: [batch].
 inline Status ngram_index_append(int64_t* table, int64_t batch, int64_t max_ngram, int64_t num_slots,
                                  const int64_t* history, int64_t capacity, const int64_t* old_len,
@@ -154,8 +155,8 @@ inline Status ngram_index_append(int64_t* table, int64_t batch, int64_t max_ngra
       Status s = unigrams.find(extend_hash(kHashSeed, row[lo - 1]), lo, &slot, &found);
       if (!s.ok) return s;
       if (!found || unigrams.last(slot) != lo) {
-        return Status::Error("the table does not index row " + std::to_string(b) + " up to " +
-                             row_msg("old_len", b, lo) + " (tokens were skipped, or history changed)");
+        return Status::Error("the table does not index row " + std::to_string(b) + " exactly up to " +
+                             row_msg("old_len", b, lo) + " (tokens skipped or appended twice, or history changed)");
       }
     }
     if (hi > lo) {
@@ -234,7 +235,7 @@ inline Status ngram_lookup(const int64_t* table, int64_t batch, int64_t table_ng
       Status s = plane.find(keys[n - 1], len, &slot, &found);
       if (!s.ok) return s;
       if (!found || plane.last(slot) != len) {
-        return Status::Error("the table does not index row " + std::to_string(b) + " up to " +
+        return Status::Error("the table does not index row " + std::to_string(b) + " exactly up to " +
                              row_msg("length", b, len) + " (call ngram_index_append with the new tokens first)");
       }
       const int64_t e = plane.slots[slot * 3 + 2];
