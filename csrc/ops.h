@@ -18,6 +18,15 @@ void compact_kv_cpu(at::TensorList caches, const at::Tensor& prefix_len, const a
 at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& prefix_len, const at::Tensor& tree_mask, double scale);
 
+void ngram_index_append_cpu(at::Tensor& table, const at::Tensor& history, const at::Tensor& old_len,
+                            const at::Tensor& new_len);
+std::tuple<at::Tensor, at::Tensor> ngram_lookup_cpu(const at::Tensor& table, const at::Tensor& history,
+                                                    const at::Tensor& length, int64_t max_ngram, int64_t max_tokens);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> graft_chain_cpu(const at::Tensor& tree_tokens,
+                                                                                       const at::Tensor& parents,
+                                                                                       const at::Tensor& chain,
+                                                                                       const at::Tensor& chain_len);
+
 }  // namespace token_recycling
 
 namespace token_recycling {
