@@ -186,3 +186,13 @@ def test_model_without_4d_mask_support_is_refused():
             TokenRecycler(model)
     finally:
         model.config._attn_implementation_internal = "eager"
+
+
+def test_greedy_choice_follows_argmax_on_ties():
+    rec = TokenRecycler(tiny_model("llama"), tree="chain-4")
+    logits = torch.randn(1, 6, 320).to(torch.bfloat16)
+    logits[0, 1, 7] = logits[0, 1, 200] = 50.0  # exact tie: the first index must win, as in argmax
+    logits[0, 4, 319] = logits[0, 4, 3] = 60.0
+    greedy, cand = rec._greedy_and_candidates(logits)
+    assert torch.equal(greedy, logits.argmax(-1))
+    assert torch.equal(cand, logits.topk(8, dim=-1).indices)

@@ -159,13 +159,14 @@ class TokenRecycler:
             logits = self._forward_tree(tokens, depths, mask, prefix, cache)
             if processors is not None:
                 logits = self._process_tree_logits(processors, seq, tokens, parents, logits)
-            accept_len, nodes, bonus = ops.verify_greedy(tokens, logits.argmax(-1), parents)
+            greedy, candidates = self._greedy_and_candidates(logits)
+            accept_len, nodes, bonus = ops.verify_greedy(tokens, greedy, parents)
             n_acc = int(accept_len[0])  # the one device-to-host sync of the step
             path = nodes[0, :n_acc]
             new_tokens = torch.cat([tokens[0, path[1:]], bonus])
             if self.auto is not None:  # draft-time rows of the accepted tokens, before recycling
                 self.auto.observe(self.matrix.table[tokens[0, path]].cpu().numpy(), new_tokens.cpu().numpy())
-            ops.update_adjacency(self.matrix.table, tokens, logits.topk(self.topk, dim=-1).indices)
+            ops.update_adjacency(self.matrix.table, tokens, candidates)
             hf_model.compact_cache(cache, _prefix_tensor(prefix, self.device), nodes, accept_len, n_acc, forwarded)
             seq, done, emitted = self._emit(seq, new_tokens, stopping, streamer)
             if index is not None and not done:
@@ -255,6 +256,19 @@ class TokenRecycler:
         out = self.model(input_ids=tokens, attention_mask=mask, position_ids=(depths + prefix).view(1, -1),
                          use_cache=True, **{self._cache_kwarg: cache})
         return out.logits
+
+    def _greedy_and_candidates(self, logits):
+        """(argmax [1, N], top-k ids [1, N, k]) from one top-k pass. The top-1 id is the argmax
+        unless the two best logits tie (not rare in bf16); only then is argmax's first-index rule,
+        which greedy generate() uses, looked up."""
+        values, candidates = logits.topk(self.topk, dim=-1)
+        greedy = candidates[..., 0]
+        if self.topk == 1:
+            return logits.argmax(-1), candidates
+        tie = values[..., 0] == values[..., 1]
+        if logits.device.type != "cpu" or bool(tie.any()):  # on a GPU, no sync just to look
+            greedy = torch.where(tie, logits.argmax(-1), greedy)
+        return greedy, candidates
 
     def _process_tree_logits(self, processors, seq, tokens, parents, logits):
         """Apply logits processors node by node, each with its own context (prefix + its path), so
