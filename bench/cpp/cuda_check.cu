@@ -389,6 +389,13 @@ int main(int argc, char** argv) {
   const bench::Options opt = bench::parse_options(argc, argv);
   bench::seed(opt.seed);
   std::printf("CUDA kernels vs CPU kernels (%s)\n", kEmulated ? "host emulation" : "GPU");
+#if defined(__CUDACC__)
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("no CUDA device: nothing checked\n");
+    return 2;
+  }
+#endif
   if (bench::selected(opt, "build_draft_tree")) {
     check_draft_tree<int32_t>("int32");
     check_draft_tree<int64_t>("int64");
