@@ -17,12 +17,12 @@ __global__ void __launch_bounds__(256)
                          int64_t* accept_len, int64_t* accepted_nodes, int64_t* bonus, DeviceError* err) {
   __shared__ unsigned long long best_key;  // (depth << 32) | (0xffffffff - node): max = deepest, then smallest
   __shared__ unsigned max_depth;
-  if (num_nodes < 1) {
-    if (blockIdx.x == 0 && threadIdx.x == 0) report(err, kTreeEmpty, 0, 0, 0, 0);
-    return;
-  }
   // With batch == 0 a shared tree is still checked (as on the CPU) by a block with no row.
   const int64_t rows = (batch == 0 && parents_batch_stride == 0) ? 1 : batch;
+  if (num_nodes < 1) {
+    if (rows > 0 && blockIdx.x == 0 && threadIdx.x == 0) report(err, kTreeEmpty, 0, 0, 0, 0);
+    return;
+  }
   for (int64_t b = blockIdx.x; b < rows; b += gridDim.x) {
     const bool has_row = b < batch;
     const int32_t* par = parents + b * parents_batch_stride;
