@@ -2,7 +2,8 @@
 // machine without a GPU (never for speed). A launch runs blocks one after another; a block's threads
 // are real host threads, so barriers, shuffles, votes and atomics behave as on a GPU, and a missing
 // barrier can show up as a wrong result. __shared__ becomes `static`: one copy, shared by the
-// block's threads (blocks never overlap). wmma fragments hold the whole 16x16 tile in every lane.
+// block's threads (blocks never overlap). A wmma fragment holds the whole 16x16 tile, and only lane 0
+// computes it (kernels never look inside fragments, and lane 0 stores them), to keep this fast.
 // Device memory is host memory; streams are ignored; every call completes before it returns.
 // Build with -fno-strict-aliasing: kernels move data as 16-byte uint4 vectors, a CUDA idiom.
 #pragma once
@@ -78,31 +79,34 @@ template <typename T> T relaxed_load(const T* p) { return std::atomic_ref<T>(*co
 template <typename T> void relaxed_store(T* p, T v) { std::atomic_ref<T>(*p).store(v, std::memory_order_relaxed); }
 
 // Runs blocks in order; in each, blockDim.x threads run the kernel (1-D blocks, a multiple of 32).
+// The same host threads serve every block of the launch; each block gets fresh barriers.
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t, Args... args) {
   if (block.y != 1 || block.z != 1 || block.x == 0 || block.x % 32 != 0) return cudaErrorInvalidValue;
-  for (unsigned bz = 0; bz < grid.z; ++bz) {
-    for (unsigned by = 0; by < grid.y; ++by) {
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        Block state(block.x, smem);
-        std::vector<std::thread> threads;
-        for (unsigned t = 0; t < block.x; ++t) {
-          threads.emplace_back([&, t] {
-            threadIdx = dim3(t, 0, 0);
-            blockIdx = dim3(bx, by, bz);
-            blockDim = block;
-            gridDim = grid;
-            current_block = &state;
-            kernel(static_cast<Params>(args)...);
-            // An exited thread no longer holds up barriers (as on the GPU).
-            warp().barrier.arrive_and_drop();
-            state.barrier.arrive_and_drop();
-          });
-        }
-        for (auto& th : threads) th.join();
+  const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
+  std::barrier<> between_blocks(block.x);
+  std::unique_ptr<Block> state;
+  std::vector<std::thread> threads;
+  for (unsigned t = 0; t < block.x; ++t) {
+    threads.emplace_back([&, t] {
+      threadIdx = dim3(t, 0, 0);
+      blockDim = block;
+      gridDim = grid;
+      for (uint64_t i = 0; i < blocks; ++i) {
+        if (t == 0) state = std::make_unique<Block>(block.x, smem);
+        between_blocks.arrive_and_wait();
+        blockIdx = dim3(static_cast<unsigned>(i % grid.x), static_cast<unsigned>(i / grid.x % grid.y),
+                        static_cast<unsigned>(i / grid.x / grid.y));
+        current_block = state.get();
+        kernel(static_cast<Params>(args)...);
+        // An exited thread no longer holds up the block's barriers (as on the GPU).
+        warp().barrier.arrive_and_drop();
+        current_block->barrier.arrive_and_drop();
+        between_blocks.arrive_and_wait();
       }
-    }
+    });
   }
+  for (auto& th : threads) th.join();
   return cudaSuccess;
 }
 
@@ -205,9 +209,12 @@ inline float as_float(token_recycling::kernels::float16 x) { return token_recycl
 inline float as_float(token_recycling::kernels::bfloat16 x) { return token_recycling::kernels::to_float(x); }
 }  // namespace detail
 
+inline bool computing_lane() { return token_recycling::kernels::cuda::emulation::lane() == 0; }
+
 template <typename Use, typename T, typename Layout, typename P>
 inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const P* p, unsigned ldm) {
   token_recycling::kernels::cuda::emulation::warp().barrier.arrive_and_wait();
+  if (!computing_lane()) return;
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c)
       f.v[r][c] = detail::as_float(std::is_same_v<Layout, col_major> ? p[c * ldm + r] : p[r * ldm + c]);
@@ -215,6 +222,7 @@ inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const P* p
 template <typename T>
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, T>& f, const float* p, unsigned ldm, layout_t layout) {
   token_recycling::kernels::cuda::emulation::warp().barrier.arrive_and_wait();
+  if (!computing_lane()) return;
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) f.v[r][c] = layout == mem_col_major ? p[c * ldm + r] : p[r * ldm + c];
 }
@@ -222,7 +230,7 @@ template <typename T>
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, T>& f, unsigned ldm, layout_t layout) {
   auto& w = token_recycling::kernels::cuda::emulation::warp();
   w.barrier.arrive_and_wait();
-  if (token_recycling::kernels::cuda::emulation::lane() == 0) {
+  if (computing_lane()) {
     for (int r = 0; r < 16; ++r)
       for (int c = 0; c < 16; ++c) (layout == mem_col_major ? p[c * ldm + r] : p[r * ldm + c]) = f.v[r][c];
   }
@@ -230,12 +238,14 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
 }
 template <typename Use, typename T, typename Layout>
 inline void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, float value) {
+  if (!computing_lane()) return;
   for (auto& row : f.v)
     for (float& x : row) x = value;
 }
 template <typename TA, typename LA, typename TB, typename LB, typename TC>
 inline void mma_sync(fragment<accumulator, 16, 16, 16, TC>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
                      const fragment<matrix_b, 16, 16, 16, TB, LB>& b, const fragment<accumulator, 16, 16, 16, TC>& c) {
+  if (!computing_lane()) return;
   float out[16][16];
   for (int r = 0; r < 16; ++r)
     for (int n = 0; n < 16; ++n) {
