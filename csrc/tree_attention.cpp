@@ -32,8 +32,8 @@ void check_tree_attention_inputs(const at::Tensor& q, const at::Tensor& k, const
                     N, " (nodes in q), got ", tree_mask.sizes());
   for (const at::Tensor* t : {&k, &v, &tree_mask}) check_device(*t, q.device(), op, "k/v/tree_mask");
   // prefix_len may also stay on the CPU: the CUDA adapter then checks it without waiting for the GPU.
-  TORCH_CHECK_VALUE(prefix_len.device() == q.device() || prefix_len.is_cpu(), op, ": prefix_len is on ",
-                    prefix_len.device(), " but must be on ", q.device(), " (or on the CPU)");
+  TORCH_CHECK_VALUE(prefix_len.device() == q.device() || prefix_len.is_cpu(), op,
+                    ": prefix_len must be on the CPU or on q's device (", q.device(), "), got ", prefix_len.device());
 }
 
 namespace {

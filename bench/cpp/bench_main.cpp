@@ -13,7 +13,7 @@ int main(int argc, char** argv) {
 #if defined(TR_BENCH_WITH_CUDA)
   bench::run_cuda_benchmarks(opt);
 #else
-  std::printf("(CUDA benchmarks not built: no nvcc when this was configured)\n");
+  std::printf("(CUDA benchmarks not built in this configuration)\n");
 #endif
   return bench::exit_status();
 }
