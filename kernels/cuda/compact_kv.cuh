@@ -80,9 +80,7 @@ __global__ void __launch_bounds__(128)
       for (int64_t j = 0; ok && j < n; ++j) ok = nodes[j] >= 0 && p + nodes[j] < seq;
       if (!ok) continue;
       const int64_t es = sizeof(T);
-      const bool vec = c.stride_d == 1 && (c.dim * es) % 16 == 0 &&
-                       ((reinterpret_cast<uintptr_t>(c.data) | static_cast<uintptr_t>(c.stride_b * es) |
-                         static_cast<uintptr_t>(c.stride_h * es) | static_cast<uintptr_t>(c.stride_s * es)) % 16) == 0;
+      const bool vec = c.stride_d == 1 && aligned16(c.data, c.dim * es, c.stride_b * es, c.stride_h * es, c.stride_s * es);
       for (int64_t h = blockIdx.x; h < c.heads; h += gridDim.x) {
         T* base = c.data + b * c.stride_b + h * c.stride_h + p * c.stride_s;
         if (vec) {

@@ -72,6 +72,12 @@ template <typename T> void store_shared_state(T* p, T v) { emulation::relaxed_st
 using emulation::launch;
 #endif
 
+// Whether every row that starts at p plus a multiple of these byte strides is 16-byte aligned.
+template <typename... Strides>
+__host__ __device__ __forceinline__ bool aligned16(const void* p, Strides... byte_strides) {
+  return ((reinterpret_cast<uintptr_t>(p) | ... | static_cast<uintptr_t>(byte_strides)) % 16) == 0;
+}
+
 // Grid sizes: blocks for n items of per_block each, at least one, at most CUDA's x limit.
 inline unsigned blocks_for(int64_t n, int64_t per_block) {
   const int64_t b = (n + per_block - 1) / per_block;

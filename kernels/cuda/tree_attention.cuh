@@ -195,8 +195,8 @@ __global__ void __launch_bounds__(128)
   uint32_t* mask_bits = reinterpret_cast<uint32_t*>(smem + C::kOffMask);
 
   // Query row r of the tile is (query head hk * group + r / N, node r % N).
-  const bool q_vec = ((reinterpret_cast<uintptr_t>(q) | static_cast<uintptr_t>(a.q_stride_b * sizeof(T)) |
-                       static_cast<uintptr_t>(a.q_stride_h * sizeof(T)) | static_cast<uintptr_t>(a.q_stride_s * sizeof(T))) % 16) == 0;
+  constexpr int64_t es = sizeof(T);
+  const bool q_vec = aligned16(q, a.q_stride_b * es, a.q_stride_h * es, a.q_stride_s * es);
   detail::load_rows<T, D, C::kLdQ>(Qs, C::kRows, q_vec, [&](int r) -> const T* {
     const int64_t row = row0 + r;
     if (row >= rows_total) return nullptr;
@@ -230,10 +230,8 @@ __global__ void __launch_bounds__(128)
 
   const T* k_head = k + b * a.k_stride_b + hk * a.k_stride_h;
   const T* v_head = v + b * a.v_stride_b + hk * a.v_stride_h;
-  const bool k_vec = ((reinterpret_cast<uintptr_t>(k) | static_cast<uintptr_t>(a.k_stride_b * sizeof(T)) |
-                       static_cast<uintptr_t>(a.k_stride_h * sizeof(T)) | static_cast<uintptr_t>(a.k_stride_s * sizeof(T))) % 16) == 0;
-  const bool v_vec = ((reinterpret_cast<uintptr_t>(v) | static_cast<uintptr_t>(a.v_stride_b * sizeof(T)) |
-                       static_cast<uintptr_t>(a.v_stride_h * sizeof(T)) | static_cast<uintptr_t>(a.v_stride_s * sizeof(T))) % 16) == 0;
+  const bool k_vec = aligned16(k, a.k_stride_b * es, a.k_stride_h * es, a.k_stride_s * es);
+  const bool v_vec = aligned16(v, a.v_stride_b * es, a.v_stride_h * es, a.v_stride_s * es);
 
   for (int64_t key0 = key_begin; key0 < key_end; key0 += C::kKeys) {
     const int64_t valid = key_end - key0 < C::kKeys ? key_end - key0 : C::kKeys;

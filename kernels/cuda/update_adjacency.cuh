@@ -4,6 +4,7 @@
 // as on the CPU, and nothing is written when any value was bad.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "device_error.cuh"
@@ -52,7 +53,7 @@ cudaError_t update_adjacency(MatrixT* matrix, int64_t vocab, int64_t k, const in
   cudaError_t e = clear_error(err, stream);
   if (e == cudaSuccess && vocab > 0) e = cudaMemsetAsync(last, 0, sizeof(unsigned) * vocab, stream);
   if (e != cudaSuccess) return e;
-  const unsigned blocks = blocks_for(count + count * k, 256) < 1024 ? blocks_for(count + count * k, 256) : 1024;
+  const unsigned blocks = std::min(blocks_for(count + count * k, 256), 1024u);  // the kernels loop over the rest
   e = launch(update_adjacency_resolve<CandT>, dim3(blocks), dim3(256), 0, stream, vocab, k, tokens, candidates, count,
              last, err);
   if (e != cudaSuccess) return e;
