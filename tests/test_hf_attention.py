@@ -109,3 +109,23 @@ def test_use_tree_attention_switches_the_config():
     model = tiny_llama("cpu")
     assert hf_attention.use_tree_attention(model)
     assert model.config._attn_implementation == hf_attention.NAME
+
+
+def test_recycler_with_tree_attention_is_lossless_on_cpu():
+    """The decode loop through the tree-attention backend (our CPU kernel) == greedy generate."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from models import tiny_model
+
+    from token_recycling import TokenRecycler
+
+    reference = tiny_model("qwen2")
+    model = type(reference)._from_config(reference.config, attn_implementation="sdpa").eval()
+    model.load_state_dict(reference.state_dict())
+    rec = TokenRecycler(model, tree="paper-16", tree_attention=True)
+    assert model.config._attn_implementation == "token_recycling"
+    ids = torch.tensor([[12, 13, 14, 12, 13]])
+    for _ in range(2):
+        assert torch.equal(rec.generate(ids, max_new_tokens=40),
+                           reference.generate(ids, max_new_tokens=40, do_sample=False))
+    assert rec.stats.mean_accepted > 1.0

@@ -31,11 +31,16 @@ class TokenRecycler:
         ngram: graft the continuation of the longest earlier match of the context's last
             1..max_ngram tokens (up to ngram_tokens tokens) onto the tree each step. False gives
             the paper's method.
+        tree_attention: run verification forwards through our tree-attention kernel (registered
+            with transformers as attn_implementation "token_recycling"; every other call of the
+            model goes to sdpa) instead of a dense [N, prefix + N] additive mask. None (default):
+            on CUDA builds for sdpa models. The model's attn_implementation is switched in place.
     """
 
     def __init__(self, model, tree: TreeSpec = "auto", topk: int = 8, *, seed_from_prompt: bool = False,
-                 ngram: bool = True, max_ngram: int = 4, ngram_tokens: int = 10):
-        hf_model.check_supported(model)
+                 ngram: bool = True, max_ngram: int = 4, ngram_tokens: int = 10,
+                 tree_attention: bool | None = None):
+        hf_model.check_supported(model, extra_implementations=("token_recycling",))
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
         if ngram and (max_ngram < 1 or ngram_tokens < 1):
@@ -51,6 +56,7 @@ class TokenRecycler:
         self.ngram, self.max_ngram, self.ngram_tokens = ngram, max_ngram, ngram_tokens
         self.stats = GenerationStats()
         self._cache_kwarg = hf_model.cache_kwarg(model)
+        self.tree_attention = self._setup_tree_attention(tree_attention)
 
     # ------------------------------------------------------------------------------ public API
     def describe(self) -> str:
@@ -251,8 +257,10 @@ class TokenRecycler:
     def _forward_tree(self, tokens, depths, tree_mask, prefix: int, cache) -> torch.Tensor:
         """One forward of the whole tree: node i at position prefix + depth(i), seeing the prefix
         and its ancestors. Returns logits [1, N, V]."""
-        dtype = hf_model.model_dtype(self.model)
-        mask = hf_model.TreeMask(tree_mask, dtype, self.device)(prefix)
+        if self.tree_attention:  # the [1, 1, N, N] protocol of hf_attention: prefix implied
+            mask = tree_mask.view(1, 1, *tree_mask.shape[-2:])
+        else:
+            mask = hf_model.TreeMask(tree_mask, hf_model.model_dtype(self.model), self.device)(prefix)
         out = self.model(input_ids=tokens, attention_mask=mask, position_ids=(depths + prefix).view(1, -1),
                          use_cache=True, **{self._cache_kwarg: cache})
         return out.logits
@@ -317,6 +325,21 @@ class TokenRecycler:
                 self._retune()
 
     # ------------------------------------------------------------------------------ helpers
+    def _setup_tree_attention(self, wanted: bool | None) -> bool:
+        from ._extension import WITH_CUDA
+        impl = hf_model.attn_implementation(self.model)
+        if wanted is None:
+            wanted = self.device.type == "cuda" and WITH_CUDA and impl in ("sdpa", "token_recycling")
+        if not wanted:
+            if impl == "token_recycling":
+                raise ValueError("the model uses attn_implementation='token_recycling'; pass tree_attention=True")
+            return False
+        from . import hf_attention
+        if not hf_attention.use_tree_attention(self.model):
+            raise ValueError(f"{type(self.model).__name__} does not dispatch attention through transformers' "
+                             f"AttentionInterface, so tree_attention=True cannot apply")
+        return True
+
     def _new_cache(self):
         from transformers import DynamicCache
         return DynamicCache(config=self.model.config)
