@@ -5,8 +5,9 @@
 
 namespace token_recycling {
 
-at::Tensor build_draft_tree_cpu(const at::Tensor& matrix, const at::Tensor& roots, const at::Tensor& parents,
-                                const at::Tensor& ranks) {
+// Shared by the CPU and CUDA adapters.
+void check_build_draft_tree_inputs(const at::Tensor& matrix, const at::Tensor& roots, const at::Tensor& parents,
+                                   const at::Tensor& ranks) {
   constexpr const char* op = "build_draft_tree";
   check_dtype(matrix, {at::kInt, at::kLong}, op, "matrix");
   check_dtype(roots, {at::kLong}, op, "roots");
@@ -19,7 +20,12 @@ at::Tensor build_draft_tree_cpu(const at::Tensor& matrix, const at::Tensor& root
   check_size(ranks, 0, parents.size(0), op, "ranks", "one rank per tree node, like parents");
   TORCH_CHECK_VALUE(matrix.size(1) > 0, op, ": matrix has k = 0 columns");
   for (const at::Tensor* t : {&roots, &parents, &ranks}) check_device(*t, matrix.device(), op, "roots/parents/ranks");
+}
 
+at::Tensor build_draft_tree_cpu(const at::Tensor& matrix, const at::Tensor& roots, const at::Tensor& parents,
+                                const at::Tensor& ranks) {
+  constexpr const char* op = "build_draft_tree";
+  check_build_draft_tree_inputs(matrix, roots, parents, ranks);
   const auto m = matrix.contiguous();
   const auto r = roots.contiguous(), p = parents.contiguous(), rk = ranks.contiguous();
   auto tokens = at::empty({roots.size(0), parents.size(0)}, roots.options());

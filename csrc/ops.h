@@ -18,12 +18,39 @@ void compact_kv_cpu(at::TensorList caches, const at::Tensor& prefix_len, const a
 at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& prefix_len, const at::Tensor& tree_mask, double scale);
 
+void ngram_index_append_cpu(at::Tensor& table, const at::Tensor& history, const at::Tensor& old_len,
+                            const at::Tensor& new_len);
+std::tuple<at::Tensor, at::Tensor> ngram_lookup_cpu(const at::Tensor& table, const at::Tensor& history,
+                                                    const at::Tensor& length, int64_t max_ngram, int64_t max_tokens);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> graft_chain_cpu(const at::Tensor& tree_tokens,
+                                                                                       const at::Tensor& parents,
+                                                                                       const at::Tensor& chain,
+                                                                                       const at::Tensor& chain_len);
+
 }  // namespace token_recycling
 
 namespace token_recycling {
-// Validation shared by the CPU and CUDA adapters of the two float ops.
+// Validation shared by the CPU and CUDA adapters (shapes, dtypes, devices; values are the kernels' job).
 void check_compact_kv_inputs(at::TensorList caches, const at::Tensor& prefix_len, const at::Tensor& accepted_nodes,
                              const at::Tensor& accept_len);
 void check_tree_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& prefix_len, const at::Tensor& tree_mask);
+void check_build_draft_tree_inputs(const at::Tensor& matrix, const at::Tensor& roots, const at::Tensor& parents,
+                                   const at::Tensor& ranks);
+void check_verify_greedy_inputs(const at::Tensor& tokens, const at::Tensor& predictions, const at::Tensor& parents);
+void check_update_adjacency_inputs(const at::Tensor& matrix, const at::Tensor& tokens, const at::Tensor& candidates);
+}  // namespace token_recycling
+
+namespace token_recycling {
+// The CUDA adapters (csrc/cuda/), registered by cuda/registration_cuda.cpp when built with CUDA.
+at::Tensor build_draft_tree_cuda(const at::Tensor& matrix, const at::Tensor& roots, const at::Tensor& parents,
+                                 const at::Tensor& ranks);
+void update_adjacency_cuda(at::Tensor& matrix, const at::Tensor& tokens, const at::Tensor& candidates);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cuda(const at::Tensor& tokens,
+                                                                  const at::Tensor& predictions,
+                                                                  const at::Tensor& parents);
+void compact_kv_cuda(at::TensorList caches, const at::Tensor& prefix_len, const at::Tensor& accepted_nodes,
+                     const at::Tensor& accept_len);
+at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& prefix_len, const at::Tensor& tree_mask, double scale);
 }  // namespace token_recycling

@@ -30,7 +30,10 @@ void check_tree_attention_inputs(const at::Tensor& q, const at::Tensor& k, const
   check_size(prefix_len, 0, B, op, "prefix_len", "batch of q");
   TORCH_CHECK_VALUE(tree_mask.size(0) == N && tree_mask.size(1) == N, op, ": tree_mask must be [N, N] with N = ",
                     N, " (nodes in q), got ", tree_mask.sizes());
-  for (const at::Tensor* t : {&k, &v, &prefix_len, &tree_mask}) check_device(*t, q.device(), op, "k/v/prefix_len/tree_mask");
+  for (const at::Tensor* t : {&k, &v, &tree_mask}) check_device(*t, q.device(), op, "k/v/tree_mask");
+  // prefix_len may also stay on the CPU: the CUDA adapter then checks it without waiting for the GPU.
+  TORCH_CHECK_VALUE(prefix_len.device() == q.device() || prefix_len.is_cpu(), op,
+                    ": prefix_len must be on the CPU or on q's device (", q.device(), "), got ", prefix_len.device());
 }
 
 namespace {

@@ -5,7 +5,8 @@
 
 namespace token_recycling {
 
-void update_adjacency_cpu(at::Tensor& matrix, const at::Tensor& tokens, const at::Tensor& candidates) {
+// Shared by the CPU and CUDA adapters.
+void check_update_adjacency_inputs(const at::Tensor& matrix, const at::Tensor& tokens, const at::Tensor& candidates) {
   constexpr const char* op = "update_adjacency";
   check_dtype(matrix, {at::kInt, at::kLong}, op, "matrix");
   check_dtype(tokens, {at::kLong}, op, "tokens");
@@ -19,7 +20,11 @@ void update_adjacency_cpu(at::Tensor& matrix, const at::Tensor& tokens, const at
   TORCH_CHECK_VALUE(matrix.is_contiguous(), op, ": matrix must be contiguous (it is updated in place)");
   check_device(tokens, matrix.device(), op, "tokens");
   check_device(candidates, matrix.device(), op, "candidates");
+}
 
+void update_adjacency_cpu(at::Tensor& matrix, const at::Tensor& tokens, const at::Tensor& candidates) {
+  constexpr const char* op = "update_adjacency";
+  check_update_adjacency_inputs(matrix, tokens, candidates);
   const auto t = tokens.contiguous();
   const auto c = candidates.contiguous();
   const int64_t V = matrix.size(0), k = matrix.size(1);

@@ -5,9 +5,8 @@
 
 namespace token_recycling {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cpu(const at::Tensor& tokens,
-                                                                 const at::Tensor& predictions,
-                                                                 const at::Tensor& parents) {
+// Shared by the CPU and CUDA adapters.
+void check_verify_greedy_inputs(const at::Tensor& tokens, const at::Tensor& predictions, const at::Tensor& parents) {
   constexpr const char* op = "verify_greedy";
   check_dtype(tokens, {at::kLong}, op, "tokens");
   check_dtype(predictions, {at::kLong}, op, "predictions");
@@ -21,7 +20,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cpu(const at::Tenso
   check_size(parents, parents.dim() - 1, tokens.size(1), op, "parents", "one parent per tree node");
   check_device(predictions, tokens.device(), op, "predictions");
   check_device(parents, tokens.device(), op, "parents");
+}
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cpu(const at::Tensor& tokens,
+                                                                 const at::Tensor& predictions,
+                                                                 const at::Tensor& parents) {
+  constexpr const char* op = "verify_greedy";
+  check_verify_greedy_inputs(tokens, predictions, parents);
   const int64_t B = tokens.size(0), N = tokens.size(1);
   const auto t = tokens.contiguous(), pr = predictions.contiguous(), p = parents.contiguous();
   // The path is at most max_depth + 1 long; compute max depth over all rows' trees.

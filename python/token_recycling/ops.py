@@ -64,8 +64,53 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
     q ``[B, Hq, N, D]``; k, v ``[B, Hkv, S, D]`` with the prefix at ``[0, prefix_len[b])`` and node
     ``i`` at ``prefix_len[b] + i``; tree_mask ``[N, N]`` bool (node i may see node j). GQA when
     ``Hq % Hkv == 0``. fp32/fp16/bf16 with fp32 accumulation. Returns ``[B, Hq, N, D]``.
+    On CUDA: N <= 256, head_dim 64, 80, 96, 128 or 256; prefix_len may stay on the CPU, which spares
+    the device sync that checking it on the GPU costs.
     """
     return _ops.tree_attention(q, k, v, prefix_len, tree_mask, scale)
+
+
+def ngram_index_append(table: torch.Tensor, history: torch.Tensor, old_len: torch.Tensor,
+                       new_len: torch.Tensor) -> None:
+    """Index the n-grams ending at positions ``old_len[b] + 1 .. new_len[b]`` of each row (in place).
+
+    The caller owns the state: history ``[B, L]`` int64 (tokens, L = capacity; append only) and
+    table ``[B, max_ngram, S, 3]`` int64, zeros when empty, ``S`` a power of two ``> L`` (see
+    :func:`token_recycling.ngram.new_ngram_table` and ``kernels/ngram_index.h`` for the layout).
+    old_len, new_len ``[B]`` int64: ``old_len`` must be the length the table already indexes
+    (checked); ``new_len > L`` is an error. CPU only. Amortised O(max_ngram) per new token.
+    """
+    _ops.ngram_index_append(table, history, old_len, new_len)
+
+
+def ngram_lookup(table: torch.Tensor, history: torch.Tensor, length: torch.Tensor, max_ngram: int,
+                 max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The continuation of the longest context suffix that occurred before, most recent occurrence.
+
+    For each row, with ``h = history[b, :length[b]]``: for ``n = max_ngram`` down to 1, the largest
+    end ``e < len(h)`` with ``h[e-n:e] == h[-n:]``; the first ``n`` with one gives
+    ``h[e : e + max_tokens]``. Returns ``(tokens [B, max_tokens] int64 padded with -1, count [B]
+    int64)``, count 0 when nothing matched. ``max_ngram <= table.size(1)``; the table must index
+    exactly ``history[b, :length[b]]`` (checked). CPU only.
+    """
+    return _ops.ngram_lookup(table, history, length, max_ngram, max_tokens)
+
+
+def graft_chain(tree_tokens: torch.Tensor, parents: torch.Tensor, chain: torch.Tensor,
+                chain_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor]:
+    """Graft a token chain (e.g. an n-gram continuation) onto each row's draft tree.
+
+    tree_tokens ``[B, N]`` int64 (node 0 = root), parents ``[N]`` int32, chain ``[B, C]`` int64,
+    chain_len ``[B]`` int64 in ``[0, C]``. Walking from the root, each chain token moves to the
+    current node's child with that token (the smallest index) if there is one; from the first token
+    without one, the rest of the chain is appended as new nodes. Returns, with ``M = N + C``:
+    ``(tokens [B, M] int64, parents [B, M] int32, depths [B, M] int64, tree_mask [B, M, M] bool,
+    num_nodes [B] int64)``; row ``b`` is the tree unchanged, then the appended nodes, then padding
+    (root token, parent 0, depth 1, mask = itself and the root: harmless if forwarded).
+    ``tree_mask[b, i, j]`` is true iff ``j`` is ``i`` or an ancestor of ``i``. CPU only.
+    """
+    return _ops.graft_chain(tree_tokens, parents, chain, chain_len)
 
 
 # ----------------------------------------------------------------------------- fake implementations
@@ -94,3 +139,21 @@ def _(caches, prefix_len, accepted_nodes, accept_len):
 @torch.library.register_fake("token_recycling::tree_attention")
 def _(q, k, v, prefix_len, tree_mask, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("token_recycling::ngram_index_append")
+def _(table, history, old_len, new_len):
+    return None
+
+
+@torch.library.register_fake("token_recycling::ngram_lookup")
+def _(table, history, length, max_ngram, max_tokens):
+    batch = history.shape[0]
+    return history.new_empty((batch, max_tokens)), history.new_empty((batch,))
+
+
+@torch.library.register_fake("token_recycling::graft_chain")
+def _(tree_tokens, parents, chain, chain_len):
+    batch, m = tree_tokens.shape[0], tree_tokens.shape[1] + chain.shape[1]
+    return (tree_tokens.new_empty((batch, m)), parents.new_empty((batch, m)), tree_tokens.new_empty((batch, m)),
+            tree_tokens.new_empty((batch, m, m), dtype=torch.bool), tree_tokens.new_empty((batch,)))

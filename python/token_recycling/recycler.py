@@ -13,6 +13,8 @@ import torch
 
 from . import hf_model, ops
 from .adjacency import AdjacencyMatrix
+from .auto_tree import AutoTree, measure_cost, sync
+from .ngram import NgramIndex
 from .stats import GenerationStats
 from .tree import DraftTree, TreeSpec, make_tree
 
@@ -22,36 +24,61 @@ class TokenRecycler:
 
     Args:
         model: a transformers causal LM (eager or sdpa attention).
-        tree: draft tree: a preset name ("paper", "paper-16", "chain-4", ...) or a list of rank paths.
+        tree: "auto" (default: shaped by measured acceptance and cost, see auto_tree.py), a preset
+            name ("paper", "paper-16", "chain-4", ...) or a list of rank paths.
         topk: candidates kept per token in the adjacency matrix (k).
         seed_from_prompt: fill the prompt tokens' rows from the prefill's top-k (cold-start help).
+        ngram: graft the continuation of the longest earlier match of the context's last
+            1..max_ngram tokens (up to ngram_tokens tokens) onto the tree each step. False gives
+            the paper's method.
+        tree_attention: run verification forwards through our tree-attention kernel (registered
+            with transformers as attn_implementation "token_recycling"; every other call of the
+            model goes to sdpa) instead of a dense [N, prefix + N] additive mask. None (default):
+            on CUDA builds for sdpa models. The model's attn_implementation is switched in place.
     """
 
-    def __init__(self, model, tree: TreeSpec = "paper", topk: int = 8, *, seed_from_prompt: bool = False):
-        hf_model.check_supported(model)
+    def __init__(self, model, tree: TreeSpec = "auto", topk: int = 8, *, seed_from_prompt: bool = False,
+                 ngram: bool = True, max_ngram: int = 4, ngram_tokens: int = 10,
+                 tree_attention: bool | None = None):
+        hf_model.check_supported(model, extra_implementations=("token_recycling",))
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
+        if ngram and (max_ngram < 1 or ngram_tokens < 1):
+            raise ValueError(f"max_ngram and ngram_tokens must be >= 1, got {max_ngram}, {ngram_tokens}")
         self.model = model
         self.device = hf_model.model_device(model)
         self.matrix = AdjacencyMatrix(hf_model.vocab_size(model), topk, self.device)
         self.topk = topk
         self.tree_spec = tree
-        self.tree: DraftTree = make_tree(tree, topk).to(self.device)
+        self.auto: AutoTree | None = AutoTree(topk) if isinstance(tree, str) and tree == "auto" else None
+        self.tree: DraftTree = make_tree(self.auto.choose() if self.auto else tree, topk).to(self.device)
         self.seed_from_prompt = seed_from_prompt
+        self.ngram, self.max_ngram, self.ngram_tokens = ngram, max_ngram, ngram_tokens
         self.stats = GenerationStats()
         self._cache_kwarg = hf_model.cache_kwarg(model)
+        self.tree_attention = self._setup_tree_attention(tree_attention)
 
     # ------------------------------------------------------------------------------ public API
     def describe(self) -> str:
-        return f"TokenRecycler(tree={self.tree_spec!r}: {self.tree.num_nodes - 1} nodes, k={self.topk})"
+        ngram = f"ngram<={self.max_ngram}->{self.ngram_tokens}" if self.ngram else "no ngram"
+        return (f"TokenRecycler(tree={self.tree_spec!r}: {self.tree.num_nodes - 1} nodes, k={self.topk}, "
+                f"{ngram})")
 
     def reset(self) -> None:
-        """Cold start: forget everything the matrix learned."""
+        """Cold start: forget everything the matrix (and the auto tree's statistics) learned."""
         self.matrix.reset()
+        if self.auto is not None:
+            cost = self.auto.cost
+            self.auto = AutoTree(self.topk)
+            self.auto.cost = cost  # the hardware did not change
+            self.tree = make_tree(self.auto.choose(), self.topk).to(self.device)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Save the matrix (and the tree) as safetensors, with vocab size and k."""
-        self.matrix.save(path, extra={"tree": [list(p) for p in self.tree.paths]})
+        """Save the matrix, the tree (and the auto tree's statistics) as safetensors, with vocab size and k."""
+        extra = {"tree": [list(p) for p in self.tree.paths]}
+        if self.auto is not None:
+            extra["auto"] = self.auto.state()
+        self.matrix.save(path, extra=extra)
 
     @classmethod
     def load(cls, model, path: str | os.PathLike, **kwargs) -> "TokenRecycler":
@@ -59,10 +86,15 @@ class TokenRecycler:
         topk = kwargs.pop("topk", None)
         rec_topk = topk if topk is not None else _saved_topk(path)
         table, extra = AdjacencyMatrix.read(path, hf_model.vocab_size(model), rec_topk)
-        if "tree" not in kwargs and extra.get("tree"):
+        if "tree" not in kwargs and extra.get("tree") and "auto" not in extra:
             kwargs["tree"] = extra["tree"]
         rec = cls(model, topk=rec_topk, **kwargs)
         rec.matrix.table.copy_(table)
+        if rec.auto is not None and extra.get("auto"):
+            rec.auto.load_state(extra["auto"])
+            saved = [list(p) for p in extra.get("tree", [])]
+            rec.tree = make_tree(saved or rec.auto.choose(), rec.topk).to(rec.device)
+            rec.auto.budget = rec.tree.num_nodes - 1
         return rec
 
     @torch.no_grad()
@@ -88,7 +120,7 @@ class TokenRecycler:
         if streamer is not None:
             streamer.put(input_ids.cpu())
         cache = self._new_cache()
-        return self._decode(input_ids, cache, criteria, None, streamer)
+        return self._decode(input_ids, cache, criteria, None, streamer, input_ids.shape[1] + max_new_tokens + 1)
 
     @torch.no_grad()
     def __call__(self, model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
@@ -106,42 +138,107 @@ class TokenRecycler:
         if cache.get_seq_length() != 0:
             raise NotImplementedError("TokenRecycler starts from an empty cache; a pre-filled cache was given")
         processors = logits_processor if logits_processor is not None and len(logits_processor) else None
-        sequences = self._decode(input_ids, cache, stopping_criteria, processors, streamer)
+        max_length = getattr(generation_config, "max_length", None) or input_ids.shape[1] + 1024
+        sequences = self._decode(input_ids, cache, stopping_criteria, processors, streamer, max_length + 1)
         if generation_config is not None and generation_config.return_dict_in_generate:
             from transformers.generation.utils import GenerateDecoderOnlyOutput
             return GenerateDecoderOnlyOutput(sequences=sequences, past_key_values=cache)
         return sequences
 
     # ------------------------------------------------------------------------------ the loop
-    def _decode(self, input_ids, cache, stopping, processors, streamer) -> torch.Tensor:
+    def _decode(self, input_ids, cache, stopping, processors, streamer, capacity: int) -> torch.Tensor:
         start = time.perf_counter()
-        stats = self.stats = GenerationStats(node_matches=[0] * self.tree.num_nodes)
-        tree = self.tree
+        stats = self.stats = GenerationStats()
         seq = input_ids
         root, seq, done = self._prefill(input_ids, cache, stopping, processors, streamer)
+        index = self._new_ngram_index(seq, capacity) if self.ngram else None
+        if self.auto is not None and not done:
+            self._tune_auto(cache, root, seq.shape[1] - 1)
         while not done:
+            t_step = time.perf_counter()
             prefix = seq.shape[1] - 1  # the root is emitted but not yet in the cache
-            hf_model.check_cache(cache, tree.num_nodes)
+            tree = self.tree
             tokens = ops.build_draft_tree(self.matrix.table, root, tree.parents, tree.ranks)
-            logits = self._forward_tree(tokens, tree.depths, tree.mask, prefix, cache)
+            tokens, parents, depths, mask = self._graft_ngram(index, tokens, tree)
+            forwarded = tokens.shape[1]
+            hf_model.check_cache(cache, forwarded)
+            logits = self._forward_tree(tokens, depths, mask, prefix, cache)
             if processors is not None:
-                logits = self._process_tree_logits(processors, seq, tokens, tree, logits)
-            accept_len, nodes, bonus = ops.verify_greedy(tokens, logits.argmax(-1), tree.parents)
-            ops.update_adjacency(self.matrix.table, tokens, logits.topk(self.topk, dim=-1).indices)
+                logits = self._process_tree_logits(processors, seq, tokens, parents, logits)
+            greedy, candidates = self._greedy_and_candidates(logits)
+            accept_len, nodes, bonus = ops.verify_greedy(tokens, greedy, parents)
             n_acc = int(accept_len[0])  # the one device-to-host sync of the step
-            hf_model.compact_cache(cache, _prefix_tensor(prefix, self.device), nodes, accept_len, n_acc,
-                                   tree.num_nodes)
             path = nodes[0, :n_acc]
             new_tokens = torch.cat([tokens[0, path[1:]], bonus])
-            self._record(stats, path.tolist(), tree.num_nodes)
-            seq, done = self._emit(seq, new_tokens, stopping, streamer)
+            if self.auto is not None:  # draft-time rows of the accepted tokens, before recycling
+                self.auto.observe(self.matrix.table[tokens[0, path]].cpu().numpy(), new_tokens.cpu().numpy())
+            ops.update_adjacency(self.matrix.table, tokens, candidates)
+            hf_model.compact_cache(cache, _prefix_tensor(prefix, self.device), nodes, accept_len, n_acc, forwarded)
+            seq, done, emitted = self._emit(seq, new_tokens, stopping, streamer)
+            if index is not None and not done:
+                self._extend_ngram(index, seq, emitted)
+            self._record(stats, path.tolist(), tree, forwarded, time.perf_counter() - t_step)
             root = bonus
         if streamer is not None:
             streamer.end()
         stats.new_tokens = seq.shape[1] - input_ids.shape[1]
         stats.seconds = time.perf_counter() - start
-        stats.tree, stats.tree_size = str(self.tree_spec), tree.num_nodes - 1
+        stats.tree, stats.tree_size = self.describe(), self.tree.num_nodes - 1
+        if self.auto is not None:
+            stats.predicted_speedup = self.auto.predicted_speedup
+            base = self.auto.cost(1) + self.auto.overhead
+            if stats.steps:
+                step_time = stats.seconds / stats.steps
+                stats.measured_speedup = stats.mean_accepted * base / step_time
         return seq
+
+    # ---------------------------------------------------------------- hybrid drafts (n-gram chain)
+    def _new_ngram_index(self, seq, capacity: int) -> NgramIndex:
+        index = NgramIndex(1, max(capacity, seq.shape[1] + 1), self.max_ngram)
+        index.extend(seq)
+        return index
+
+    def _extend_ngram(self, index: NgramIndex, seq, emitted: int) -> None:
+        if index.lengths[0] + emitted > index.capacity:  # generation ran past the planned length
+            fresh = self._new_ngram_index(seq, 2 * index.capacity)
+            index.__dict__.update(fresh.__dict__)
+        else:
+            index.extend(seq[:, seq.shape[1] - emitted:])
+
+    def _graft_ngram(self, index, tokens, tree: DraftTree):
+        """The draft for this step: the matrix tree, plus the n-gram continuation grafted under the
+        root (merged with matching tree nodes). Returns tokens [1, M], parents, depths, mask."""
+        if index is None:
+            return tokens, tree.parents, tree.depths, tree.mask
+        chain, count = index.lookup(self.ngram_tokens)
+        if int(count[0]) == 0:
+            return tokens, tree.parents, tree.depths, tree.mask
+        host = tokens.cpu()
+        out, parents, depths, mask, num = ops.graft_chain(host, tree.parents.cpu(), chain, count)
+        m = int(num[0])
+        to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        return to(out[:, :m]), to(parents[0, :m]), to(depths[0, :m]), to(mask[0, :m, :m])
+
+    # ---------------------------------------------------------------- auto tree
+    def _tune_auto(self, cache, root, prefix: int) -> None:
+        auto = self.auto
+        if not auto.cost.measured:
+            auto.cost = measure_cost(lambda n: self._timed_dummy_forward(cache, root, prefix, n), context=prefix)
+        self._retune()
+
+    def _retune(self) -> None:
+        paths = self.auto.choose()
+        if [tuple(p) for p in paths] != list(self.tree.paths):
+            self.tree = make_tree(paths, self.topk).to(self.device)
+
+    def _timed_dummy_forward(self, cache, root, prefix: int, n: int) -> None:
+        """A verification-shaped forward of n tokens (a chain), then the cache restored."""
+        tokens = root.view(1, 1).expand(1, n).contiguous()
+        chain = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+        depths = torch.arange(n, device=self.device)
+        self._forward_tree(tokens, depths, chain, prefix, cache)
+        sync(self.device)
+        cache.crop(-n)
 
     def _prefill(self, input_ids, cache, stopping, processors, streamer):
         keep_all = self.seed_from_prompt
@@ -154,25 +251,40 @@ class TokenRecycler:
         if processors is not None:
             last = processors(input_ids, last.float())
         root = last.argmax(-1)
-        seq, done = self._emit(input_ids, root, stopping, streamer)
+        seq, done, _ = self._emit(input_ids, root, stopping, streamer)
         return root, seq, done
 
     def _forward_tree(self, tokens, depths, tree_mask, prefix: int, cache) -> torch.Tensor:
         """One forward of the whole tree: node i at position prefix + depth(i), seeing the prefix
         and its ancestors. Returns logits [1, N, V]."""
-        dtype = hf_model.model_dtype(self.model)
-        mask = hf_model.TreeMask(tree_mask, dtype, self.device)(prefix)
+        if self.tree_attention:  # the [1, 1, N, N] protocol of hf_attention: prefix implied
+            mask = tree_mask.view(1, 1, *tree_mask.shape[-2:])
+        else:
+            mask = hf_model.TreeMask(tree_mask, hf_model.model_dtype(self.model), self.device)(prefix)
         out = self.model(input_ids=tokens, attention_mask=mask, position_ids=(depths + prefix).view(1, -1),
                          use_cache=True, **{self._cache_kwarg: cache})
         return out.logits
 
-    def _process_tree_logits(self, processors, seq, tokens, tree: DraftTree, logits):
+    def _greedy_and_candidates(self, logits):
+        """(argmax [1, N], top-k ids [1, N, k]) from one top-k pass. The top-1 id is the argmax
+        unless the two best logits tie (not rare in bf16); only then is argmax's first-index rule,
+        which greedy generate() uses, looked up."""
+        values, candidates = logits.topk(self.topk, dim=-1)
+        greedy = candidates[..., 0]
+        if self.topk == 1:
+            return logits.argmax(-1), candidates
+        tie = values[..., 0] == values[..., 1]
+        if logits.device.type != "cpu" or bool(tie.any()):  # on a GPU, no sync just to look
+            greedy = torch.where(tie, logits.argmax(-1), greedy)
+        return greedy, candidates
+
+    def _process_tree_logits(self, processors, seq, tokens, parents, logits):
         """Apply logits processors node by node, each with its own context (prefix + its path), so
         processors that look at the history stay exact. Only used when processors are present."""
         rows = []
-        parents = tree.parents.tolist()
+        parents = parents.tolist()
         tok = tokens[0].tolist()
-        for i in range(tree.num_nodes):
+        for i in range(tokens.shape[1]):
             path, j = [], i
             while j > 0:
                 path.append(tok[j])
@@ -192,18 +304,42 @@ class TokenRecycler:
                 break
         if streamer is not None and emitted:
             streamer.put(torch.stack(emitted).cpu())
-        return seq, done
+        return seq, done, len(emitted)
 
-    def _record(self, stats: GenerationStats, path: list[int], forwarded: int) -> None:
+    def _record(self, stats: GenerationStats, path: list[int], tree: DraftTree, forwarded: int,
+                seconds: float) -> None:
+        n_tree = tree.num_nodes
+        from_chain = sum(1 for node in path if node >= n_tree)
         stats.steps += 1
         stats.accept_lengths.append(len(path))
         stats.tree_nodes.append(forwarded)
-        stats.from_matrix += len(path) - 1
-        for node in path:
-            if node < len(stats.node_matches):
-                stats.node_matches[node] += 1
+        stats.from_matrix += len(path) - 1 - from_chain
+        stats.from_ngram += from_chain
+        for node in path[1:]:
+            if node < n_tree:
+                key = ",".join(map(str, tree.paths[node - 1]))
+                stats.node_matches[key] = stats.node_matches.get(key, 0) + 1
+        if self.auto is not None:
+            self.auto.observe_step(seconds, forwarded, forwarded - n_tree, from_chain)
+            if self.auto.due():
+                self._retune()
 
     # ------------------------------------------------------------------------------ helpers
+    def _setup_tree_attention(self, wanted: bool | None) -> bool:
+        from ._extension import WITH_CUDA
+        impl = hf_model.attn_implementation(self.model)
+        if wanted is None:
+            wanted = self.device.type == "cuda" and WITH_CUDA and impl in ("sdpa", "token_recycling")
+        if not wanted:
+            if impl == "token_recycling":
+                raise ValueError("the model uses attn_implementation='token_recycling'; pass tree_attention=True")
+            return False
+        from . import hf_attention
+        if not hf_attention.use_tree_attention(self.model):
+            raise ValueError(f"{type(self.model).__name__} does not dispatch attention through transformers' "
+                             f"AttentionInterface, so tree_attention=True cannot apply")
+        return True
+
     def _new_cache(self):
         from transformers import DynamicCache
         return DynamicCache(config=self.model.config)

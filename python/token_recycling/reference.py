@@ -84,3 +84,68 @@ def tree_attention(q, k, v, prefix_len, tree_mask, scale):
         weights = torch.nan_to_num(weights, nan=0.0).to(q.dtype)  # rows that see nothing -> 0
         out[b] = weights @ v[b]
     return out
+
+
+def ngram_lookup_reference(history, length, max_ngram, max_tokens):
+    """Brute force: scan every earlier end for the longest suffix first (no index)."""
+    batch = history.shape[0]
+    tokens = torch.full((batch, max_tokens), -1, dtype=torch.long, device=history.device)
+    count = torch.zeros(batch, dtype=torch.long, device=history.device)
+    for b in range(batch):
+        h = history[b, : int(length[b])].tolist()
+        found = None
+        for n in range(max_ngram, 0, -1):
+            suffix = h[len(h) - n :]
+            for end in range(len(h) - 1, n - 1, -1):  # most recent first; end < len(h)
+                if h[end - n : end] == suffix:
+                    found = h[end : end + max_tokens]
+                    break
+            if found is not None:
+                break
+        if found:
+            tokens[b, : len(found)] = torch.tensor(found)
+            count[b] = len(found)
+    return tokens, count
+
+
+def graft_chain(tree_tokens, parents, chain, chain_len):
+    batch, n = tree_tokens.shape
+    m = n + chain.shape[1]
+    root_depth = _depths(parents)
+    out_tokens = torch.empty(batch, m, dtype=torch.long)
+    out_parents = torch.empty(batch, m, dtype=torch.int32)
+    out_depths = torch.empty(batch, m, dtype=torch.long)
+    mask = torch.zeros(batch, m, m, dtype=torch.bool)
+    num_nodes = torch.empty(batch, dtype=torch.long)
+    for b in range(batch):
+        tok = tree_tokens[b].tolist()
+        par = parents.tolist()
+        depth = list(root_depth)
+        cur, appending = 0, False
+        for j in range(int(chain_len[b])):
+            c = int(chain[b, j])
+            # The smallest-index child of cur with token c, among all nodes so far.
+            child = next((i for i in range(len(tok)) if i > 0 and par[i] == cur and tok[i] == c), None)
+            if child is not None and not appending:
+                cur = child
+                continue
+            appending = True
+            tok.append(c)
+            par.append(cur)
+            depth.append(depth[cur] + 1)
+            cur = len(tok) - 1
+        num_nodes[b] = len(tok)
+        while len(tok) < m:  # padding: a root-token leaf below the root
+            tok.append(tok[0])
+            par.append(0)
+            depth.append(1)
+        out_tokens[b] = torch.tensor(tok)
+        out_parents[b] = torch.tensor(par, dtype=torch.int32)
+        out_depths[b] = torch.tensor(depth)
+        for i in range(m):
+            j = i
+            while j != -1:
+                mask[b, i, j] = True
+                j = par[j]
+    return out_tokens, out_parents, out_depths, mask, num_nodes
+

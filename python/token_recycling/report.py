@@ -109,7 +109,7 @@ def markdown(results: dict, table: dict, counts: Counter) -> str:
         ("dtype", cfg.get("dtype", "?")),
         ("device", env.get("device", "?")),
         ("hardware", env.get("hardware", "?")),
-        ("tree", cfg.get("tree_description") or cfg.get("tree", "?")),
+        ("tree (at the end of the run)", cfg.get("tree_description") or cfg.get("tree", "?")),
         ("dataset", f"{cfg.get('dataset', '?')} ({len(results['samples'])} turns"
                     f"{', multi-turn' if cfg.get('multi_turn') else ', first turns only'})"),
         ("max new tokens", cfg.get("max_new_tokens", "?")),
@@ -143,6 +143,12 @@ def markdown(results: dict, table: dict, counts: Counter) -> str:
             lines.append(f"- {m} vs greedy: {n} of {total['samples']} turns differ"
                          + (f" (id#turn@first differing token: {', '.join(where[:10])})" if where else "")
                          + ".")
+        lines.append("")
+    sources = [s["methods"]["ours"].get("stats", {}) for s in results["samples"] if "ours" in s["methods"]]
+    matrix, ngram = (sum(st.get(key, 0) for st in sources) for key in ("from_matrix", "from_ngram"))
+    if matrix + ngram:
+        lines.append(f"Accepted draft tokens (bonus tokens not counted): {matrix} from the adjacency matrix, "
+                     f"{ngram} from the context n-gram chain.")
         lines.append("")
     if counts:
         steps = sum(counts.values())

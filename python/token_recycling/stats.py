@@ -10,7 +10,7 @@ class GenerationStats:
     steps: int = 0                     # verification forwards (the prefill is not a step)
     new_tokens: int = 0                # tokens returned beyond the prompt
     accept_lengths: list[int] = field(default_factory=list)  # tokens emitted per step (accepted + bonus)
-    node_matches: list[int] = field(default_factory=list)    # per tree node: steps whose accepted path used it
+    node_matches: dict[str, int] = field(default_factory=dict)  # rank path "0,1" -> steps whose accepted path used it
     tree_nodes: list[int] = field(default_factory=list)      # nodes forwarded per step (root included)
     from_matrix: int = 0               # accepted draft tokens that came from the adjacency matrix
     from_ngram: int = 0                # accepted draft tokens that came from the context n-gram chain

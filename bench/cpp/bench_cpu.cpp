@@ -1,0 +1,196 @@
+// CPU benchmarks of the kernels in kernels/. Before timing, each kernel's result on one input is
+// compared with a naive loop written here, so a benchmark of a broken kernel cannot pass silently.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../../kernels/compact_kv.h"
+#include "../../kernels/draft_tree.h"
+#include "../../kernels/tree_attention.h"
+#include "../../kernels/update_adjacency.h"
+#include "../../kernels/verify_greedy.h"
+#include "benchmarks.h"
+#include "harness.h"
+#include "shapes.h"
+
+namespace bench {
+namespace {
+
+namespace k = token_recycling::kernels;
+
+void draft_tree(const Options& o, const ModelShape& m, const Tree& tree, int64_t batch) {
+  std::vector<int32_t> matrix(m.vocab * m.topk);
+  for (auto& x : matrix) x = static_cast<int32_t>(randint(0, m.vocab));
+  std::vector<int64_t> roots(batch), tokens(batch * tree.size());
+  for (auto& r : roots) r = randint(0, m.vocab);
+  auto run = [&] {
+    k::build_draft_tree(matrix.data(), m.vocab, m.topk, roots.data(), batch, tree.parents.data(), tree.ranks.data(),
+                        tree.size(), tokens.data());
+  };
+  run();
+  bool same = true;  // naive: tokens[b, i] = matrix[tokens[b, parent], rank]
+  for (int64_t b = 0; b < batch; ++b) {
+    std::vector<int64_t> naive(tree.size());
+    naive[0] = roots[b];
+    for (int64_t i = 1; i < tree.size(); ++i) naive[i] = matrix[naive[tree.parents[i]] * m.topk + tree.ranks[i]];
+    same = same && std::equal(naive.begin(), naive.end(), tokens.begin() + b * tree.size());
+  }
+  expect(same, "cpu build_draft_tree differs from the naive loop");
+  const double t = time_host(run, o.quick ? 3 : 200);
+  print_row("cpu", "build_draft_tree", shape_str({{"B", batch}, {"N", tree.size()}, {"V", m.vocab}}), t,
+            batch * tree.size() * (8.0 + sizeof(int32_t)), 0);
+}
+
+void verify_greedy(const Options& o, const Tree& tree, int64_t batch) {
+  const int64_t n = tree.size(), width = tree.depth() + 1;
+  std::vector<int64_t> tokens(batch * n), preds(batch * n), len(batch), path(batch * width), bonus(batch);
+  for (auto& x : tokens) x = randint(0, 2);  // two symbols: long accepted paths
+  for (auto& x : preds) x = randint(0, 2);
+  auto run = [&] {
+    k::verify_greedy(tokens.data(), preds.data(), tree.parents.data(), 0, batch, n, width, len.data(), path.data(),
+                     bonus.data());
+  };
+  run();
+  bool same = true;  // naive: walk every node's path to the root; keep the deepest full match, then the smallest index
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t best = 0, best_depth = 0;
+    for (int64_t i = 1; i < n; ++i) {
+      int64_t depth = 0;
+      bool match = true;
+      for (int64_t j = i; j != 0; j = tree.parents[j], ++depth) match = match && tokens[b * n + j] == preds[b * n + tree.parents[j]];
+      if (match && depth > best_depth) best = i, best_depth = depth;
+    }
+    same = same && len[b] == best_depth + 1 && bonus[b] == preds[b * n + best] && path[b * width + best_depth] == best;
+  }
+  expect(same, "cpu verify_greedy differs from the naive loop");
+  const double t = time_host(run, o.quick ? 3 : 200);
+  print_row("cpu", "verify_greedy", shape_str({{"B", batch}, {"N", n}}), t, batch * n * 16.0, 0);
+}
+
+void update_adjacency(const Options& o, const ModelShape& m, int64_t count) {
+  std::vector<int32_t> matrix(m.vocab * m.topk, 0);
+  std::vector<int64_t> tokens(count), cand(count * m.topk);
+  for (auto& t : tokens) t = randint(0, std::min<int64_t>(m.vocab, 64));  // duplicates on purpose
+  for (auto& c : cand) c = randint(0, m.vocab);
+  auto run = [&] { k::update_adjacency(matrix.data(), m.vocab, m.topk, tokens.data(), cand.data(), count); };
+  run();
+  bool same = true;  // naive: the row of each token equals the candidates of its last occurrence
+  for (int64_t i = 0; i < count; ++i) {
+    if (std::find(tokens.begin() + i + 1, tokens.end(), tokens[i]) != tokens.end()) continue;
+    for (int64_t j = 0; j < m.topk; ++j) same = same && matrix[tokens[i] * m.topk + j] == cand[i * m.topk + j];
+  }
+  expect(same, "cpu update_adjacency differs from the naive loop");
+  const double t = time_host(run, o.quick ? 3 : 200);
+  print_row("cpu", "update_adjacency", shape_str({{"count", count}, {"V", m.vocab}, {"k", m.topk}}), t,
+            count * (8.0 + m.topk * 12.0), 0);
+}
+
+void compact_kv(const Options& o, const ModelShape& m, int64_t batch, int64_t kv_heads, int64_t prefix, int64_t accept) {
+  const int64_t tree = 81, seq = prefix + tree, width = 7, d = m.head_dim;
+  const int64_t tensors = 2 * m.layers;
+  std::vector<std::vector<uint16_t>> caches(tensors, std::vector<uint16_t>(batch * kv_heads * seq * d));
+  for (auto& c : caches)
+    for (auto& x : c) x = static_cast<uint16_t>(randint(0, 65536));
+  std::vector<k::KvTensor<uint16_t>> views;
+  for (auto& c : caches) views.push_back({c.data(), kv_heads, d, kv_heads * seq * d, seq * d, d, 1});
+  std::vector<int64_t> prefix_len(batch, prefix), len(batch, accept), nodes(batch * width, -1);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t j = 0; j < accept; ++j) nodes[b * width + j] = j == 0 ? 0 : nodes[b * width + j - 1] + randint(1, 4);
+  const std::vector<uint16_t> before = caches[0];
+  auto run = [&] {
+    k::compact_kv(views.data(), tensors, batch, seq, prefix_len.data(), nodes.data(), width, len.data());
+  };
+  run();
+  bool same = true;  // naive, first tensor: position prefix + j holds what was at prefix + nodes[j]
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t h = 0; h < kv_heads; ++h)
+      for (int64_t j = 0; j < accept; ++j)
+        for (int64_t x = 0; x < d; ++x) {
+          const int64_t base = (b * kv_heads + h) * seq * d;
+          same = same && caches[0][base + (prefix + j) * d + x] == before[base + (prefix + nodes[b * width + j]) * d + x];
+        }
+  expect(same, "cpu compact_kv differs from the naive loop");
+  const double t = time_host(run, o.quick ? 3 : 50);
+  print_row("cpu", "compact_kv",
+            shape_str({{"L", m.layers}, {"B", batch}, {"Hkv", kv_heads}, {"D", d}, {"P", prefix}, {"accept", accept}}), t,
+            2.0 * tensors * batch * kv_heads * accept * d * sizeof(uint16_t), 0);
+}
+
+void tree_attention(const Options& o, const ModelShape& m, int64_t batch, int64_t kv_heads, const Tree& tree,
+                    int64_t prefix) {
+  const int64_t n = tree.size(), d = m.head_dim, hq = m.q_heads, seq = prefix + n;
+  std::vector<float> q(batch * hq * n * d), kk(batch * kv_heads * seq * d), v(kk.size()), out(q.size());
+  for (auto* buf : {&q, &kk, &v})
+    for (auto& x : *buf) x = randn();
+  std::vector<uint8_t> mask(n * n, 0);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i; j != -1; j = tree.parents[j]) mask[i * n + j] = 1;
+  std::vector<int64_t> prefix_len(batch, prefix);
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  const k::TreeAttentionShape shape{batch, hq, kv_heads, n, seq, d};
+  auto strided = [&](const std::vector<float>& x, int64_t heads, int64_t len) {
+    return k::Strided4D<const float>{x.data(), heads * len * d, len * d, d, 1};
+  };
+  auto run = [&] {
+    k::tree_attention<float>(strided(q, hq, n), strided(kk, kv_heads, seq), strided(v, kv_heads, seq),
+                             k::Strided4D<float>{out.data(), hq * n * d, n * d, d, 1}, shape, prefix_len.data(),
+                             mask.data(), scale);
+  };
+  run();
+  // Naive, in double, for one (b, h, node): the last row of the last head sees the most tree nodes.
+  {
+    const int64_t b = batch - 1, h = hq - 1, i = n - 1, hk = h / (hq / kv_heads);
+    std::vector<double> w;
+    std::vector<int64_t> keys;
+    for (int64_t pos = 0; pos < seq; ++pos) {
+      if (pos >= prefix && !mask[i * n + pos - prefix]) continue;
+      double dot = 0;
+      for (int64_t x = 0; x < d; ++x) dot += double(q[((b * hq + h) * n + i) * d + x]) * kk[((b * kv_heads + hk) * seq + pos) * d + x];
+      w.push_back(dot * scale);
+      keys.push_back(pos);
+    }
+    const double mx = *std::max_element(w.begin(), w.end());
+    double sum = 0;
+    for (double& x : w) sum += (x = std::exp(x - mx));
+    double worst = 0;
+    for (int64_t x = 0; x < d; ++x) {
+      double acc = 0;
+      for (size_t c = 0; c < keys.size(); ++c) acc += w[c] / sum * v[((b * kv_heads + hk) * seq + keys[c]) * d + x];
+      worst = std::max(worst, std::fabs(acc - out[((b * hq + h) * n + i) * d + x]));
+    }
+    expect(worst < 1e-4, "cpu tree_attention differs from the naive loop by " + std::to_string(worst));
+  }
+  const double t = time_host(run, o.quick ? 2 : 3);
+  print_row("cpu", "tree_attention", shape_str({{"B", batch}, {"Hq", hq}, {"Hkv", kv_heads}, {"N", n}, {"D", d}, {"P", prefix}}),
+            t, 2.0 * batch * kv_heads * seq * d * sizeof(float), 4.0 * batch * hq * n * seq * d);
+}
+
+}  // namespace
+
+void run_cpu_benchmarks(const Options& o) {
+  const ModelShape& m = o.quick ? kTiny : kLlama7B;
+  const Tree tree = paper_like_tree(o.quick);
+  if (selected(o, "build_draft_tree")) {
+    draft_tree(o, m, tree, 1);
+    draft_tree(o, m, tree, 8);
+  }
+  if (selected(o, "verify_greedy")) {
+    verify_greedy(o, tree, 1);
+    verify_greedy(o, tree, 8);
+  }
+  if (selected(o, "update_adjacency")) {
+    update_adjacency(o, m, tree.size());
+    update_adjacency(o, m, 8 * tree.size());
+  }
+  if (selected(o, "compact_kv")) {
+    compact_kv(o, m, 1, o.quick ? 2 : 8, o.quick ? 32 : 2048, 4);
+    if (!o.quick) compact_kv(o, m, 1, 32, 2048, 6);
+  }
+  if (selected(o, "tree_attention")) {
+    // The CPU kernel is a scalar reference: short prefixes only.
+    const std::vector<int64_t> prefixes = o.quick ? std::vector<int64_t>{40} : std::vector<int64_t>{512, 2048};
+    for (int64_t p : prefixes) tree_attention(o, m, 1, o.quick ? 2 : 8, tree, p);
+  }
+}
+
+}  // namespace bench

@@ -1,0 +1,131 @@
+"""The "token_recycling" transformers attention backend (hf_attention.py), on a tiny random Llama.
+
+A verification forward with the [1, 1, N, N] tree mask must give the logits of an eager forward with
+the equivalent dense additive mask [1, 1, N, P + N]; every other forward goes to sdpa. Runs on the
+CPU (the op has a CPU kernel) and, when available, on CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import token_recycling  # noqa: E402
+from token_recycling import hf_attention, make_tree  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and token_recycling.WITH_CUDA else [])
+
+
+def tiny_llama(device: str, head_dim: int | None = None) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, head_dim=head_dim or 16)
+    return LlamaForCausalLM(config).to(device=device, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the calls that reach ops.tree_attention through the backend."""
+    calls = []
+    real = hf_attention.ops.tree_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf_attention.ops, "tree_attention", counting)
+    return calls
+
+
+def verify_logits(model, implementation: str, prefix: torch.Tensor, tree_tokens: torch.Tensor,
+                  positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Prefill the prefix with sdpa, then forward the tree with `implementation` and `mask`."""
+    model.set_attn_implementation("sdpa")
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(prefix, past_key_values=cache, use_cache=True)
+        if implementation == hf_attention.NAME:
+            assert hf_attention.use_tree_attention(model)
+        else:
+            model.set_attn_implementation(implementation)
+        return model(tree_tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                     use_cache=True).logits
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch,prefix_len,tree_name", [(1, 1, "paper-16"), (1, 23, "paper"), (3, 9, "chain-4")])
+def test_tree_forward_equals_eager_with_dense_mask(device, batch, prefix_len, tree_name, kernel_calls):
+    head_dim = 64 if device == "cuda" else 16  # the CUDA kernel's smallest head_dim
+    model = tiny_llama(device, head_dim)
+    tree = make_tree(tree_name)
+    n = tree.num_nodes
+    gen = torch.Generator().manual_seed(prefix_len)
+    prefix = torch.randint(0, 128, (batch, prefix_len), generator=gen).to(device)
+    tree_tokens = torch.randint(0, 128, (batch, n), generator=gen).to(device)
+    positions = (prefix_len + tree.depths).expand(batch, n).to(device)
+    dense = torch.zeros(1, 1, n, prefix_len + n, device=device)
+    dense[..., prefix_len:].masked_fill_(~tree.mask.to(device), torch.finfo(torch.float32).min)
+
+    expected = verify_logits(model, "eager", prefix, tree_tokens, positions, dense)
+    tree_mask = tree.mask.to(device)[None, None].expand(batch, 1, n, n)  # one tree for every row
+    got = verify_logits(model, hf_attention.NAME, prefix, tree_tokens, positions, tree_mask)
+
+    assert len(kernel_calls) == model.config.num_hidden_layers
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_other_forwards_go_to_sdpa(device, kernel_calls):
+    model = tiny_llama(device)
+    tokens = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1)).to(device)
+    padding = torch.ones(2, 11, dtype=torch.long, device=device)
+    padding[1, :3] = 0
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        expected = model(tokens, attention_mask=padding).logits
+        assert hf_attention.use_tree_attention(model)
+        got = model(tokens, attention_mask=padding).logits
+    assert kernel_calls == []
+    torch.testing.assert_close(got, expected)
+
+
+def test_tree_mask_protocol():
+    q = torch.zeros(2, 4, 5, 16)
+    k = torch.zeros(2, 2, 12, 16)
+    tree = torch.rand(5, 5) > 0.5
+    assert torch.equal(hf_attention.tree_mask_of(tree[None, None], q, k), tree)
+    assert torch.equal(hf_attention.tree_mask_of(tree[None, None].expand(2, 1, 5, 5), q, k), tree)
+    assert hf_attention.tree_mask_of(tree[None, None].repeat(2, 1, 1, 1), q, k) is None  # per-row masks
+    assert hf_attention.tree_mask_of(tree[None, None].float(), q, k) is None  # additive masks
+    assert hf_attention.tree_mask_of(torch.ones(1, 1, 5, 12, dtype=torch.bool), q, k) is None  # dense masks
+    assert hf_attention.tree_mask_of(None, q, k) is None
+
+
+def test_use_tree_attention_switches_the_config():
+    model = tiny_llama("cpu")
+    assert hf_attention.use_tree_attention(model)
+    assert model.config._attn_implementation == hf_attention.NAME
+
+
+def test_recycler_with_tree_attention_is_lossless_on_cpu():
+    """The decode loop through the tree-attention backend (our CPU kernel) == greedy generate."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from models import tiny_model
+
+    from token_recycling import TokenRecycler
+
+    reference = tiny_model("qwen2")
+    model = type(reference)._from_config(reference.config, attn_implementation="sdpa").eval()
+    model.load_state_dict(reference.state_dict())
+    rec = TokenRecycler(model, tree="paper-16", tree_attention=True)
+    assert model.config._attn_implementation == "token_recycling"
+    ids = torch.tensor([[12, 13, 14, 12, 13]])
+    for _ in range(2):
+        assert torch.equal(rec.generate(ids, max_new_tokens=40),
+                           reference.generate(ids, max_new_tokens=40, do_sample=False))
+    assert rec.stats.mean_accepted > 1.0
