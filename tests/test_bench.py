@@ -216,3 +216,38 @@ def test_multi_turn_feeds_the_greedy_answer_back(tmp_path, tiny_folder):
     assert set(first["methods"]) == {"greedy", "ours"} and first["mismatch"] == {"ours": None}
     # The second turn's prompt holds the first turn's prompt, its answer and the new question.
     assert second["prompt_tokens"] > first["prompt_tokens"] + first["methods"]["greedy"]["new_tokens"]
+
+
+def test_an_interrupted_bench_keeps_what_it_measured(tmp_path, tiny_folder, monkeypatch):
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question_id": i, "category": "c", "turns": [f"Say {i}."]}
+                                              for i in range(3)])
+    real, calls = bench.run_method, []
+
+    def stopped_in_the_second_prompt(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 3 + 3 + 2:  # warm-up (3 methods), first prompt (3), then Ctrl-C
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_method", stopped_in_the_second_prompt)
+    out = tmp_path / "out"
+    rc = main(["bench", "--model", str(tiny_folder), "--dataset", str(data), "--max-new-tokens", "4",
+               "--dtype", "float32", "--out", str(out), "--no-progress"])
+    assert rc == 130
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is False and [s["id"] for s in results["samples"]] == ["0"]
+    assert "**Interrupted run**: only the 1 turn measured" in (out / "report.md").read_text()
+    assert not (out / "results.json.tmp").exists()
+
+
+def test_sigterm_becomes_an_interrupt_only_inside_the_run():
+    import os
+    import signal
+
+    from token_recycling.cli import _sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with _sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before

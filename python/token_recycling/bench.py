@@ -106,8 +106,13 @@ def rotated(methods: tuple[str, ...], i: int) -> list[str]:
     return list(methods[k:] + methods[:k])
 
 
-def run(model, tokenizer, rec, prompts: list[Prompt], cfg: BenchConfig, progress: bool = True) -> list[dict]:
-    """One record per (prompt, turn): per-method new tokens, seconds, forwards; mismatches vs greedy."""
+def run(model, tokenizer, rec, prompts: list[Prompt], cfg: BenchConfig, progress: bool = True,
+        samples: list[dict] | None = None, on_sample=None) -> list[dict]:
+    """One record per (prompt, turn): per-method new tokens, seconds, forwards; mismatches vs greedy.
+
+    Records are appended to ``samples`` (pass a list to keep what was measured if the run is
+    interrupted) and ``on_sample(samples)`` is called after each one.
+    """
     from tqdm.auto import tqdm
 
     device = model.device
@@ -118,7 +123,7 @@ def run(model, tokenizer, rec, prompts: list[Prompt], cfg: BenchConfig, progress
 
     turns_total = sum(len(p.turns) if cfg.multi_turn else 1 for p in prompts)
     bar = tqdm(total=turns_total, desc="bench", unit="turn", file=sys.stderr, disable=not progress)
-    samples = []
+    samples = [] if samples is None else samples
     for p in prompts:
         messages: list[dict] = []
         for turn, text in enumerate(p.turns if cfg.multi_turn else p.turns[:1]):
@@ -137,6 +142,8 @@ def run(model, tokenizer, rec, prompts: list[Prompt], cfg: BenchConfig, progress
             answer = tokens["greedy"] if "greedy" in tokens else tokens[order[0]]
             messages.append({"role": "assistant", "content": tokenizer.decode(answer, skip_special_tokens=True)})
             bar.update(1)
+            if on_sample is not None:
+                on_sample(samples)
     bar.close()
     return samples
 
@@ -160,6 +167,7 @@ def environment(device) -> dict:
     }
 
 
-def results_dict(config: dict, env: dict, samples: list[dict]) -> dict:
-    return {"format": FORMAT, "config": config, "environment": env, "samples": samples}
+def results_dict(config: dict, env: dict, samples: list[dict], complete: bool = True) -> dict:
+    """``complete`` is False for a run that was interrupted (its samples are what was measured)."""
+    return {"format": FORMAT, "complete": complete, "config": config, "environment": env, "samples": samples}
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import models
@@ -212,8 +214,6 @@ def cmd_bench(args) -> int:
     rec = _recycler(loaded.model, args, tree)
     cfg = bench.BenchConfig(max_new_tokens=args.max_new_tokens, methods=(*baselines, "ours"),
                             multi_turn=args.multi_turn, chat_template=args.chat_template)
-    env = bench.environment(loaded.model.device)  # (its timestamp is the start of the run)
-    samples = bench.run(loaded.model, loaded.tokenizer, rec, prompts, cfg, progress=args.progress)
     config = {
         "model": args.model, "model_folder": str(loaded.folder), "model_note": loaded.note,
         "dtype": models.dtype_name(dtype), "tree": tree, "tree_description": rec.describe(), "topk": args.topk,
@@ -221,9 +221,28 @@ def cmd_bench(args) -> int:
         "max_new_tokens": args.max_new_tokens, "methods": list(cfg.methods), "multi_turn": args.multi_turn,
         "chat_template": args.chat_template, "pld_tokens": bench.PLD_TOKENS,
     }
-    results = bench.results_dict(config, env, samples)
+    env = bench.environment(loaded.model.device)  # (its timestamp is the start of the run)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+
+    def save(samples: list[dict], complete: bool) -> dict:
+        config["tree_description"] = rec.describe()  # an auto tree changes while it runs
+        results = bench.results_dict(config, env, samples, complete)
+        tmp = out / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        tmp.replace(out / "results.json")
+        return results
+
+    samples: list[dict] = []
+    try:
+        with _sigterm_as_interrupt():
+            bench.run(loaded.model, loaded.tokenizer, rec, prompts, cfg, progress=args.progress, samples=samples,
+                      on_sample=lambda s: save(s, complete=False))
+    except KeyboardInterrupt:
+        if samples:  # keep what was measured: results.json and a report marked as interrupted
+            report.write(save(samples, complete=False), out)
+            models.stderr_log(f"[token-recycling] interrupted: {len(samples)} turns kept in {out}")
+        raise
+    results = save(samples, complete=True)
     paths = report.write(results, out)
     total = report.summarize(results)[report.ALL]
     parts = [f"{m} {total['tok_s'][m]:.1f} tok/s" for m in cfg.methods if total["tok_s"][m]]
@@ -234,6 +253,23 @@ def cmd_bench(args) -> int:
     print("; ".join(parts))
     print(f"results: {out / 'results.json'}\nreport:  {paths['report']}")
     return 0
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """A benchmark stopped with SIGTERM (a job scheduler, `kill`) saves its results like Ctrl-C does."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------------------- main

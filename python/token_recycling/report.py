@@ -103,6 +103,9 @@ def markdown(results: dict, table: dict, counts: Counter) -> str:
     cfg, env = results["config"], results["environment"]
     methods = list(cfg["methods"])
     lines = ["# Token Recycling benchmark", ""]
+    if not results.get("complete", True):
+        n = len(results["samples"])
+        lines += [f"**Interrupted run**: only the {n} turn{'s' if n != 1 else ''} measured before it stopped.", ""]
     facts = [
         ("model", cfg.get("model", "?")),
         ("weights", cfg.get("model_note") or "as stored in the model folder"),
