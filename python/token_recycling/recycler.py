@@ -50,7 +50,9 @@ class TokenRecycler:
         self.matrix = AdjacencyMatrix(hf_model.vocab_size(model), topk, self.device)
         self.topk = topk
         self.tree_spec = tree
-        self.auto: AutoTree | None = AutoTree(topk) if isinstance(tree, str) and tree == "auto" else None
+        self.auto: AutoTree | None = None
+        if isinstance(tree, str) and tree == "auto":
+            self.auto = AutoTree(topk, max_chain=ngram_tokens if ngram else 0)
         self.tree: DraftTree = make_tree(self.auto.choose() if self.auto else tree, topk).to(self.device)
         self.seed_from_prompt = seed_from_prompt
         self.ngram, self.max_ngram, self.ngram_tokens = ngram, max_ngram, ngram_tokens
@@ -60,7 +62,8 @@ class TokenRecycler:
 
     # ------------------------------------------------------------------------------ public API
     def describe(self) -> str:
-        ngram = f"ngram<={self.max_ngram}->{self.ngram_tokens}" if self.ngram else "no ngram"
+        chain = self.auto.chain if self.auto is not None and self.ngram else self.ngram_tokens
+        ngram = f"ngram<={self.max_ngram}->{chain}" if self.ngram else "no ngram"
         return (f"TokenRecycler(tree={self.tree_spec!r}: {self.tree.num_nodes - 1} nodes, k={self.topk}, "
                 f"{ngram})")
 
@@ -69,7 +72,7 @@ class TokenRecycler:
         self.matrix.reset()
         if self.auto is not None:
             cost = self.auto.cost
-            self.auto = AutoTree(self.topk)
+            self.auto = AutoTree(self.topk, max_chain=self.auto.max_chain)
             self.auto.cost = cost  # the hardware did not change
             self.tree = make_tree(self.auto.choose(), self.topk).to(self.device)
 
@@ -210,7 +213,10 @@ class TokenRecycler:
         root (merged with matching tree nodes). Returns tokens [1, M], parents, depths, mask."""
         if index is None:
             return tokens, tree.parents, tree.depths, tree.mask
-        chain, count = index.lookup(self.ngram_tokens)
+        length = self.auto.chain if self.auto is not None else self.ngram_tokens
+        if length == 0:
+            return tokens, tree.parents, tree.depths, tree.mask
+        chain, count = index.lookup(length)
         if int(count[0]) == 0:
             return tokens, tree.parents, tree.depths, tree.mask
         host = tokens.cpu()
