@@ -1,0 +1,7 @@
+"""``python -m token_recycling`` is the ``token-recycling`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,165 @@
+"""Benchmark runner: greedy, prompt lookup (PLD) and Token Recycling on the same prompts.
+
+Methods run interleaved per prompt (the order rotates from prompt to prompt) so that a slow
+phase of a shared machine hits every method alike. One Token Recycling object serves every
+prompt, so its adjacency matrix stays hot as it would in a server. Each method's output is
+checked token for token against greedy decoding: Token Recycling is lossless, so in fp32 any
+difference is a bug, while in bf16/fp16 a near-tie between two logits can flip.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from . import __version__
+from .datasets import Prompt
+from .models import hardware
+
+METHODS = ("greedy", "pld", "ours")
+PLD_TOKENS = 10  # prompt_lookup_num_tokens, as in transformers' examples
+WARMUP_PROMPT = "Write three sentences about the history of the bicycle."
+FORMAT = 1  # results.json layout version
+
+
+@dataclass
+class BenchConfig:
+    max_new_tokens: int = 128
+    methods: tuple[str, ...] = METHODS
+    multi_turn: bool = False
+    chat_template: bool = True
+    warmup: bool = True
+
+
+def encode(tokenizer, messages: list[dict], chat_template: bool, device) -> dict:
+    """input_ids + attention_mask for a conversation, through the chat template when asked for."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+    else:  # plain text: the turns one after another
+        enc = tokenizer("\n\n".join(m["content"] for m in messages), return_tensors="pt")
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+
+def first_mismatch(reference: list[int], other: list[int]) -> int | None:
+    """First position where two token lists differ (a length difference counts), or None."""
+    for i, (a, b) in enumerate(zip(reference, other)):
+        if a != b:
+            return i
+    return None if len(reference) == len(other) else min(len(reference), len(other))
+
+
+@contextmanager
+def count_forwards(model):
+    """Counts model forwards by the input embedding's calls (one per forward, whatever the method)."""
+    counter = [0]
+    handle = model.get_input_embeddings().register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+    try:
+        yield counter
+    finally:
+        handle.remove()
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_method(method: str, model, rec, inputs: dict, max_new_tokens: int) -> tuple[list[int], dict]:
+    """(new tokens, record) of one method on one prompt; the record holds what results.json keeps."""
+    gen = model.generation_config
+    eos = gen.eos_token_id
+    pad = gen.pad_token_id if gen.pad_token_id is not None else eos
+    common = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    device = inputs["input_ids"].device
+    with torch.inference_mode(), count_forwards(model) as forwards:
+        _sync(device)
+        start = time.perf_counter()
+        if method == "greedy":
+            out = model.generate(**inputs, **common)
+        elif method == "pld":
+            out = model.generate(**inputs, **common, prompt_lookup_num_tokens=PLD_TOKENS)
+        elif method == "ours":
+            out = rec.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                               max_new_tokens=max_new_tokens, eos_token_id=eos)
+        else:
+            raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+        _sync(device)
+        seconds = time.perf_counter() - start
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    record = {"new_tokens": len(new), "seconds": seconds, "forwards": forwards[0]}
+    if method == "ours":
+        record["steps"] = rec.stats.steps
+        record["accept_lengths"] = list(rec.stats.accept_lengths)
+        record["stats"] = rec.stats.as_dict()
+    return new, record
+
+
+def rotated(methods: tuple[str, ...], i: int) -> list[str]:
+    k = i % len(methods)
+    return list(methods[k:] + methods[:k])
+
+
+def run(model, tokenizer, rec, prompts: list[Prompt], cfg: BenchConfig, progress: bool = True) -> list[dict]:
+    """One record per (prompt, turn): per-method new tokens, seconds, forwards; mismatches vs greedy."""
+    from tqdm.auto import tqdm
+
+    device = model.device
+    if cfg.warmup:
+        warm = encode(tokenizer, [{"role": "user", "content": WARMUP_PROMPT}], cfg.chat_template, device)
+        for method in cfg.methods:
+            run_method(method, model, rec, warm, min(cfg.max_new_tokens, 32))
+
+    turns_total = sum(len(p.turns) if cfg.multi_turn else 1 for p in prompts)
+    bar = tqdm(total=turns_total, desc="bench", unit="turn", file=sys.stderr, disable=not progress)
+    samples = []
+    for p in prompts:
+        messages: list[dict] = []
+        for turn, text in enumerate(p.turns if cfg.multi_turn else p.turns[:1]):
+            messages.append({"role": "user", "content": text})
+            inputs = encode(tokenizer, messages, cfg.chat_template, device)
+            order = rotated(cfg.methods, len(samples))
+            tokens, records = {}, {}
+            for method in order:
+                tokens[method], records[method] = run_method(method, model, rec, inputs, cfg.max_new_tokens)
+            mismatch = {m: first_mismatch(tokens["greedy"], tokens[m]) for m in tokens if m != "greedy"} \
+                if "greedy" in tokens else {}
+            samples.append({"id": p.id, "category": p.category, "turn": turn,
+                            "prompt_tokens": int(inputs["input_ids"].shape[1]), "order": order,
+                            "methods": records, "mismatch": mismatch})
+            # Later turns see the greedy answer (every method's, when they agree).
+            answer = tokens["greedy"] if "greedy" in tokens else tokens[order[0]]
+            messages.append({"role": "assistant", "content": tokenizer.decode(answer, skip_special_tokens=True)})
+            bar.update(1)
+    bar.close()
+    return samples
+
+
+def environment(device) -> dict:
+    import transformers
+
+    from . import WITH_CUDA
+
+    return {
+        "hardware": hardware(str(device)),
+        "device": str(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "token_recycling": __version__,
+        "extension_with_cuda": WITH_CUDA,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "timestamp": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def results_dict(config: dict, env: dict, samples: list[dict]) -> dict:
+    return {"format": FORMAT, "config": config, "environment": env, "samples": samples}
+

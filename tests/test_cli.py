@@ -1,0 +1,193 @@
+"""The command line: error paths (exit code 2, one message, no traceback), prompt input, generate."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cli_fixtures
+from token_recycling import cli
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return cli_fixtures.llama_folder(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def run_main(argv, capsys):
+    rc = cli.main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+# ---------------------------------------------------------------------------------- error paths
+
+@pytest.mark.parametrize("command", ["generate", "bench"])
+def test_unknown_tree(command, capsys, tiny_folder):
+    rc, out, err = run_main([command, "--model", str(tiny_folder), "--tree", "no-such-tree"], capsys)
+    assert rc == 2 and out == ""
+    assert err.startswith("token-recycling: error: --tree 'no-such-tree': unknown tree preset")
+    assert "Traceback" not in err
+
+
+def test_tree_given_as_json_is_validated(capsys, tmp_path):
+    assert cli.parse_tree("[[0], [1], [0, 0]]", 8) == [[0], [1], [0, 0]]
+    path = tmp_path / "tree.json"
+    path.write_text("[[0], [0, 3]]")
+    assert cli.parse_tree(str(path), 8) == [[0], [0, 3]]
+    with pytest.raises(cli.UsageError, match="no parent"):
+        cli.parse_tree("[[0], [1, 1]]", 8)
+    with pytest.raises(cli.UsageError, match="outside"):
+        cli.parse_tree("[[9]]", 8)
+    with pytest.raises(cli.UsageError, match="not valid JSON"):
+        cli.parse_tree("[[0], [1", 8)
+    with pytest.raises(cli.UsageError, match="cannot be read"):
+        cli.parse_tree(str(tmp_path / "missing.json"), 8)
+
+
+@pytest.mark.parametrize("command", ["generate", "bench"])
+def test_missing_model_path(command, capsys, tmp_path):
+    argv = [command, "--model", str(tmp_path / "nowhere")] + (["hello"] if command == "generate" else [])
+    rc, out, err = run_main(argv, capsys)
+    assert rc == 2 and "does not exist" in err and str(tmp_path / "nowhere") in err and "Traceback" not in err
+
+
+def test_unreadable_model_files(capsys, tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 16)
+    (tmp_path / "broken.gguf").write_bytes(b"\0" * 16)
+    rc, _, err = run_main(["generate", "hi", "--model", str(tmp_path / "weights.bin")], capsys)
+    assert rc == 2 and "not a .gguf" in err
+    rc, _, err = run_main(["generate", "hi", "--model", str(tmp_path / "broken.gguf")], capsys)
+    assert rc == 2 and "not a GGUF file" in err
+
+
+def test_folder_with_broken_config_is_a_clear_error(capsys, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    rc, _, err = run_main(["generate", "hi", "--model", str(tmp_path), "--dtype", "float32"], capsys)
+    assert rc == 2 and "cannot load the model" in err and "Traceback" not in err
+
+
+def test_unknown_dtype_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["generate", "hi", "--dtype", "fp8"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_gpu(capsys, tiny_folder):
+    rc, _, err = run_main(["generate", "hi", "--model", str(tiny_folder), "--device", "cuda"], capsys)
+    assert rc == 2 and "no CUDA GPU" in err
+
+
+def test_bench_option_errors(capsys, tmp_path, tiny_folder):
+    rc, _, err = run_main(["bench", "--model", str(tiny_folder), "--baselines", "greedy,beam"], capsys)
+    assert rc == 2 and "--baselines: unknown beam" in err
+    rc, _, err = run_main(["bench", "--model", str(tiny_folder), "--dataset", str(tmp_path / "q.jsonl")], capsys)
+    assert rc == 2 and "neither mt-bench nor humaneval" in err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--limit", "0"])
+    assert "must be at least 1" in capsys.readouterr().err
+    assert cli.parse_baselines("") == () and cli.parse_baselines("pld, greedy,pld") == ("pld", "greedy")
+
+
+def test_module_entry_point_reports_errors_without_traceback(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(cli.__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "token_recycling", "generate", "hi", "--model",
+                           str(tmp_path / "nowhere")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "token-recycling: error: model path" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "token_recycling", "--help"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0 and "generate" in proc.stdout and "bench" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------- prompts
+
+def _args(prompt=None):
+    return argparse.Namespace(prompt=prompt)
+
+
+class _Stdin(io.StringIO):
+    def __init__(self, text, tty):
+        super().__init__(text)
+        self._tty = tty
+
+    def isatty(self):
+        return self._tty
+
+
+def test_prompt_comes_from_argument_then_stdin_then_default(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", _Stdin("from stdin\n", tty=False))
+    assert cli._read_prompt(_args("from argv")) == "from argv"
+    assert cli._read_prompt(_args()) == "from stdin\n"
+    monkeypatch.setattr(sys, "stdin", _Stdin("", tty=True))
+    assert cli._read_prompt(_args()) == cli.DEFAULT_PROMPT
+    monkeypatch.setattr(sys, "stdin", _Stdin("  \n", tty=False))
+    with pytest.raises(cli.UsageError, match="empty"):
+        cli._read_prompt(_args())
+
+
+# ------------------------------------------------------------------------------------ generate
+
+STATS = re.compile(r"\[token-recycling\] (\d+) new tokens in (\d+) steps, ([\d.]+) tokens/step, "
+                   r"[\d.]+ tokens/s \([\d.]+ s\); TokenRecycler\(tree='paper-16': 16 nodes, k=8[^)]*\)")
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_generate_streams_the_greedy_text(capsys, tiny_folder, chat):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt = "Explain why the sky is blue."
+    argv = ["generate", prompt, "--model", str(tiny_folder), "--max-new-tokens", "12", "--dtype", "float32",
+            "--tree", "paper-16"] + ([] if chat else ["--no-chat-template"])
+    rc, out, err = run_main(argv, capsys)
+    assert rc == 0, err
+    assert "[token-recycling] dtype float32" in err
+    stats = STATS.search(err)
+    assert stats, err
+    new, steps = int(stats.group(1)), int(stats.group(2))
+    assert 1 <= new <= 12 and steps <= new - 1  # the prefill emits one token, every step at least one
+
+    tok = AutoTokenizer.from_pretrained(tiny_folder)
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32)
+    if chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+    greedy = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+    assert new == len(greedy)
+    assert out == tok.decode(greedy, skip_special_tokens=True) + "\n"
+
+
+def test_generate_reads_the_prompt_from_stdin(capsys, monkeypatch, tiny_folder):
+    monkeypatch.setattr(sys, "stdin", _Stdin("Write a function that returns the sum of two numbers.", tty=False))
+    rc, out, err = run_main(["generate", "--model", str(tiny_folder), "--max-new-tokens", "4", "--dtype", "float32",
+                             "--tree", "[[0], [0, 0]]"], capsys)
+    assert rc == 0, err
+    assert "4 new tokens" in err and "2 nodes" in err and out.endswith("\n")
+
+
+def test_bench_writes_json_that_the_report_reads(capsys, tmp_path, tiny_folder):
+    data = tmp_path / "he.jsonl"
+    data.write_text(json.dumps({"task_id": "HumanEval/0", "prompt": "def add(a, b):\n"}) + "\n")
+    rc, out, err = run_main(["bench", "--model", str(tiny_folder), "--dataset", str(data), "--max-new-tokens", "6",
+                             "--dtype", "float32", "--baselines", "pld", "--out", str(tmp_path / "o"),
+                             "--no-progress", "--no-chat-template"], capsys)
+    assert rc == 0, err
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["config"]["methods"] == ["pld", "ours"] and not results["config"]["chat_template"]
+    assert results["samples"][0]["mismatch"] == {}  # nothing to compare with without greedy
+    assert results["samples"][0]["category"] == "coding"
+    assert "ours/pld" in out and f"results: {tmp_path / 'o' / 'results.json'}" in out
