@@ -66,6 +66,9 @@ class CostModel:
     context: int = 0
 
     def __call__(self, n: float) -> float:
+        if len(self.sizes) >= 2 and n > self.sizes[-1]:  # past the measured range: extend the last slope
+            slope = (self.seconds[-1] - self.seconds[-2]) / (self.sizes[-1] - self.sizes[-2])
+            return self.seconds[-1] + slope * (n - self.sizes[-1])
         return float(np.interp(n, self.sizes, self.seconds))
 
     @property
