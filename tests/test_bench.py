@@ -216,3 +216,19 @@ def test_multi_turn_feeds_the_greedy_answer_back(tmp_path, tiny_folder):
     assert set(first["methods"]) == {"greedy", "ours"} and first["mismatch"] == {"ours": None}
     # The second turn's prompt holds the first turn's prompt, its answer and the new question.
     assert second["prompt_tokens"] > first["prompt_tokens"] + first["methods"]["greedy"]["new_tokens"]
+
+
+def test_bench_runs_the_papers_method_side_by_side(tmp_path, tiny_folder):
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 7, "category": "math", "turns": ["Count to ten."]}])
+    out = tmp_path / "out"
+    rc = main(["bench", "--model", str(tiny_folder), "--dataset", str(data), "--max-new-tokens", "16",
+               "--dtype", "float32", "--baselines", "greedy,paper", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["methods"] == ["greedy", "paper", "ours"]
+    (s,) = results["samples"]
+    assert s["mismatch"] == {"paper": None, "ours": None}
+    assert s["methods"]["paper"]["stats"]["tree_size"] == 80
+    assert "no ngram" in s["methods"]["paper"]["stats"]["tree"]
+    text = (out / "report.md").read_text()
+    assert "MAT paper" in text and "speedup ours/paper" in text
