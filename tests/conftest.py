@@ -19,3 +19,15 @@ def random_tree(num_nodes: int, g: torch.Generator, k: int = 8, chain_bias: floa
             parents.append(int(torch.randint(0, i, (1,), generator=g)))
     ranks = [0] + torch.randint(0, k, (num_nodes - 1,), generator=g).tolist()
     return torch.tensor(parents, dtype=torch.int32), torch.tensor(ranks, dtype=torch.int32)
+
+
+def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
+    """[N, N] bool: node i sees node j iff j is i or one of its ancestors."""
+    n = parents.shape[0]
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        j = i
+        while j != -1:
+            mask[i, j] = True
+            j = int(parents[j])
+    return mask

@@ -31,7 +31,7 @@ def tiny_model(arch: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32
     torch.manual_seed(seed)
     cfg = cfg_cls(**COMMON, **extra)
     cfg.bos_token_id, cfg.eos_token_id = 1, 2
-    model = model_cls._from_config(cfg, attn_implementation=attn, torch_dtype=dtype).eval()
+    model = model_cls._from_config(cfg, attn_implementation=attn, dtype=dtype).eval()
     # Random weights give nearly flat logits; sharpen them so greedy text has structure
     # (repeats, like real text), which is what makes drafts get accepted.
     with torch.no_grad():

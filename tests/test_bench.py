@@ -251,3 +251,19 @@ def test_sigterm_becomes_an_interrupt_only_inside_the_run():
         with _sigterm_as_interrupt():
             os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_bench_runs_the_papers_method_side_by_side(tmp_path, tiny_folder):
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 7, "category": "math", "turns": ["Count to ten."]}])
+    out = tmp_path / "out"
+    rc = main(["bench", "--model", str(tiny_folder), "--dataset", str(data), "--max-new-tokens", "16",
+               "--dtype", "float32", "--baselines", "greedy,paper", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["methods"] == ["greedy", "paper", "ours"]
+    (s,) = results["samples"]
+    assert s["mismatch"] == {"paper": None, "ours": None}
+    assert s["methods"]["paper"]["stats"]["tree_size"] == 80
+    assert "no ngram" in s["methods"]["paper"]["stats"]["tree"]
+    text = (out / "report.md").read_text()
+    assert "MAT paper" in text and "speedup ours/paper" in text

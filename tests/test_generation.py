@@ -196,3 +196,15 @@ def test_greedy_choice_follows_argmax_on_ties():
     greedy, cand = rec._greedy_and_candidates(logits)
     assert torch.equal(greedy, logits.argmax(-1))
     assert torch.equal(cand, logits.topk(8, dim=-1).indices)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 6])
+def test_static_cache_through_generate(prompt_len):
+    """generate(cache_implementation="static"): a fixed-size cache, so near its end the tree is cut to fit."""
+    model = tiny_model("llama")
+    rec = TokenRecycler(model)
+    ids = torch.arange(10, 10 + prompt_len).view(1, -1)
+    for _ in range(2):
+        want = model.generate(ids, max_new_tokens=50, do_sample=False)
+        got = model.generate(ids, max_new_tokens=50, do_sample=False, custom_generate=rec, cache_implementation="static")
+        assert torch.equal(got, want)

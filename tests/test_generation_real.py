@@ -67,5 +67,6 @@ def test_bf16_near_tie_divergence_is_rare():
             # The diverging position must be a near tie of the one-token forward's logits.
             ctx = torch.cat([ids[0], want[:first]]).view(1, -1)
             top2 = model(ctx).logits[0, -1].float().topk(2).values
-            assert (top2[0] - top2[1]).item() <= 0.25 * abs(top2[0].item()) * 2 ** -6 + 0.5, "not a near tie"
+            gap = (top2[0] - top2[1]).item()
+            assert gap <= 1.0, f"diverged at a top-2 logit gap of {gap}: not a bf16 near tie"
     assert same / total >= 0.5, f"only {same}/{total} tokens before divergence"

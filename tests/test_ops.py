@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import random_tree
+from conftest import ancestor_mask, random_tree
 
 import token_recycling  # noqa: F401
 from token_recycling import ops, reference
@@ -126,13 +126,7 @@ def _attention_inputs(gen, dtype, batch, hq, hkv, n, prefix_max, d):
     v = torch.randn(batch, hkv, seq, d, generator=gen, dtype=torch.float64)
     prefix = torch.randint(0, prefix_max + 1, (batch,), generator=gen)
     parents, _ = random_tree(n, gen, chain_bias=0.5)
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    for i in range(n):
-        j = i
-        while j != -1:
-            mask[i, j] = True
-            j = int(parents[j])
-    return q, k, v, prefix, mask
+    return q, k, v, prefix, ancestor_mask(parents)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

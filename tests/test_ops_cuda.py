@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import ancestor_mask
+
 import token_recycling
 from token_recycling import ops, reference
 
@@ -28,17 +30,6 @@ def random_tree(n: int, gen: torch.Generator, k: int = 8) -> tuple[torch.Tensor,
     ranks = torch.randint(0, k, (n,), generator=gen, dtype=torch.int32)
     ranks[0] = 0
     return torch.tensor(parents, dtype=torch.int32), ranks
-
-
-def tree_mask(parents: torch.Tensor) -> torch.Tensor:
-    n = parents.shape[0]
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    for i in range(n):
-        j = i
-        while j != -1:
-            mask[i, j] = True
-            j = int(parents[j])
-    return mask
 
 
 def to_cuda(args):
@@ -219,7 +210,7 @@ def attention_inputs(batch, hq, hkv, n, seq, d, dtype, gen):
     q = torch.randn(batch, n, hq, d, generator=gen).to(dtype)
     k = torch.randn(batch, hkv, seq + 3, d, generator=gen).to(dtype)
     v = torch.randn(batch, hkv, seq + 3, d, generator=gen).to(dtype)
-    mask = tree_mask(random_tree(n, gen)[0])
+    mask = ancestor_mask(random_tree(n, gen)[0])
     mask[n - 1] = False  # with a zero prefix, node n-1 sees nothing
 
     def views(device):

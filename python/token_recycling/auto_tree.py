@@ -12,9 +12,16 @@ tree for a budget is the top-rated nodes, ancestors first (tree.best_subtree).
 
 Cost. t(n): the median time of one verification forward of n tree tokens at the current context,
 measured once per model/device/dtype, plus the loop's own overhead per step, measured while
-generating. The tree size maximises expected_tokens(n) / (t(n + chain) + overhead), where chain is
-the mean number of n-gram chain nodes grafted per step (hybrid drafts) and their mean accepted
-tokens join expected_tokens.
+generating.
+
+Hybrid drafts. The n-gram chain is grafted under the root; its nodes that are new (not merged into
+tree nodes) cost forward time like any node. For chain position j we count the steps whose chain
+had at least j new nodes (den) and those where at least j of them were accepted (num), so a chain
+cut to c nodes is expected to add sum_{j<=c} present * num_j / den_j tokens for about present * c
+nodes, where present is the share of steps that found a match.
+
+The choice: the tree size n and chain length c maximising
+expected_tokens(n, c) / (t(1 + n + present * c) + overhead).
 """
 
 from __future__ import annotations
@@ -32,15 +39,18 @@ BUDGETS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128)
 COST_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
 
-def candidate_paths(max_nodes: int = 192, topk: int = 8, max_depth: int = 10) -> list[list[int]]:
-    """The max_nodes rank paths with the best prior score, best-first (a tree, ancestors first)."""
+def candidate_paths(max_nodes: int = 192, topk: int = 8, max_depth: int = 12) -> list[list[int]]:
+    """The top-1 chain down to max_depth (often the most accepted path of all), then the rank paths
+    with the best prior score, best-first, up to max_nodes (a tree, ancestors first)."""
     prior = [RANK_PRIOR[r] if r < len(RANK_PRIOR) else RANK_PRIOR[-1] for r in range(topk)]
+    out: list[tuple[int, ...]] = [(0,) * d for d in range(1, min(max_depth, max_nodes) + 1)]
+    chain = set(out)
     heap = [(-prior[r], (r,)) for r in range(topk)]
     heapq.heapify(heap)
-    out: list[tuple[int, ...]] = []
     while heap and len(out) < max_nodes:
         neg, path = heapq.heappop(heap)
-        out.append(path)
+        if path not in chain:
+            out.append(path)
         if len(path) < max_depth:
             for r in range(topk):
                 heapq.heappush(heap, (neg * prior[r], path + (r,)))
@@ -56,6 +66,9 @@ class CostModel:
     context: int = 0
 
     def __call__(self, n: float) -> float:
+        if len(self.sizes) >= 2 and n > self.sizes[-1]:  # past the measured range: extend the last slope
+            slope = (self.seconds[-1] - self.seconds[-2]) / (self.sizes[-1] - self.sizes[-2])
+            return self.seconds[-1] + slope * (n - self.sizes[-1])
         return float(np.interp(n, self.sizes, self.seconds))
 
     @property
@@ -67,7 +80,7 @@ class AutoTree:
     """Keeps acceptance statistics over a candidate tree and picks the tree to draft with."""
 
     def __init__(self, topk: int, candidates: list[list[int]] | None = None, pseudo_count: float = 2.0,
-                 retune_every: int = 16):
+                 retune_every: int = 16, max_chain: int = 0):
         self.topk = topk
         self.paths = candidates or candidate_paths(topk=topk)
         self._tree = DraftTree.from_paths(self.paths, topk)  # for its parents/ranks/depths arrays
@@ -82,8 +95,11 @@ class AutoTree:
         self.a = pseudo_count
         self.cost = CostModel()
         self.overhead = 0.0  # seconds per step outside the forward (EMA)
-        self.chain_nodes = 0.0  # mean n-gram chain nodes appended per step (EMA)
-        self.chain_gain = 0.0  # mean accepted tokens from the chain beyond the matrix path (EMA)
+        self.max_chain = max_chain  # the longest n-gram chain the loop may graft (0: no n-gram drafts)
+        self.chain_num = np.zeros(max_chain + 1, dtype=np.float64)  # [j]: steps with >= j chain tokens accepted
+        self.chain_den = np.zeros(max_chain + 1, dtype=np.float64)  # [j]: steps with >= j new chain nodes
+        self.chain_steps = 0.0  # steps observed for the chain
+        self.chain = max_chain  # chosen chain length
         self.retune_every = retune_every
         self.steps_since_tune = 0
         self.tuned_steps = 0
@@ -115,12 +131,15 @@ class AutoTree:
             if not hit.any():
                 break
 
-    def observe_step(self, seconds_total: float, forwarded: int, chain_nodes: int, chain_gain: int) -> None:
+    def observe_step(self, seconds_total: float, forwarded: int, chain_nodes: int, chain_accepted: int) -> None:
+        """One step: its wall time, nodes forwarded, new n-gram chain nodes and how many were accepted."""
         if self.cost.measured:
             over = max(seconds_total - self.cost(forwarded), 0.0)
             self.overhead = over if self.tuned_steps == 0 else 0.9 * self.overhead + 0.1 * over
-        self.chain_nodes = 0.9 * self.chain_nodes + 0.1 * chain_nodes
-        self.chain_gain = 0.9 * self.chain_gain + 0.1 * chain_gain
+        if self.max_chain:
+            self.chain_steps += 1
+            self.chain_den[1: min(chain_nodes, self.max_chain) + 1] += 1
+            self.chain_num[1: min(chain_accepted, self.max_chain) + 1] += 1
         self.tuned_steps += 1
         self.steps_since_tune += 1
 
@@ -133,29 +152,45 @@ class AutoTree:
         """The best tree for the current statistics and cost model."""
         self.steps_since_tune = 0
         rate = self.rates()
-        order = best_subtree(self.paths, rate[1:].tolist(), len(self.paths))
+        order = best_subtree(self.paths, rate[1:].tolist(), len(self.paths), in_pick_order=True)
         index = {tuple(p): i + 1 for i, p in enumerate(self.paths)}
         gains = np.cumsum([rate[index[tuple(p)]] for p in order])
         limit = min(len(order), max_nodes or len(order))
-        best_n, best_value = 1, -1.0
+        chain_gain, present = self.chain_gains()
+        best_n, best_c, best_value = 1, 0, -1.0
         base = self.cost(1) + self.overhead if self.cost.measured else 1.0
         for n in BUDGETS:
             if n > limit:
                 break
-            expected = 1.0 + gains[n - 1] + self.chain_gain
-            seconds = self.cost(n + 1 + self.chain_nodes) + self.overhead if self.cost.measured else 1.0 + 0.01 * n
-            value = expected / seconds
-            if value > best_value:
-                best_n, best_value, self.expected_tokens = n, value, expected
-        self.budget = best_n
+            for c in range(self.max_chain + 1):
+                expected = 1.0 + gains[n - 1] + chain_gain[c]
+                nodes = 1 + n + present * c
+                seconds = self.cost(nodes) + self.overhead if self.cost.measured else 1.0 + 0.01 * nodes
+                value = expected / seconds
+                if value > best_value:
+                    best_n, best_c, best_value, self.expected_tokens = n, c, value, expected
+        self.budget, self.chain = best_n, best_c
         self.predicted_speedup = best_value * base
         return order[:best_n]
+
+    def chain_gains(self) -> tuple[np.ndarray, float]:
+        """(expected accepted chain tokens for each chain length 0..max_chain, share of steps with a
+        match). Before any observation the chain is assumed to pay for itself about as well as a
+        second-rank tree node, so it is tried and then measured."""
+        if not self.max_chain:
+            return np.zeros(1), 0.0
+        present = self.chain_den[1] / self.chain_steps if self.chain_steps else 0.8
+        prior = np.array([0.0] + [0.3 * 0.7 ** j for j in range(self.max_chain)])
+        rate = (self.chain_num + self.a * prior) / (self.chain_den + self.a)
+        rate[0] = 0.0
+        return present * np.cumsum(rate), present
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict:
         return {"paths": self.paths, "num": self.num.tolist(), "den": self.den.tolist(),
                 "cost": {"sizes": self.cost.sizes, "seconds": self.cost.seconds, "context": self.cost.context},
-                "overhead": self.overhead, "chain_nodes": self.chain_nodes, "chain_gain": self.chain_gain}
+                "overhead": self.overhead, "chain_num": self.chain_num.tolist(),
+                "chain_den": self.chain_den.tolist(), "chain_steps": self.chain_steps}
 
     def load_state(self, state: dict) -> None:
         if [list(p) for p in state.get("paths", [])] != self.paths:
@@ -166,8 +201,10 @@ class AutoTree:
         if c.get("sizes"):
             self.cost = CostModel(list(c["sizes"]), list(c["seconds"]), int(c.get("context", 0)))
         self.overhead = float(state.get("overhead", 0.0))
-        self.chain_nodes = float(state.get("chain_nodes", 0.0))
-        self.chain_gain = float(state.get("chain_gain", 0.0))
+        if len(state.get("chain_num", [])) == self.max_chain + 1:
+            self.chain_num = np.array(state["chain_num"], dtype=np.float64)
+            self.chain_den = np.array(state["chain_den"], dtype=np.float64)
+            self.chain_steps = float(state.get("chain_steps", 0.0))
 
 
 def measure_cost(forward_n, sizes=COST_SIZES, repeats: int = 3, context: int = 0) -> CostModel:

@@ -22,7 +22,8 @@ from . import __version__
 from .datasets import Prompt
 from .models import hardware
 
-METHODS = ("greedy", "pld", "ours")
+METHODS = ("greedy", "pld", "paper", "ours")
+RECYCLERS = ("paper", "ours")  # "paper": the paper's method (its 80-node tree, no n-gram drafts)
 PLD_TOKENS = 10  # prompt_lookup_num_tokens, as in transformers' examples
 WARMUP_PROMPT = "Write three sentences about the history of the bicycle."
 FORMAT = 1  # results.json layout version
@@ -71,8 +72,15 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _recyclers(rec) -> dict:
+    """{"ours": rec} for one TokenRecycler, or the dict given ({"ours": ..., "paper": ...})."""
+    return rec if isinstance(rec, dict) else {"ours": rec}
+
+
 def run_method(method: str, model, rec, inputs: dict, max_new_tokens: int) -> tuple[list[int], dict]:
-    """(new tokens, record) of one method on one prompt; the record holds what results.json keeps."""
+    """(new tokens, record) of one method on one prompt; the record holds what results.json keeps.
+    ``rec``: the TokenRecycler of "ours", or a dict of recyclers by method name."""
+    recs = _recyclers(rec)
     gen = model.generation_config
     eos = gen.eos_token_id
     pad = gen.pad_token_id if gen.pad_token_id is not None else eos
@@ -85,19 +93,20 @@ def run_method(method: str, model, rec, inputs: dict, max_new_tokens: int) -> tu
             out = model.generate(**inputs, **common)
         elif method == "pld":
             out = model.generate(**inputs, **common, prompt_lookup_num_tokens=PLD_TOKENS)
-        elif method == "ours":
-            out = rec.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                               max_new_tokens=max_new_tokens, eos_token_id=eos)
+        elif method in RECYCLERS:
+            out = recs[method].generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                        max_new_tokens=max_new_tokens, eos_token_id=eos)
         else:
             raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
         _sync(device)
         seconds = time.perf_counter() - start
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
     record = {"new_tokens": len(new), "seconds": seconds, "forwards": forwards[0]}
-    if method == "ours":
-        record["steps"] = rec.stats.steps
-        record["accept_lengths"] = list(rec.stats.accept_lengths)
-        record["stats"] = rec.stats.as_dict()
+    if method in RECYCLERS:
+        stats = recs[method].stats
+        record["steps"] = stats.steps
+        record["accept_lengths"] = list(stats.accept_lengths)
+        record["stats"] = stats.as_dict()
     return new, record
 
 

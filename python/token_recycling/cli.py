@@ -57,9 +57,9 @@ def parse_tree(text: str, topk: int):
 
 def parse_baselines(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in ("greedy", "pld")]
+    unknown = [n for n in names if n not in ("greedy", "pld", "paper")]
     if unknown:
-        raise UsageError(f"--baselines: unknown {', '.join(unknown)}; choose from greedy,pld (or '' for none)")
+        raise UsageError(f"--baselines: unknown {', '.join(unknown)}; choose from greedy,pld,paper (or '' for none)")
     return tuple(dict.fromkeys(names))
 
 
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dataset", default="mt-bench",
                    help=f"{' or '.join(BUILTIN)}, or a JSONL file (Spec-Bench or HumanEval format)")
     b.add_argument("--limit", type=_positive, default=None, help="use only the first N prompts")
-    b.add_argument("--baselines", default="greedy,pld", help="comma list from greedy,pld (default both)")
+    b.add_argument("--baselines", default="greedy,pld",
+                   help="comma list from greedy,pld,paper (paper: the paper's tree without n-gram drafts); default greedy,pld")
     b.add_argument("--out", default=None, help="output folder (default bench/out/<timestamp>)")
     b.add_argument("--multi-turn", action="store_true",
                    help="also run later turns, after the greedy answer to the earlier ones")
@@ -212,6 +213,10 @@ def cmd_bench(args) -> int:
     out = Path(args.out) if args.out else DEFAULT_OUT / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     loaded, dtype = _load(args)
     rec = _recycler(loaded.model, args, tree)
+    recs = {"ours": rec}
+    if "paper" in baselines:  # the paper's method side by side: its tree, no n-gram drafts
+        from .recycler import TokenRecycler
+        recs["paper"] = TokenRecycler(loaded.model, tree="paper", topk=args.topk, ngram=False)
     cfg = bench.BenchConfig(max_new_tokens=args.max_new_tokens, methods=(*baselines, "ours"),
                             multi_turn=args.multi_turn, chat_template=args.chat_template)
     config = {
@@ -235,7 +240,7 @@ def cmd_bench(args) -> int:
     samples: list[dict] = []
     try:
         with _sigterm_as_interrupt():
-            bench.run(loaded.model, loaded.tokenizer, rec, prompts, cfg, progress=args.progress, samples=samples,
+            bench.run(loaded.model, loaded.tokenizer, recs, prompts, cfg, progress=args.progress, samples=samples,
                       on_sample=lambda s: save(s, complete=False))
     except KeyboardInterrupt:
         if samples:  # keep what was measured: results.json and a report marked as interrupted

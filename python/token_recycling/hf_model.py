@@ -103,8 +103,24 @@ class TreeMask:
         self.block = torch.zeros(tree_mask.shape, dtype=dtype, device=device)
         self.block.masked_fill_(~tree_mask.to(device), torch.finfo(dtype).min)
 
-    def __call__(self, prefix_len: int) -> torch.Tensor:
+    def __call__(self, prefix_len: int, kv_len: int | None = None) -> torch.Tensor:
+        """kv_len: the key length attention will see, when it is more than prefix + N (a static
+        cache attends over its whole buffer: the unused tail is masked)."""
         lead = self.block.shape[:-2]
         prefix = torch.zeros(*lead, self.n, prefix_len, dtype=self.dtype, device=self.device)
-        full = torch.cat([prefix, self.block], dim=-1)
-        return full.view(-1, 1, self.n, prefix_len + self.n)
+        parts = [prefix, self.block]
+        if kv_len is not None and kv_len > prefix_len + self.n:
+            parts.append(torch.full((*lead, self.n, kv_len - prefix_len - self.n), torch.finfo(self.dtype).min,
+                                    dtype=self.dtype, device=self.device))
+        full = torch.cat(parts, dim=-1)
+        return full.view(-1, 1, self.n, full.shape[-1])
+
+
+def static_capacity(cache) -> int | None:
+    """The fixed length of a static cache (None for a dynamic one)."""
+    lengths = {getattr(layer, "max_cache_len", None) for layer in cache_layers(cache)}
+    if None in lengths:
+        return None
+    if len(lengths) != 1:
+        raise NotImplementedError("static caches with layers of different lengths are not supported")
+    return lengths.pop()

@@ -13,7 +13,7 @@ import torch
 
 from . import hf_model, ops
 from .adjacency import AdjacencyMatrix
-from .auto_tree import AutoTree, measure_cost, sync
+from .auto_tree import COST_SIZES, AutoTree, measure_cost, sync
 from .ngram import NgramIndex
 from .stats import GenerationStats
 from .tree import DraftTree, TreeSpec, make_tree
@@ -50,7 +50,9 @@ class TokenRecycler:
         self.matrix = AdjacencyMatrix(hf_model.vocab_size(model), topk, self.device)
         self.topk = topk
         self.tree_spec = tree
-        self.auto: AutoTree | None = AutoTree(topk) if isinstance(tree, str) and tree == "auto" else None
+        self.auto: AutoTree | None = None
+        if isinstance(tree, str) and tree == "auto":
+            self.auto = AutoTree(topk, max_chain=ngram_tokens if ngram else 0)
         self.tree: DraftTree = make_tree(self.auto.choose() if self.auto else tree, topk).to(self.device)
         self.seed_from_prompt = seed_from_prompt
         self.ngram, self.max_ngram, self.ngram_tokens = ngram, max_ngram, ngram_tokens
@@ -60,7 +62,8 @@ class TokenRecycler:
 
     # ------------------------------------------------------------------------------ public API
     def describe(self) -> str:
-        ngram = f"ngram<={self.max_ngram}->{self.ngram_tokens}" if self.ngram else "no ngram"
+        chain = self.auto.chain if self.auto is not None and self.ngram else self.ngram_tokens
+        ngram = f"ngram<={self.max_ngram}->{chain}" if self.ngram else "no ngram"
         return (f"TokenRecycler(tree={self.tree_spec!r}: {self.tree.num_nodes - 1} nodes, k={self.topk}, "
                 f"{ngram})")
 
@@ -69,7 +72,7 @@ class TokenRecycler:
         self.matrix.reset()
         if self.auto is not None:
             cost = self.auto.cost
-            self.auto = AutoTree(self.topk)
+            self.auto = AutoTree(self.topk, max_chain=self.auto.max_chain)
             self.auto.cost = cost  # the hardware did not change
             self.tree = make_tree(self.auto.choose(), self.topk).to(self.device)
 
@@ -160,6 +163,7 @@ class TokenRecycler:
             tree = self.tree
             tokens = ops.build_draft_tree(self.matrix.table, root, tree.parents, tree.ranks)
             tokens, parents, depths, mask = self._graft_ngram(index, tokens, tree)
+            tokens, parents, depths, mask = self._fit_cache(cache, prefix, tokens, parents, depths, mask)
             forwarded = tokens.shape[1]
             hf_model.check_cache(cache, forwarded)
             logits = self._forward_tree(tokens, depths, mask, prefix, cache)
@@ -210,7 +214,10 @@ class TokenRecycler:
         root (merged with matching tree nodes). Returns tokens [1, M], parents, depths, mask."""
         if index is None:
             return tokens, tree.parents, tree.depths, tree.mask
-        chain, count = index.lookup(self.ngram_tokens)
+        length = self.auto.chain if self.auto is not None else self.ngram_tokens
+        if length == 0:
+            return tokens, tree.parents, tree.depths, tree.mask
+        chain, count = index.lookup(length)
         if int(count[0]) == 0:
             return tokens, tree.parents, tree.depths, tree.mask
         host = tokens.cpu()
@@ -222,8 +229,11 @@ class TokenRecycler:
     # ---------------------------------------------------------------- auto tree
     def _tune_auto(self, cache, root, prefix: int) -> None:
         auto = self.auto
-        if not auto.cost.measured:
-            auto.cost = measure_cost(lambda n: self._timed_dummy_forward(cache, root, prefix, n), context=prefix)
+        capacity = hf_model.static_capacity(cache)
+        sizes = [n for n in COST_SIZES if capacity is None or prefix + n <= capacity]
+        if not auto.cost.measured and len(sizes) >= 3:  # else: measured on a later call with more room
+            auto.cost = measure_cost(lambda n: self._timed_dummy_forward(cache, root, prefix, n), sizes=sizes,
+                                     context=prefix)
         self._retune()
 
     def _retune(self) -> None:
@@ -254,13 +264,25 @@ class TokenRecycler:
         seq, done, _ = self._emit(input_ids, root, stopping, streamer)
         return root, seq, done
 
+    def _fit_cache(self, cache, prefix: int, tokens, parents, depths, mask):
+        """A static cache has a fixed length: near its end, forward only the first nodes that fit
+        (nodes are in breadth-first order, so any prefix of them is a tree)."""
+        capacity = hf_model.static_capacity(cache)
+        if capacity is None or prefix + tokens.shape[1] <= capacity:
+            return tokens, parents, depths, mask
+        room = capacity - prefix
+        if room < 1:
+            raise ValueError(f"the static cache ({capacity} positions) is full at {prefix} tokens")
+        return tokens[:, :room], parents[:room], depths[:room], mask[:room, :room]
+
     def _forward_tree(self, tokens, depths, tree_mask, prefix: int, cache) -> torch.Tensor:
         """One forward of the whole tree: node i at position prefix + depth(i), seeing the prefix
         and its ancestors. Returns logits [1, N, V]."""
         if self.tree_attention:  # the [1, 1, N, N] protocol of hf_attention: prefix implied
             mask = tree_mask.view(1, 1, *tree_mask.shape[-2:])
         else:
-            mask = hf_model.TreeMask(tree_mask, hf_model.model_dtype(self.model), self.device)(prefix)
+            mask = hf_model.TreeMask(tree_mask, hf_model.model_dtype(self.model), self.device)(
+                prefix, hf_model.static_capacity(cache))
         out = self.model(input_ids=tokens, attention_mask=mask, position_ids=(depths + prefix).view(1, -1),
                          use_cache=True, **{self._cache_kwarg: cache})
         return out.logits

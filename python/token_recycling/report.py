@@ -38,12 +38,19 @@ def summarize(results: dict) -> dict[str, dict]:
         if "ours" in methods:
             steps = sum(s["methods"]["ours"]["steps"] for s in samples)
             row["mat"] = row["tokens"]["ours"] / steps if steps else None
+        if "paper" in methods:
+            steps = sum(s["methods"]["paper"]["steps"] for s in samples)
+            row["mat_paper"] = row["tokens"]["paper"] / steps if steps else None
         row["speedup"] = {}
-        for a, b in (("ours", "greedy"), ("ours", "pld"), ("pld", "greedy")):
+        for a, b in PAIRS:
             if a in methods and b in methods and row["tok_s"][a] and row["tok_s"][b]:
                 row["speedup"][f"{a}/{b}"] = row["tok_s"][a] / row["tok_s"][b]
         table[cat] = row
     return table
+
+
+PAIRS = (("ours", "greedy"), ("ours", "pld"), ("ours", "paper"), ("pld", "greedy"), ("paper", "greedy"))
+PAIR_NAMES = tuple(f"{a}/{b}" for a, b in PAIRS)
 
 
 def accept_length_counts(results: dict) -> Counter:
@@ -61,7 +68,7 @@ def plot_speedup(table: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = [p for p in ("ours/greedy", "ours/pld", "pld/greedy") if any(p in r["speedup"] for r in table.values())]
+    pairs = [p for p in PAIR_NAMES if any(p in r["speedup"] for r in table.values())]
     cats = list(table)
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cats) + 2), 4))
     width = 0.8 / max(1, len(pairs))
@@ -123,16 +130,20 @@ def markdown(results: dict, table: dict, counts: Counter) -> str:
     ]
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in facts] + [""]
 
-    head = ["category", "turns"] + (["MAT"] if "ours" in methods else []) + [f"{m} tok/s" for m in methods]
-    pairs = [p for p in ("ours/greedy", "ours/pld", "pld/greedy") if all(x in methods for x in p.split("/"))]
+    head = ["category", "turns"] + (["MAT"] if "ours" in methods else []) + \
+        (["MAT paper"] if "paper" in methods else []) + [f"{m} tok/s" for m in methods]
+    pairs = [p for p in PAIR_NAMES if all(x in methods for x in p.split("/"))]
     head += [f"speedup {p}" for p in pairs]
     lines += ["Rates are total new tokens / total seconds (prompt processing included). "
-              "MAT: mean tokens accepted per Token Recycling step.", ""]
+              "MAT: mean tokens accepted per Token Recycling step (bonus included); \"paper\" is the "
+              "paper's method (its 80-node tree, no n-gram drafts), with its own hot matrix.", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cat, row in table.items():
         cells = [f"**{cat}**" if cat == ALL else cat, str(row["samples"])]
         if "ours" in methods:
             cells.append(_fmt(row.get("mat"), ".2f"))
+        if "paper" in methods:
+            cells.append(_fmt(row.get("mat_paper"), ".2f"))
         cells += [_fmt(row["tok_s"][m]) for m in methods]
         cells += [_fmt(row["speedup"].get(p), ".2f") + "x" if p in row["speedup"] else "-" for p in pairs]
         lines.append("| " + " | ".join(cells) + " |")

@@ -43,8 +43,10 @@ def prior_score(path: Sequence[int]) -> float:
     return score
 
 
-def best_subtree(paths: Sequence[Sequence[int]], scores: Sequence[float], budget: int) -> list[list[int]]:
-    """The ``budget`` highest-scoring paths that still form a tree (every ancestor kept).
+def best_subtree(paths: Sequence[Sequence[int]], scores: Sequence[float], budget: int,
+                 in_pick_order: bool = False) -> list[list[int]]:
+    """The ``budget`` highest-scoring paths that still form a tree (every ancestor kept); in
+    breadth-first order, or in the order they were picked (every prefix of it is a best tree too).
 
     With greedy verification the expected accepted length of a tree is 1 + the sum of its nodes'
     path-match probabilities, so taking nodes by score, ancestors first, maximises it for a budget
@@ -65,6 +67,8 @@ def best_subtree(paths: Sequence[Sequence[int]], scores: Sequence[float], budget
             break
         chosen.append(best)
         chosen_set.add(best)
+    if in_pick_order:
+        return [list(p) for p in chosen]
     return [list(p) for p in sorted(chosen, key=lambda p: (len(p), p))]
 
 
