@@ -152,7 +152,6 @@ class TokenRecycler:
     def _decode(self, input_ids, cache, stopping, processors, streamer, capacity: int) -> torch.Tensor:
         start = time.perf_counter()
         stats = self.stats = GenerationStats()
-        seq = input_ids
         root, seq, done = self._prefill(input_ids, cache, stopping, processors, streamer)
         index = self._new_ngram_index(seq, capacity) if self.ngram else None
         if self.auto is not None and not done:
