@@ -20,6 +20,20 @@ class GenerationStats:
     predicted_speedup: float | None = None  # auto tree: what the cost model expected vs one token/step
     measured_speedup: float | None = None   # auto tree: tokens/s vs the measured single-token step
 
+    def record_step(self, path: list[int], tree_paths, tree_nodes: int, forwarded: int) -> None:
+        """One verification step: the accepted node indices (root first), the matrix tree's rank paths,
+        how many of the forwarded nodes were matrix-tree nodes (root included) and how many in all."""
+        from_chain = sum(1 for node in path if node >= tree_nodes)
+        self.steps += 1
+        self.accept_lengths.append(len(path))
+        self.tree_nodes.append(forwarded)
+        self.from_matrix += len(path) - 1 - from_chain
+        self.from_ngram += from_chain
+        for node in path[1:]:
+            if node < tree_nodes:
+                key = ",".join(map(str, tree_paths[node - 1]))
+                self.node_matches[key] = self.node_matches.get(key, 0) + 1
+
     @property
     def mean_accepted(self) -> float:
         """Mean tokens emitted per step (the paper's MAT, bonus token included)."""
