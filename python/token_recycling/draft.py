@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from . import ops
+from . import distributed, ops
 from .adjacency import AdjacencyMatrix
 from .auto_tree import COST_SIZES, AutoTree, measure_cost
 from .ngram import NgramIndex
@@ -139,6 +139,7 @@ class Drafter:
         if self.auto is None:
             return
         from_chain = sum(1 for node in path if node >= draft.tree_nodes)
+        seconds = distributed.agree([seconds])[0]  # decisions must match on every rank
         self.auto.observe_step(seconds, draft.size, draft.size - draft.tree_nodes, from_chain)
         if self.auto.due():
             self.retune()
@@ -151,7 +152,9 @@ class Drafter:
             return
         sizes = [n for n in COST_SIZES if capacity is None or prefix + n <= capacity]
         if not self.auto.cost.measured and len(sizes) >= 3:  # else: measured on a later call with more room
-            self.auto.cost = measure_cost(time_forward, sizes=sizes, context=prefix)
+            cost = measure_cost(time_forward, sizes=sizes, context=prefix)
+            cost.seconds = distributed.agree(cost.seconds)  # decisions must match on every rank
+            self.auto.cost = cost
         self.retune()
 
     def retune(self) -> None:
