@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import cache as kv
-from . import hf_model, verify
+from . import hf_model, verify, window
 from .adjacency import AdjacencyMatrix
 from .auto_tree import sync
 from .draft import Draft, Drafter
@@ -139,6 +139,7 @@ class TokenRecycler:
         start = time.perf_counter()
         stats = self.stats = GenerationStats()
         emitter = Emitter(stopping, streamer)
+        window.prepare(self.model, cache)  # sliding-window layers that tree decoding can compact
         root, seq, done = self._prefill(input_ids, cache, processors, emitter)
         state = self.drafter.start(seq, capacity)
         if not done:
