@@ -45,9 +45,12 @@ def _window_configs():
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_model(arch: str, attn: str | None = None, dtype: torch.dtype = torch.float32, seed: int = 0):
+def tiny_model(arch: str, attn: str | None = None, dtype: torch.dtype = torch.float32, seed: int = 0,
+               window: int = WINDOW, sharpen: float | None = None):
     if arch in WINDOW_ARCHS:
         cfg_cls, model_cls, extra, default_attn = _window_configs()[arch]
+        extra = {**extra, "sliding_window": window}
+        sharpen = sharpen or 3.0  # sharper: the text soon repeats one token, where a window hardly matters
     else:
         (cfg_cls, model_cls, extra), default_attn = _configs()[arch], "sdpa"
     attn = attn or default_attn
@@ -58,5 +61,5 @@ def tiny_model(arch: str, attn: str | None = None, dtype: torch.dtype = torch.fl
     # Random weights give nearly flat logits; sharpen them so greedy text has structure
     # (repeats, like real text), which is what makes drafts get accepted.
     with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(8.0)
+        model.get_output_embeddings().weight.mul_(sharpen or 8.0)
     return model
