@@ -144,3 +144,13 @@ def test_window_layer_compacts_and_crops():
         layer.crop(1)
     with pytest.raises(ValueError, match="cannot crop"):
         layer.crop(-5)
+
+
+def test_prepare_converts_every_kind_of_sliding_cache():
+    from transformers import DynamicCache, StaticCache
+    model = tiny_model("qwen2-window")  # layer 0 full, layer 1 windowed
+    for cache in (DynamicCache(config=model.config), StaticCache(config=model.config, max_cache_len=64),
+                  DynamicCache()):
+        window.prepare(model, cache)
+        assert not window.is_window(cache.layers[0]) and window.is_window(cache.layers[1])
+        assert cache.layers[1].sliding_window == WINDOW

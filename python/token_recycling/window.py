@@ -111,6 +111,12 @@ def prepare(model, cache) -> None:
     if layers is None:
         return
     types = _layer_types(model)
+    if SLIDING in types and len(layers) < len(types) and not any(layer.is_initialized for layer in layers):
+        # A cache built without the config (DynamicCache()) adds full layers as the model fills it.
+        layers.extend(DynamicLayer() for _ in range(len(types) - len(layers)))
+        for i, kind in enumerate(types):
+            if kind == SLIDING and type(layers[i]) is DynamicLayer:
+                layers[i] = WindowLayer(_config(model).sliding_window)
     for i, layer in enumerate(layers):
         if isinstance(layer, WindowLayer) or not getattr(layer, "is_sliding", False):
             continue
