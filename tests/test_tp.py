@@ -1,0 +1,130 @@
+"""Tensor parallel on CPUs: 2 ranks under torchrun (gloo), models loaded with tp_plan="auto".
+
+Every launch runs with a collective timeout ($TOKEN_RECYCLING_TP_TIMEOUT) and a subprocess timeout,
+so a desynchronized run fails the test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cli_fixtures
+from models import tiny_model
+
+HERE = Path(__file__).resolve().parent
+PACKAGE = HERE.parent / "python"
+LAUNCH_TIMEOUT_S = 150  # a launch that takes longer is hung: fail it
+COLLECTIVE_TIMEOUT_S = 60
+MAX_NEW_TOKENS = 48  # as in tp_worker.py
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is needed")
+
+
+def torchrun(args: list[str], *, cwd: Path, env_extra: dict | None = None, stdin: str | None = None):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PACKAGE), os.environ.get("PYTHONPATH", "")]),
+               TOKEN_RECYCLING_TP_TIMEOUT=str(COLLECTIVE_TIMEOUT_S), OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env_extra or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, input=stdin, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    out = {}
+    for arch in ("llama", "qwen2"):
+        tiny_model(arch).save_pretrained(root / arch)
+        out[arch] = str(root / arch)
+    return out
+
+
+def prompts(seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 320, (n,), generator=g).tolist() for n in (5, 12, 30)]
+
+
+def run_worker(tmp_path: Path, mode: str, model_folders: list[str], **env) -> list[dict]:
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts()))
+    proc = torchrun([str(HERE / "tp_worker.py"), str(tmp_path), mode, *model_folders], cwd=HERE, env_extra=env)
+    results = []
+    for r in range(2):
+        path = tmp_path / f"rank{r}.json"
+        assert path.is_file(), f"rank {r} wrote nothing (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
+        results.append(json.loads(path.read_text()))
+    return results
+
+
+def test_two_ranks_equal_single_process_greedy(tmp_path, folders):
+    ranks = run_worker(tmp_path, "generate", list(folders.values()))
+    for r in ranks:
+        assert "error" not in r, r.get("traceback")
+    for arch, folder in folders.items():
+        model = tiny_model(arch)
+        for r in ranks:
+            got = r["models"][folder]
+            # really split: each rank holds half of the q projection's output rows
+            assert got["q_proj_local"][0] * 2 == got["q_proj_global"][0], got
+            assert "auto" in got["tree"]  # the default recycler
+        for prompt, out0, out1 in zip(prompts(), ranks[0]["models"][folder]["outputs"],
+                                      ranks[1]["models"][folder]["outputs"]):
+            ref = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW_TOKENS, do_sample=False)[0].tolist()
+            assert out0 == ref, (arch, prompt)
+            assert out1 == ref, (arch, prompt)
+
+
+def test_forced_desync_is_a_clear_error_not_a_hang(tmp_path, folders):
+    ranks = run_worker(tmp_path, "desync", [folders["llama"]])
+    for r in ranks:
+        assert "error" in r, f"rank {r['rank']} did not notice that rank 1 drafts another tree"
+        assert r["error"].startswith("RuntimeError: tensor-parallel ranks disagree on the draft of step 0"), r["error"]
+        assert "rank(s) [1] differ from rank 0" in r["error"], r["error"]
+
+
+@pytest.fixture(scope="module")
+def chat_folder(tmp_path_factory):
+    return cli_fixtures.llama_folder(tmp_path_factory.mktemp("tp-cli") / "llama")
+
+
+def test_cli_generate_tp_prints_once_and_equals_single_process(tmp_path, chat_folder):
+    args = ["generate", "--model", str(chat_folder), "--dtype", "float32", "--max-new-tokens", "24"]
+    proc = torchrun(["-m", "token_recycling", *args, "--tp"], cwd=tmp_path, stdin="Explain why the sky is blue.")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    capture = subprocess.run([sys.executable, "-m", "token_recycling", *args], cwd=tmp_path,
+                             input="Explain why the sky is blue.", capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, PYTHONPATH=str(PACKAGE), HF_HUB_OFFLINE="1"))
+    assert capture.returncode == 0, capture.stderr[-3000:]
+    assert capture.stdout.strip(), "the single-process run printed nothing"
+    assert proc.stdout == capture.stdout  # rank 0's text only, not one copy per rank
+    assert proc.stderr.count("new tokens in") == 1, proc.stderr[-3000:]
+
+
+def test_tp_needs_torchrun(capsys, chat_folder):
+    from token_recycling.cli import main
+
+    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
+    try:
+        assert main(["generate", "--tp", "--model", str(chat_folder), "hi"]) == 2
+    finally:
+        os.environ.update(env)
+    assert "--tp runs one process per rank under torchrun" in capsys.readouterr().err
+
+
+def test_heads_that_do_not_divide_are_refused():
+    from types import SimpleNamespace
+
+    from token_recycling import models, tp
+
+    tp.check_divisible(SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, intermediate_size=64), 2)
+    smollm2 = SimpleNamespace(num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536)
+    tp.check_divisible(smollm2, 3)
+    with pytest.raises(models.ModelError, match=r"num_attention_heads=9, num_key_value_heads=3 are not divisible by 2"):
+        tp.check_divisible(smollm2, 2)
