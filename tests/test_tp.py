@@ -52,21 +52,23 @@ def prompts(seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, 320, (n,), generator=g).tolist() for n in (5, 12, 30)]
 
 
-def run_worker(tmp_path: Path, mode: str, model_folders: list[str], **env) -> list[dict]:
-    (tmp_path / "prompts.json").write_text(json.dumps(prompts()))
-    proc = torchrun([str(HERE / "tp_worker.py"), str(tmp_path), mode, *model_folders], cwd=HERE, env_extra=env)
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory, folders) -> list[dict]:
+    """One launch of tp_worker.py: both models, then the forced desync; each rank's report."""
+    out = tmp_path_factory.mktemp("tp-run")
+    (out / "prompts.json").write_text(json.dumps(prompts()))
+    proc = torchrun([str(HERE / "tp_worker.py"), str(out), *folders.values()], cwd=HERE)
     results = []
     for r in range(2):
-        path = tmp_path / f"rank{r}.json"
+        path = out / f"rank{r}.json"
         assert path.is_file(), f"rank {r} wrote nothing (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
         results.append(json.loads(path.read_text()))
+    for r in results:
+        assert "error" not in r, r.get("traceback")
     return results
 
 
-def test_two_ranks_equal_single_process_greedy(tmp_path, folders):
-    ranks = run_worker(tmp_path, "generate", list(folders.values()))
-    for r in ranks:
-        assert "error" not in r, r.get("traceback")
+def test_two_ranks_equal_single_process_greedy(ranks, folders):
     for arch, folder in folders.items():
         model = tiny_model(arch)
         for r in ranks:
@@ -81,12 +83,12 @@ def test_two_ranks_equal_single_process_greedy(tmp_path, folders):
             assert out1 == ref, (arch, prompt)
 
 
-def test_forced_desync_is_a_clear_error_not_a_hang(tmp_path, folders):
-    ranks = run_worker(tmp_path, "desync", [folders["llama"]])
+def test_forced_desync_is_a_clear_error_not_a_hang(ranks):
     for r in ranks:
-        assert "error" in r, f"rank {r['rank']} did not notice that rank 1 drafts another tree"
-        assert r["error"].startswith("RuntimeError: tensor-parallel ranks disagree on the draft of step 0"), r["error"]
-        assert "rank(s) [1] differ from rank 0" in r["error"], r["error"]
+        error = r.get("desync_error")
+        assert error, f"rank {r['rank']} did not notice that rank 1 drafts another tree"
+        assert error.startswith("tensor-parallel ranks disagree on the draft of step 0"), error
+        assert "rank(s) [1] differ from rank 0" in error, error
 
 
 @pytest.fixture(scope="module")
@@ -94,16 +96,16 @@ def chat_folder(tmp_path_factory):
     return cli_fixtures.llama_folder(tmp_path_factory.mktemp("tp-cli") / "llama")
 
 
-def test_cli_generate_tp_prints_once_and_equals_single_process(tmp_path, chat_folder):
+def test_cli_generate_tp_prints_once_and_equals_single_process(tmp_path, chat_folder, capsys):
+    from token_recycling.cli import main
+
     args = ["generate", "--model", str(chat_folder), "--dtype", "float32", "--max-new-tokens", "24"]
     proc = torchrun(["-m", "token_recycling", *args, "--tp"], cwd=tmp_path, stdin="Explain why the sky is blue.")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    capture = subprocess.run([sys.executable, "-m", "token_recycling", *args], cwd=tmp_path,
-                             input="Explain why the sky is blue.", capture_output=True, text=True, timeout=120,
-                             env=dict(os.environ, PYTHONPATH=str(PACKAGE), HF_HUB_OFFLINE="1"))
-    assert capture.returncode == 0, capture.stderr[-3000:]
-    assert capture.stdout.strip(), "the single-process run printed nothing"
-    assert proc.stdout == capture.stdout  # rank 0's text only, not one copy per rank
+    assert main([*args, "Explain why the sky is blue."]) == 0
+    single = capsys.readouterr().out
+    assert single.strip(), "the single-process run printed nothing"
+    assert proc.stdout == single  # rank 0's text only (read from stdin by rank 0), not one copy per rank
     assert proc.stderr.count("new tokens in") == 1, proc.stderr[-3000:]
 
 
