@@ -130,3 +130,45 @@ def test_heads_that_do_not_divide_are_refused():
     tp.check_divisible(smollm2, 3)
     with pytest.raises(models.ModelError, match=r"num_attention_heads=9, num_key_value_heads=3 are not divisible by 2"):
         tp.check_divisible(smollm2, 2)
+
+
+def test_fingerprint_sees_every_token_parent_and_size():
+    from token_recycling.distributed import fingerprint
+
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 50000, (1, 40), generator=g)
+    parents = torch.cat([torch.tensor([-1]), torch.randint(0, 39, (39,), generator=g)]).int()
+    base = fingerprint(tokens, parents)
+    assert torch.equal(base, fingerprint(tokens.clone(), parents.clone()))
+    for i in range(40):
+        t = tokens.clone()
+        t[0, i] += 1
+        assert not torch.equal(base, fingerprint(t, parents)), i
+        if i:
+            p = parents.clone()
+            p[i] = (p[i] + 1) % i if i > 1 else -1
+            assert not torch.equal(base, fingerprint(tokens, p)), i
+    assert not torch.equal(base, fingerprint(tokens[:, :39], parents[:39]))
+    swapped = tokens.clone()
+    swapped[0, [3, 4]] = swapped[0, [4, 3]]
+    assert tokens[0, 3] == tokens[0, 4] or not torch.equal(base, fingerprint(swapped, parents))
+
+
+@pytest.mark.parametrize("value, every", [(None, 1), ("0", 0), ("4", 4), ("", 1)])
+def test_check_every_reads_the_environment(monkeypatch, value, every):
+    from token_recycling import distributed
+
+    if value is None:
+        monkeypatch.delenv(distributed.CHECK_ENV, raising=False)
+    else:
+        monkeypatch.setenv(distributed.CHECK_ENV, value)
+    assert distributed.check_every() == every
+
+
+@pytest.mark.parametrize("value", ["-1", "often"])
+def test_check_every_rejects_bad_values(monkeypatch, value):
+    from token_recycling import distributed
+
+    monkeypatch.setenv(distributed.CHECK_ENV, value)
+    with pytest.raises(ValueError, match=distributed.CHECK_ENV):
+        distributed.check_every()

@@ -31,8 +31,13 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _device() -> str:
-    return "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+def _device(near: torch.device | None = None) -> torch.device:
+    """Where collectives take their tensors: the CPU for gloo, this rank's GPU for NCCL."""
+    if torch.distributed.get_backend() != "nccl":
+        return torch.device("cpu")
+    if near is not None and near.type == "cuda":
+        return near
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def agree(values: list[float]) -> list[float]:
@@ -58,13 +63,16 @@ def check_every() -> int:
 
 # Odd 31-bit multipliers, one per draft position (fixed, so every rank computes the same hash).
 _WEIGHTS = torch.randint(1, 2**31 - 1, (4096,), generator=torch.Generator().manual_seed(17)) | 1
+_weights_on: dict[torch.device, torch.Tensor] = {}
 
 
 def fingerprint(tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
     """[size, hash(tokens), hash(parents)] as int64 on the tokens' device (int64 sums wrap: still a hash)."""
     t, p = tokens.reshape(-1).long(), parents.reshape(-1).long()
     n = t.numel()
-    w = _WEIGHTS.to(t.device)[torch.arange(n, device=t.device) % _WEIGHTS.numel()]
+    if t.device not in _weights_on:
+        _weights_on[t.device] = _WEIGHTS.to(t.device)
+    w = _weights_on[t.device][torch.arange(n, device=t.device) % _WEIGHTS.numel()]
     size = torch.tensor([n], dtype=torch.int64, device=t.device)
     return torch.cat([size, (t * w).sum().view(1), ((p + 2) * w.flip(0)).sum().view(1)])
 
@@ -74,7 +82,7 @@ def check_same(what: str, local: torch.Tensor) -> None:
     if not active():
         return
     dist = torch.distributed
-    local = local.to(_device(), torch.int64)
+    local = local.to(_device(local.device), torch.int64)
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)
     values = [g.cpu().tolist() for g in gathered]
