@@ -84,10 +84,16 @@ def load(spec: str = models.DEFAULT_MODEL, dtype: torch.dtype = torch.float32, d
     """Like :func:`models.load`, split over the process group's ranks with ``tp_plan="auto"``."""
     init(device)
     kind, path = models.resolve(spec)
-    if kind == "gguf":  # convert once, on rank 0; the others wait, then find the converted folder
+    if kind == "gguf":  # convert once, on rank 0; the others wait for its result, then find the folder
+        box: list = [None]
         if rank() == 0:
-            models.convert_gguf(path, log)
-        torch.distributed.barrier()
+            try:
+                models.convert_gguf(path, log)
+            except models.ModelError as exc:
+                box = [str(exc)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise models.ModelError(box[0])
         folder = models.convert_gguf(path, log)
     else:
         folder = path
