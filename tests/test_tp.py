@@ -172,3 +172,26 @@ def test_check_every_rejects_bad_values(monkeypatch, value):
     monkeypatch.setenv(distributed.CHECK_ENV, value)
     with pytest.raises(ValueError, match=distributed.CHECK_ENV):
         distributed.check_every()
+
+
+def test_cli_silences_other_ranks_and_sends_their_bench_files_elsewhere(monkeypatch, tmp_path):
+    import atexit
+
+    from token_recycling import cli, tp
+
+    calls = []
+    monkeypatch.setattr(tp, "init", lambda device: calls.append(device))
+    monkeypatch.setattr(atexit, "register", lambda *a: calls.append(a))
+    monkeypatch.setattr(sys, "stdout", sys.stdout)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    args = cli.build_parser().parse_args(["bench", "--tp", "--out", str(tmp_path / "out")])
+    monkeypatch.setattr(tp, "rank", lambda: 0)
+    tp.setup_cli(args)
+    assert args.out == str(tmp_path / "out") and args.progress
+    monkeypatch.setattr(tp, "rank", lambda: 1)
+    tp.setup_cli(args)
+    assert calls[0] == "cpu"
+    assert args.out != str(tmp_path / "out") and Path(args.out).is_dir() and not args.progress
+    assert sys.stdout.name == os.devnull and sys.stderr.name == os.devnull
+    Path(args.out).rmdir()
