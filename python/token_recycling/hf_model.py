@@ -43,8 +43,25 @@ def check_supported(model, extra_implementations: tuple[str, ...] = ()) -> None:
             f"{name} uses attn_implementation={impl!r}, which does not accept the custom 4-D tree attention "
             f"mask that verification needs. Load the model with attn_implementation='sdpa' or 'eager' "
             f"(or call model.set_attn_implementation('sdpa')).")
+    check_device_map(model)
     if model.get_output_embeddings() is None:
         raise ValueError(f"{name} has no output embeddings (LM head); TokenRecycler needs logits over the vocab")
+
+
+def check_device_map(model) -> None:
+    """A ``device_map`` that keeps execution on one device (everything on one GPU, or layers offloaded to
+    CPU RAM or disk and brought in by accelerate's hooks) works; one that runs layers on several
+    accelerators is refused: the KV cache would then live on several devices, which compaction does
+    not handle (tensor parallel under torchrun is the supported way to use several GPUs)."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    devices = {str(d) for d in device_map.values() if str(d) not in ("cpu", "disk", "meta")}
+    devices = {f"cuda:{d}" if d.isdigit() else d for d in devices}
+    if len(devices) > 1:
+        raise ValueError(
+            f"{type(model).__name__} was loaded with a device_map that runs its layers on {len(devices)} devices "
+            f"({', '.join(sorted(devices))}); TokenRecycler needs the whole KV cache on one device. Load it on one "
+            f"device (layers may be offloaded to 'cpu' or 'disk'), or split it over GPUs with tensor parallel: "
+            f"from_pretrained(..., tp_plan='auto') under torchrun.")
 
 
 def vocab_size(model) -> int:
