@@ -91,11 +91,10 @@ def test_window_layers_stay_bounded(arch, monkeypatch):
     assert total > 15 * WINDOW
     assert between and max(between) == WINDOW - 1
     assert all(h <= WINDOW - 1 + f for h, f in zip(held[1:], forwarded[1:]))  # [0] is the prefill
-    for layer in out.past_key_values.layers:
-        if window.is_window(layer):
-            assert layer.stored() == WINDOW - 1 and layer.get_seq_length() == total
-        else:
-            assert layer.get_seq_length() == total
+    # The cache may hold a few accepted tokens past max_new_tokens (the last step's overshoot).
+    lengths = {layer.get_seq_length() for layer in out.past_key_values.layers}
+    assert len(lengths) == 1 and lengths.pop() >= total
+    assert all(layer.stored() == WINDOW - 1 for layer in out.past_key_values.layers if window.is_window(layer))
 
 
 def _reference_window_mask(parents: list[int], stored: int, window_size: int) -> torch.Tensor:

@@ -39,11 +39,11 @@ def compact(cache, prefix_len: torch.Tensor, accepted_nodes: torch.Tensor, accep
     """Keep the accepted path right after the prefix (one compact_kv call for all layers; window
     layers, which hold only the window's end, in a second call at their own prefix), then drop the
     rest of the forwarded tree from every layer (window layers trim back to the window)."""
-    groups: dict[int, list[torch.Tensor]] = {}
+    groups: dict[tuple, list[torch.Tensor]] = {}  # one call per (offset, length): compact_kv's caches agree in shape
     for layer in cache_layers(cache):
         if getattr(layer, "is_initialized", True) and isinstance(getattr(layer, "keys", None), torch.Tensor):
-            groups.setdefault(window.offset(layer), []).extend([layer.keys, layer.values])
-    for offset, tensors in groups.items():
+            groups.setdefault((window.offset(layer), layer.keys.shape[-2]), []).extend([layer.keys, layer.values])
+    for (offset, _), tensors in groups.items():
         ops.compact_kv(tensors, prefix_len - offset if offset else prefix_len, accepted_nodes, accept_len)
     cache.crop(-(forwarded - accepted))
 
