@@ -8,6 +8,7 @@ import inspect
 import torch
 
 from . import cache as kv
+from . import window
 
 # Attention implementations that take a custom 4-D additive mask as given.
 MASK_4D_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -82,11 +83,13 @@ def forward_tree(model, draft, prefix: int, cache, tree_attention: bool, cache_k
     its ancestors. Returns logits [1, N, V].
 
     With ``tree_attention`` the mask is the bare [1, 1, N, N] tree block (the protocol of
-    hf_attention.py: the prefix is implied); otherwise a dense additive [1, 1, N, kv_len] mask."""
+    hf_attention.py: the prefix is implied, the window taken from the layer); otherwise a dense
+    additive [1, 1, N, kv_len] mask, or one per layer type with sliding-window layers (window.py)."""
     if tree_attention:
         mask = draft.mask.view(1, 1, *draft.mask.shape[-2:])
     else:
         mask = kv.TreeMask(draft.mask, model_dtype(model), draft.tokens.device)(prefix, kv.static_capacity(cache))
+        mask = window.attention_mask(model, cache, draft.mask, mask)  # per layer type, with window layers
     out = model(input_ids=draft.tokens, attention_mask=mask, position_ids=(draft.depths + prefix).view(1, -1),
                 use_cache=True, **{cache_kwarg: cache})
     return out.logits

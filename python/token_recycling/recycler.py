@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import cache as kv
-from . import distributed, hf_model, verify
+from . import distributed, hf_model, verify, window
 from .adjacency import AdjacencyMatrix
 from .auto_tree import sync
 from .draft import Draft, Drafter
@@ -140,6 +140,7 @@ class TokenRecycler:
         stats = self.stats = GenerationStats()
         emitter = Emitter(stopping, streamer)
         distributed.check_prompt(input_ids)
+        window.prepare(self.model, cache)  # sliding-window layers that tree decoding can compact
         root, seq, done = self._prefill(input_ids, cache, processors, emitter)
         state = self.drafter.start(seq, capacity)
         if not done:
