@@ -42,9 +42,10 @@ inline std::string node_name(const char* what, int64_t b, int64_t node) {
 }
 
 // One draw from row p[0, vocab) with uniform u.
-inline Status sample_row(const float* p, int64_t vocab, double u, int64_t b, int64_t node, int64_t* token) {
+inline Status sample_row(const float* p, int64_t vocab, double u, int64_t b, int64_t node, int64_t draw,
+                         int64_t* token) {
   if (!(u >= 0.0 && u < 1.0)) {
-    return Status::Error(node_name("uniforms", b, node) + " = " + std::to_string(u) + " is outside [0, 1)");
+    return Status::Error(node_name("uniforms", b, draw) + " = " + std::to_string(u) + " is outside [0, 1)");
   }
   float pmax = 0.0f;
   for (int64_t v = 0; v < vocab; ++v) {
@@ -74,7 +75,9 @@ inline Status sample_row(const float* p, int64_t vocab, double u, int64_t b, int
 // tokens [batch, num_nodes]; parents [num_nodes] shared (parents_batch_stride 0) or [batch, num_nodes]
 // (stride num_nodes); probs [batch, num_nodes, vocab] non-negative finite weights (need not sum to 1;
 // only the rows of visited nodes are read and checked); uniforms [batch, num_nodes] in [0, 1):
-// uniforms[b, node] drives the draw at node (used only if the walk visits it).
+// uniforms[b, d] drives the walk's d-th draw (at the visited node of depth d), so the draws a row
+// uses are always its first accept_len uniforms, whatever the tree: a caller that consumes exactly
+// those from a seeded stream gets output that depends on the seed alone, not on the drafts.
 // Outputs as verify_greedy: accept_len [batch] (root included), accepted_nodes [batch, path_width]
 // padded with -1, bonus [batch] (the token drawn at the last visited node).
 inline Status verify_sample(const int64_t* tokens, const int32_t* parents, int64_t parents_batch_stride,
@@ -102,8 +105,8 @@ inline Status verify_sample(const int64_t* tokens, const int32_t* parents, int64
     int64_t node = 0, len = 0, drawn = 0;
     while (true) {
       path[len++] = node;
-      Status s = detail::sample_row(probs + (b * num_nodes + node) * vocab, vocab, uniforms[b * num_nodes + node],
-                                    b, node, &drawn);
+      Status s = detail::sample_row(probs + (b * num_nodes + node) * vocab, vocab, uniforms[b * num_nodes + len - 1],
+                                    b, node, len - 1, &drawn);
       if (!s.ok) return s;
       int64_t next = -1;
       for (int64_t i = node + 1; i < num_nodes && next < 0; ++i) {

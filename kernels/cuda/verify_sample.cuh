@@ -16,7 +16,7 @@
 namespace token_recycling::kernels::cuda {
 
 enum VerifySampleErrorCode : int32_t {
-  kSampleUniform = kFirstOpCode,  // index: b, value: the double's bits, lo: node
+  kSampleUniform = kFirstOpCode,  // index: b, value: the double's bits, lo: draw (depth)
   kSampleWeight,                  // index: b, value: node, lo: token
   kSampleNoWeight,                // index: b, value: node
   kSampleVocab,                   // value: vocab
@@ -75,11 +75,11 @@ __global__ void __launch_bounds__(kVerifySampleThreads)
     while (true) {
       if (t == 0) path[len] = node;
       ++len;
-      const double u = uniforms[b * num_nodes + node];
+      const double u = uniforms[b * num_nodes + len - 1];  // the walk's (len-1)-th draw
       if (!(u >= 0.0 && u < 1.0)) {  // the same value for every thread: all leave together
         int64_t bits;
         memcpy(&bits, &u, sizeof bits);
-        if (t == 0) report(err, kSampleUniform, b, bits, node, 0);
+        if (t == 0) report(err, kSampleUniform, b, bits, len - 1, 0);
         ok = false;
         break;
       }

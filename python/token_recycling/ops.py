@@ -50,11 +50,12 @@ def verify_sample(tokens: torch.Tensor, parents: torch.Tensor, probs: torch.Tens
                   uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Walk the draft tree with the model's own samples (lossless speculative sampling).
 
-    At a node, draw a token from ``probs[b, node]`` by inverse CDF with ``uniforms[b, node]``; if a
+    At a node of depth d, draw a token from ``probs[b, node]`` by inverse CDF with ``uniforms[b, d]``; if a
     child of the node holds it (the smallest index when several do), move there and draw again; else
     stop: the drawn token is the bonus. tokens ``[B, N]`` int64, parents ``[N]`` (or ``[B, N]``) int32,
     probs ``[B, N, V]`` float32 non-negative finite weights (need not sum to 1; V <= 2^20; only
-    visited rows are read), uniforms ``[B, N]`` float64 in ``[0, 1)``. The draw is exact integer
+    visited rows are read), uniforms ``[B, N]`` float64 in ``[0, 1)`` (a row's walk uses its first
+    ``accept_len`` uniforms, whatever the tree: see :mod:`token_recycling.sample`). The draw is exact integer
     arithmetic (see ``kernels/verify_sample.h``), so every backend and ``reference.verify_sample`` pick
     the same token. Returns ``(accept_len [B], accepted_nodes [B, max_depth + 1] padded with -1,
     bonus [B])`` as :func:`verify_greedy` does.

@@ -84,7 +84,7 @@ def verify_sample(tokens, parents, probs, uniforms):
         node, path = 0, []
         while True:
             path.append(node)
-            drawn = _inverse_cdf(probs[b, node], float(uniforms[b, node]))
+            drawn = _inverse_cdf(probs[b, node], float(uniforms[b, len(path) - 1]))  # the walk's d-th draw
             if (node, drawn) not in children:
                 break
             node = children[(node, drawn)]
