@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import cache as kv
-from . import hf_model, sample, verify
+from . import distributed, hf_model, sample, verify, window
 from .adjacency import AdjacencyMatrix
 from .auto_tree import sync
 from .draft import Draft, Drafter
@@ -155,6 +155,8 @@ class TokenRecycler:
         start = time.perf_counter()
         stats = self.stats = GenerationStats(decoding=verifier.description)
         emitter = Emitter(stopping, streamer)
+        distributed.check_prompt(input_ids)
+        window.prepare(self.model, cache)  # sliding-window layers that tree decoding can compact
         root, seq, done = self._prefill(input_ids, cache, verifier, emitter)
         state = self.drafter.start(seq, capacity)
         if not done:
@@ -164,6 +166,7 @@ class TokenRecycler:
             t_step = time.perf_counter()
             prefix = seq.shape[1] - 1  # the root is emitted but not yet in the cache
             draft = kv.fit(cache, prefix, self.drafter.draft(state, root))
+            distributed.check_draft(draft, stats.steps)  # tensor parallel: a desync is an error, not a hang
             kv.check_cache(cache, draft.size)
             logits = self._forward(draft, prefix, cache)
             verdict, candidates = verifier.verify(seq, draft, logits)  # greedy or sampling walk
