@@ -13,6 +13,8 @@ void update_adjacency_cpu(at::Tensor& matrix, const at::Tensor& tokens, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cpu(const at::Tensor& tokens,
                                                                  const at::Tensor& predictions,
                                                                  const at::Tensor& parents);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sample_cpu(const at::Tensor& tokens, const at::Tensor& parents,
+                                                                 const at::Tensor& probs, const at::Tensor& uniforms);
 void compact_kv_cpu(at::TensorList caches, const at::Tensor& prefix_len, const at::Tensor& accepted_nodes,
                     const at::Tensor& accept_len);
 at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -38,6 +40,8 @@ void check_tree_attention_inputs(const at::Tensor& q, const at::Tensor& k, const
 void check_build_draft_tree_inputs(const at::Tensor& matrix, const at::Tensor& roots, const at::Tensor& parents,
                                    const at::Tensor& ranks);
 void check_verify_greedy_inputs(const at::Tensor& tokens, const at::Tensor& predictions, const at::Tensor& parents);
+void check_verify_sample_inputs(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& probs,
+                                const at::Tensor& uniforms);
 void check_update_adjacency_inputs(const at::Tensor& matrix, const at::Tensor& tokens, const at::Tensor& candidates);
 }  // namespace token_recycling
 
@@ -49,6 +53,8 @@ void update_adjacency_cuda(at::Tensor& matrix, const at::Tensor& tokens, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cuda(const at::Tensor& tokens,
                                                                   const at::Tensor& predictions,
                                                                   const at::Tensor& parents);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sample_cuda(const at::Tensor& tokens, const at::Tensor& parents,
+                                                                  const at::Tensor& probs, const at::Tensor& uniforms);
 void compact_kv_cuda(at::TensorList caches, const at::Tensor& prefix_len, const at::Tensor& accepted_nodes,
                      const at::Tensor& accept_len);
 at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -91,6 +91,10 @@ def _common(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--tp", action="store_true",
                    help="tensor parallel under torchrun: the model split over the ranks with tp_plan='auto' "
                         "(gloo on cpu, NCCL on cuda: one GPU per rank); output from rank 0 only")
+    p.add_argument("--do-sample", action="store_true",
+                   help="sample (lossless: the distribution of HF's do_sample=True) instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None, help="with --do-sample (default: the model's)")
+    p.add_argument("--top-p", type=float, default=None, help="with --do-sample (default: the model's)")
     p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                    help="feed the prompt as plain text even if the tokenizer has a chat template")
 
@@ -155,6 +159,15 @@ def _load(args):
     return loaded, dtype
 
 
+def _sampling(args) -> dict:
+    """generate() keywords for --do-sample (empty for greedy decoding)."""
+    if not args.do_sample:
+        if args.temperature is not None or args.top_p is not None:
+            raise UsageError("--temperature and --top-p need --do-sample")
+        return {}
+    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+
+
 def _recycler(model, args, tree):
     from .recycler import TokenRecycler
 
@@ -196,7 +209,7 @@ def cmd_generate(args) -> int:
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     start = time.perf_counter()
     out = rec.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                       max_new_tokens=args.max_new_tokens, streamer=streamer)
+                       max_new_tokens=args.max_new_tokens, streamer=streamer, **_sampling(args))
     seconds = time.perf_counter() - start  # (the streamer ends the text with a newline)
     new = out.shape[1] - inputs["input_ids"].shape[1]
     st = rec.stats
@@ -225,13 +238,13 @@ def cmd_bench(args) -> int:
         from .recycler import TokenRecycler
         recs["paper"] = TokenRecycler(loaded.model, tree="paper", topk=args.topk, ngram=False)
     cfg = bench.BenchConfig(max_new_tokens=args.max_new_tokens, methods=(*baselines, "ours"),
-                            multi_turn=args.multi_turn, chat_template=args.chat_template)
+                            multi_turn=args.multi_turn, chat_template=args.chat_template, sampling=_sampling(args))
     config = {
         "model": args.model, "model_folder": str(loaded.folder), "model_note": loaded.note,
         "dtype": models.dtype_name(dtype), "tree": tree, "tree_description": rec.describe(), "topk": args.topk,
         "ngram": args.ngram, "dataset": args.dataset, "dataset_file": str(data_path), "limit": args.limit,
         "max_new_tokens": args.max_new_tokens, "methods": list(cfg.methods), "multi_turn": args.multi_turn,
-        "chat_template": args.chat_template, "pld_tokens": bench.PLD_TOKENS,
+        "chat_template": args.chat_template, "pld_tokens": bench.PLD_TOKENS, "sampling": cfg.sampling,
     }
     env = bench.environment(loaded.model.device)  # (its timestamp is the start of the run)
     out.mkdir(parents=True, exist_ok=True)

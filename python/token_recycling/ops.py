@@ -46,6 +46,23 @@ def verify_greedy(tokens: torch.Tensor, predictions: torch.Tensor,
     return _ops.verify_greedy(tokens, predictions, parents)
 
 
+def verify_sample(tokens: torch.Tensor, parents: torch.Tensor, probs: torch.Tensor,
+                  uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Walk the draft tree with the model's own samples (lossless speculative sampling).
+
+    At a node of depth d, draw a token from ``probs[b, node]`` by inverse CDF with ``uniforms[b, d]``; if a
+    child of the node holds it (the smallest index when several do), move there and draw again; else
+    stop: the drawn token is the bonus. tokens ``[B, N]`` int64, parents ``[N]`` (or ``[B, N]``) int32,
+    probs ``[B, N, V]`` float32 non-negative finite weights (need not sum to 1; V <= 2^20; only
+    visited rows are read), uniforms ``[B, N]`` float64 in ``[0, 1)`` (a row's walk uses its first
+    ``accept_len`` uniforms, whatever the tree: see :mod:`token_recycling.sample`). The draw is exact integer
+    arithmetic (see ``kernels/verify_sample.h``), so every backend and ``reference.verify_sample`` pick
+    the same token. Returns ``(accept_len [B], accepted_nodes [B, max_depth + 1] padded with -1,
+    bonus [B])`` as :func:`verify_greedy` does.
+    """
+    return _ops.verify_sample(tokens, parents, probs, uniforms)
+
+
 def compact_kv(caches: list[torch.Tensor], prefix_len: torch.Tensor, accepted_nodes: torch.Tensor,
                accept_len: torch.Tensor) -> None:
     """Move the accepted path's cache entries into place, for all layers in one call.
@@ -126,6 +143,13 @@ def _(matrix, tokens, candidates):
 
 @torch.library.register_fake("token_recycling::verify_greedy")
 def _(tokens, predictions, parents):
+    width = torch.library.get_ctx().new_dynamic_size(min=1)  # tree depth + 1: data-dependent
+    batch = tokens.shape[0]
+    return tokens.new_empty((batch,)), tokens.new_empty((batch, width)), tokens.new_empty((batch,))
+
+
+@torch.library.register_fake("token_recycling::verify_sample")
+def _(tokens, parents, probs, uniforms):
     width = torch.library.get_ctx().new_dynamic_size(min=1)  # tree depth + 1: data-dependent
     batch = tokens.shape[0]
     return tokens.new_empty((batch,)), tokens.new_empty((batch, width)), tokens.new_empty((batch,))

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import cache as kv
-from . import distributed, hf_model, verify, window
+from . import distributed, hf_model, sample, verify, window
 from .adjacency import AdjacencyMatrix
 from .auto_tree import sync
 from .draft import Draft, Drafter
@@ -23,7 +23,7 @@ from .tree import TreeSpec
 
 
 class TokenRecycler:
-    """Lossless greedy speculative decoding with Token Recycling for a HuggingFace causal LM.
+    """Lossless speculative decoding (greedy or sampling) with Token Recycling for a HuggingFace causal LM.
 
     Args:
         model: a transformers causal LM (eager or sdpa attention).
@@ -89,8 +89,13 @@ class TokenRecycler:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 128, eos_token_id: int | Sequence[int] | None = None,
-                 streamer=None) -> torch.Tensor:
-        """Greedy generation, token-for-token what `model.generate(do_sample=False)` returns (fp32).
+                 streamer=None, *, do_sample: bool = False, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                 repetition_penalty: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy generation, token-for-token what `model.generate(do_sample=False)` returns (fp32);
+        with `do_sample=True`, sampling with the distribution of `model.generate(do_sample=True)`
+        (temperature, top_k, top_p, min_p, repetition_penalty: None takes the model's
+        generation_config value, as HF does; `generator` seeds the draws, else torch's default).
 
         Returns a LongTensor [1, prompt + new]. Stops at `max_new_tokens` or at an EOS token
         (default: the model's generation_config.eos_token_id), which is included.
@@ -108,18 +113,25 @@ class TokenRecycler:
             criteria.append(EosTokenCriteria(eos_token_id=eos_token_id))
         if streamer is not None:
             streamer.put(input_ids.cpu())
+        if do_sample:
+            processors = sample.sampling_processors(self.model.generation_config, temperature, top_k, top_p, min_p,
+                                                    repetition_penalty)
+            verifier = sample.SamplingVerifier(processors, self.topk, generator)
+        else:
+            verifier = verify.GreedyVerifier(None, self.topk)
         cache = kv.new_cache(self.model)
-        return self._decode(input_ids, cache, criteria, None, streamer, input_ids.shape[1] + max_new_tokens + 1)
+        return self._decode(input_ids, cache, criteria, verifier, streamer, input_ids.shape[1] + max_new_tokens + 1)
 
     @torch.no_grad()
     def __call__(self, model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
                  synced_gpus: bool = False, streamer=None, **model_kwargs):
-        """transformers' `custom_generate` hook: `model.generate(..., custom_generate=rec)`."""
+        """transformers' `custom_generate` hook: `model.generate(..., custom_generate=rec)`. With
+        `do_sample=True` HF's processors and warpers are applied per node; a `generator=` keyword
+        (a torch.Generator) seeds the draws, else torch's default generator does."""
         if model is not self.model:
             raise ValueError("this TokenRecycler was built for another model")
+        generator = model_kwargs.pop("generator", None)
         if generation_config is not None:
-            if generation_config.do_sample:
-                raise NotImplementedError("TokenRecycler is greedy-only for now: pass do_sample=False")
             if (generation_config.num_beams or 1) > 1:
                 raise NotImplementedError("TokenRecycler does not do beam search (num_beams must be 1)")
         input_ids = self._check_input(input_ids, model_kwargs.get("attention_mask"))
@@ -128,20 +140,24 @@ class TokenRecycler:
             raise NotImplementedError("TokenRecycler starts from an empty cache; a pre-filled cache was given")
         processors = logits_processor if logits_processor is not None and len(logits_processor) else None
         max_length = getattr(generation_config, "max_length", None) or input_ids.shape[1] + 1024
-        sequences = self._decode(input_ids, cache, stopping_criteria, processors, streamer, max_length + 1)
+        if generation_config is not None and generation_config.do_sample:
+            verifier = sample.SamplingVerifier(processors, self.topk, generator)
+        else:
+            verifier = verify.GreedyVerifier(processors, self.topk)
+        sequences = self._decode(input_ids, cache, stopping_criteria, verifier, streamer, max_length + 1)
         if generation_config is not None and generation_config.return_dict_in_generate:
             from transformers.generation.utils import GenerateDecoderOnlyOutput
             return GenerateDecoderOnlyOutput(sequences=sequences, past_key_values=cache)
         return sequences
 
     # ------------------------------------------------------------------------------ the loop
-    def _decode(self, input_ids, cache, stopping, processors, streamer, capacity: int) -> torch.Tensor:
+    def _decode(self, input_ids, cache, stopping, verifier, streamer, capacity: int) -> torch.Tensor:
         start = time.perf_counter()
-        stats = self.stats = GenerationStats()
+        stats = self.stats = GenerationStats(decoding=verifier.description)
         emitter = Emitter(stopping, streamer)
         distributed.check_prompt(input_ids)
         window.prepare(self.model, cache)  # sliding-window layers that tree decoding can compact
-        root, seq, done = self._prefill(input_ids, cache, processors, emitter)
+        root, seq, done = self._prefill(input_ids, cache, verifier, emitter)
         state = self.drafter.start(seq, capacity)
         if not done:
             self.drafter.tune(lambda n: self._timed_dummy_forward(cache, root, seq.shape[1] - 1, n),
@@ -153,10 +169,7 @@ class TokenRecycler:
             distributed.check_draft(draft, stats.steps)  # tensor parallel: a desync is an error, not a hang
             kv.check_cache(cache, draft.size)
             logits = self._forward(draft, prefix, cache)
-            if processors is not None:
-                logits = verify.process_tree_logits(processors, seq, draft.tokens, draft.parents, logits)
-            greedy, candidates = verify.greedy_and_candidates(logits, self.topk)
-            verdict = verify.verify_greedy(draft.tokens, greedy, draft.parents)
+            verdict, candidates = verifier.verify(seq, draft, logits)  # greedy or sampling walk
             self.drafter.observe(draft, verdict.path, verdict.new_tokens)
             self.drafter.recycle(draft.tokens, candidates)
             kv.compact(cache, _prefix_tensor(prefix, self.device), verdict.accepted_nodes, verdict.accept_len,
@@ -178,16 +191,13 @@ class TokenRecycler:
             stats.measured_speedup = stats.mean_accepted * base / (stats.seconds / stats.steps)
         return seq
 
-    def _prefill(self, input_ids, cache, processors, emitter: Emitter):
+    def _prefill(self, input_ids, cache, verifier, emitter: Emitter):
         keep_all = self.seed_from_prompt
         out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=0 if keep_all else 1,
                          **{self._cache_kwarg: cache})
         if keep_all and input_ids.shape[1] > 0:
             self.drafter.recycle(input_ids, out.logits.topk(self.topk, dim=-1).indices)
-        last = out.logits[:, -1, :]
-        if processors is not None:
-            last = processors(input_ids, last.float())
-        root = last.argmax(-1)
+        root = verifier.first(input_ids, out.logits[:, -1, :])
         seq, done, _ = emitter.emit(input_ids, root)
         return root, seq, done
 

@@ -3,6 +3,8 @@ against. They take the same arguments as :mod:`token_recycling.ops` and never sh
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -51,6 +53,44 @@ def verify_greedy(tokens, predictions, parents):
         paths.append(path[::-1])
         lens.append(len(path))
         bonus.append(int(predictions[b, best]))
+    accepted = torch.full((batch, width), -1, dtype=torch.long, device=tokens.device)
+    for b, path in enumerate(paths):
+        accepted[b, : len(path)] = torch.tensor(path)
+    as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=tokens.device)  # noqa: E731
+    return as_t(lens), accepted, as_t(bonus)
+
+
+def _inverse_cdf(p, u):
+    """Exact integer inverse-CDF draw: weights ceil(p / max * 2^32) (0 stays 0), smallest v whose
+    running sum exceeds floor(u * total)."""
+    p = p.double()
+    q = torch.where(p > 0, torch.ceil(p / p.max() * 2.0 ** 32), torch.zeros_like(p)).long()
+    total = int(q.sum())
+    target = min(math.floor(u * float(total)), total - 1)
+    return int(torch.searchsorted(q.cumsum(0), torch.tensor(target), right=True))
+
+
+def verify_sample(tokens, parents, probs, uniforms):
+    batch, n = tokens.shape
+    per_row = parents.dim() == 2
+    lens, paths, bonus = [], [], []
+    width = 1
+    for b in range(batch):
+        par = (parents[b] if per_row else parents).tolist()
+        width = max(width, max(_depths(parents[b] if per_row else parents)) + 1)
+        children = {}
+        for i in range(1, n):
+            children.setdefault((par[i], int(tokens[b, i])), i)  # first child (index order) wins
+        node, path = 0, []
+        while True:
+            path.append(node)
+            drawn = _inverse_cdf(probs[b, node], float(uniforms[b, len(path) - 1]))  # the walk's d-th draw
+            if (node, drawn) not in children:
+                break
+            node = children[(node, drawn)]
+        paths.append(path)
+        lens.append(len(path))
+        bonus.append(drawn)
     accepted = torch.full((batch, width), -1, dtype=torch.long, device=tokens.device)
     for b, path in enumerate(paths):
         accepted[b, : len(path)] = torch.tensor(path)

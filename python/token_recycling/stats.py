@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class GenerationStats:
+    decoding: str = "greedy"           # "greedy" or "sample(...)" with the processors applied
     steps: int = 0                     # verification forwards (the prefill is not a step)
     new_tokens: int = 0                # tokens returned beyond the prompt
     accept_lengths: list[int] = field(default_factory=list)  # tokens emitted per step (accepted + bonus)

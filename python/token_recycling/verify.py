@@ -48,18 +48,25 @@ def greedy_and_candidates(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor
 def process_tree_logits(processors, seq: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
                         logits: torch.Tensor) -> torch.Tensor:
     """Apply HF logits processors node by node, each with its own context (prefix + its path), so
-    processors that look at the history (repetition penalty, no-repeat n-grams) stay exact."""
-    rows = []
+    processors that look at the history (repetition penalty, no-repeat n-grams) stay exact. Nodes of
+    one depth have contexts of one length and go through the processors as one batch (HF's
+    processors treat batch rows independently): one call per tree level, not per node."""
     parents = parents.tolist()
     tok = tokens[0].tolist()
-    for i in range(tokens.shape[1]):
-        path, j = [], i
-        while j > 0:
-            path.append(tok[j])
-            j = parents[j]
-        ids = torch.cat([seq[0], torch.tensor(path[::-1], dtype=seq.dtype, device=seq.device)])
-        rows.append(processors(ids.view(1, -1), logits[:, i].float()))
-    return torch.stack(rows, dim=1)
+    paths: list[list[int]] = [[]]
+    for i in range(1, tokens.shape[1]):
+        paths.append(paths[parents[i]] + [tok[i]])
+    levels: dict[int, list[int]] = {}
+    for i, path in enumerate(paths):
+        levels.setdefault(len(path), []).append(i)
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    for depth, nodes in levels.items():
+        ids = torch.cat([seq[0].expand(len(nodes), -1),
+                         torch.tensor([paths[i] for i in nodes], dtype=seq.dtype, device=seq.device).view(len(nodes), depth)],
+                        dim=1)
+        index = torch.tensor(nodes, device=logits.device)
+        out[0, index] = processors(ids, logits[0, index].float())
+    return out
 
 
 def verify_greedy(tokens: torch.Tensor, greedy: torch.Tensor, parents: torch.Tensor) -> Verdict:
@@ -69,3 +76,27 @@ def verify_greedy(tokens: torch.Tensor, greedy: torch.Tensor, parents: torch.Ten
     n_acc = int(accept_len[0])
     path = nodes[0, :n_acc]
     return Verdict(accept_len, nodes, path, torch.cat([tokens[0, path[1:]], bonus]))
+
+
+class GreedyVerifier:
+    """Greedy decoding: the first token is the argmax after the prefill, and a step accepts the
+    longest drafted path equal to the argmax at every node (see verify_greedy)."""
+
+    description = "greedy"
+
+    def __init__(self, processors, topk: int):
+        self.processors = processors
+        self.topk = topk
+
+    def first(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The token after the prompt from the prefill's last logits [1, V]: [1]."""
+        if self.processors is not None:
+            logits = self.processors(input_ids, logits.float())
+        return logits.argmax(-1)
+
+    def verify(self, seq: torch.Tensor, draft, logits: torch.Tensor) -> tuple[Verdict, torch.Tensor]:
+        """The step's verdict and the top-k candidates of every node (for recycling)."""
+        if self.processors is not None:
+            logits = process_tree_logits(self.processors, seq, draft.tokens, draft.parents, logits)
+        greedy, candidates = greedy_and_candidates(logits, self.topk)
+        return verify_greedy(draft.tokens, greedy, draft.parents), candidates
