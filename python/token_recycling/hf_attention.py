@@ -2,11 +2,15 @@
 
 Protocol with the decode loop. In a verification forward the loop passes ``attention_mask`` as a
 4-D bool tensor ``[1, 1, N, N]`` (or ``[B, 1, N, N]`` expanded from one, stride 0 along the batch):
-the tree mask, ``mask[i, j]`` = node i may see node j. transformers hands a 4-D mask to the
-attention function untouched. The keys and values that function receives are the whole cache
-``[B, Hkv, P + N, D]`` with the N tree nodes last, so the prefix is ``P = key_len - N``, the same for
-every row. Every other call (prefill, plain decoding, padding masks) goes to transformers' sdpa
-function, and mask creation for this implementation is sdpa's.
+the tree mask, ``mask[i, j]`` = node i may see node j; and the keyword argument
+``tree_prefix_len`` (``PREFIX_KWARG``): the prefix length P, an int or a LongTensor ``[B]`` (on the
+CPU or on the model's device; a device tensor costs no host sync). transformers hands a 4-D mask and
+extra forward keywords to the attention function untouched. The keys and values that function
+receives are the cache ``[B, Hkv, S, D]`` with the prefix at ``[0, P)`` and the N tree nodes at
+``[P, P + N)``; anything after them (the unused tail of a static cache) is never attended to. A tree
+mask without ``tree_prefix_len`` is an error, never a guess (``S - N`` is wrong for a static cache).
+Every other call (prefill, plain decoding, padding masks) goes to transformers' sdpa function, and
+mask creation for this implementation is sdpa's.
 
 Sliding-window and soft-capped attention are not handled by the tree kernel: such calls take the
 sdpa path with the equivalent dense mask.
@@ -23,6 +27,7 @@ from . import ops
 from ._extension import WITH_CUDA
 
 NAME = "token_recycling"
+PREFIX_KWARG = "tree_prefix_len"
 
 _CUDA_HEAD_DIMS = (64, 80, 96, 128, 256)
 _CUDA_MAX_NODES = 256
@@ -57,22 +62,54 @@ def tree_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
                            **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function: query ``[B, Hq, N, D]``, key/value ``[B, Hkv, S, D]``;
     returns ``([B, N, Hq, D], None)``."""
+    prefix = kwargs.pop(PREFIX_KWARG, None)
     tree = tree_mask_of(attention_mask, query, key)
     if tree is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    n, key_len = query.shape[2], key.shape[2]
-    prefix = key_len - n
+    batch, n, key_len = query.shape[0], query.shape[2], key.shape[2]
+    prefix_len = prefix_tensor(prefix, batch, n, key_len, query.device)
     if dropout > 0.0 or not _kernel_can_run(query, kwargs):
-        dense = torch.ones(1, 1, n, key_len, dtype=torch.bool, device=query.device)
-        dense[..., prefix:] = tree
+        dense = dense_mask(tree, prefix_len, key_len)
         return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    # prefix_len stays on the CPU: the op checks it there, without waiting for the GPU.
-    prefix_len = torch.full((query.shape[0],), prefix, dtype=torch.long)
     out = ops.tree_attention(query, key, value, prefix_len, tree.to(query.device), float(scaling))
     return out.transpose(1, 2).contiguous(), None
+
+
+def prefix_tensor(prefix, batch: int, n: int, key_len: int, device: torch.device) -> torch.Tensor:
+    """``tree_prefix_len`` as the op's LongTensor [B]. An int is checked here and stays on the CPU (the
+    op checks it there, without waiting for the GPU); a tensor is passed as given (the op checks it)."""
+    if prefix is None:
+        raise ValueError(f"a tree-attention forward (a bool [1, 1, N, N] attention_mask) needs the keyword "
+                         f"argument {PREFIX_KWARG}= (the prefix length); the keys ({key_len}) may hold more than "
+                         f"prefix + N, e.g. a static cache's whole buffer. If it was passed, this model does not "
+                         f"forward keyword arguments to its attention function")
+    if isinstance(prefix, torch.Tensor):
+        if prefix.dtype != torch.long or prefix.dim() > 1 or prefix.numel() not in (1, batch):
+            raise ValueError(f"{PREFIX_KWARG} must be an int or a LongTensor [batch] or [1], got "
+                             f"{prefix.dtype} {tuple(prefix.shape)}")
+        if prefix.device.type not in ("cpu", device.type):
+            raise ValueError(f"{PREFIX_KWARG} must be on the CPU or on {device}, got {prefix.device}")
+        return prefix.reshape(-1).expand(batch)
+    if isinstance(prefix, bool) or not isinstance(prefix, int):
+        raise TypeError(f"{PREFIX_KWARG} must be an int or a LongTensor, got {type(prefix).__name__}")
+    if prefix < 0 or prefix + n > key_len:
+        raise ValueError(f"{PREFIX_KWARG}={prefix} does not fit: the {n} tree nodes must lie within the "
+                         f"{key_len} keys")
+    return torch.full((batch,), prefix, dtype=torch.long)
+
+
+def dense_mask(tree: torch.Tensor, prefix_len: torch.Tensor, key_len: int) -> torch.Tensor:
+    """The equivalent dense bool mask [B, 1, N, key_len], built on the device without a host sync:
+    key j is visible to node i when j < P, or P <= j < P + N and tree[i, j - P]."""
+    device = tree.device
+    n = tree.shape[0]
+    rel = torch.arange(key_len, device=device) - prefix_len.to(device).view(-1, 1)  # [B, key_len]
+    in_tree = (rel >= 0) & (rel < n)
+    from_tree = tree[:, rel.clamp(0, n - 1)].permute(1, 0, 2) & in_tree[:, None, :]  # [B, N, key_len]
+    return ((rel < 0)[:, None, :] | from_tree)[:, None]
 
 
 def register() -> None:

@@ -64,12 +64,16 @@ def forward_tree(model, draft, prefix: int, cache, tree_attention: bool, cache_k
     """One forward of the whole draft: node i at position prefix + depth(i), seeing the prefix and
     its ancestors. Returns logits [1, N, V].
 
-    With ``tree_attention`` the mask is the bare [1, 1, N, N] tree block (the protocol of
-    hf_attention.py: the prefix is implied); otherwise a dense additive [1, 1, N, kv_len] mask."""
+    With ``tree_attention`` the mask is the bare [1, 1, N, N] tree block and the prefix length goes
+    along as ``tree_prefix_len`` (the protocol of hf_attention.py); otherwise a dense additive
+    [1, 1, N, kv_len] mask. ``prefix`` is an int, or a LongTensor [1] on the device (no host sync)."""
+    extra = {}
     if tree_attention:
+        from .hf_attention import PREFIX_KWARG
         mask = draft.mask.view(1, 1, *draft.mask.shape[-2:])
+        extra[PREFIX_KWARG] = prefix
     else:
-        mask = kv.TreeMask(draft.mask, model_dtype(model), draft.tokens.device)(prefix, kv.static_capacity(cache))
+        mask = kv.TreeMask(draft.mask, model_dtype(model), draft.tokens.device)(int(prefix), kv.static_capacity(cache))
     out = model(input_ids=draft.tokens, attention_mask=mask, position_ids=(draft.depths + prefix).view(1, -1),
-                use_cache=True, **{cache_kwarg: cache})
+                use_cache=True, **{cache_kwarg: cache}, **extra)
     return out.logits
