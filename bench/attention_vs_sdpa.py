@@ -2,6 +2,9 @@
 step, and an unmasked FlashAttention-class reference for the same bytes.
 
   ours   ops.tree_attention (one kernel: prefix + tree block)
+  two    two-part tree attention (hf_attention.two_part_attention): the prefix through torch's flash
+         SDPA with its LSE (GQA folded into query rows), the tree block through ops.tree_attention_lse,
+         merged by ops.merge_attention_states. ours vs two decides hf_attention's TWO_PART_MIN_PREFIX
   hf     transformers' sdpa_attention_forward with an additive mask [1, 1, N, P + N]: repeat_kv (a
          copy of K/V for GQA; none for MHA, as repeat_kv returns its input when n_rep == 1), then
          torch SDPA (the memory-efficient kernel, the one that takes a mask)
@@ -27,7 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from token_recycling import make_tree, ops
+from token_recycling import hf_attention, make_tree, ops
 
 
 def hbm_peak_bytes_per_s() -> float | None:
@@ -98,14 +101,24 @@ def compare(hq: int, hkv: int, d: int, prefix: int, tree_mask: torch.Tensor, dty
     def flash():  # the prefix part alone, no mask: the FlashAttention-class floor
         return F.scaled_dot_product_attention(q_folded, k_prefix, v_prefix, scale=scale)
 
+    def two():
+        return hf_attention.two_part_attention(q, k, v, prefix, mask, scale)
+
     diff = (ours().float() - hf().float()).abs().max().item()
+    try:  # the two-part path has not run on a GPU yet: report its failure, keep the other columns
+        diff_two = (two().float() - hf().float()).abs().max().item()
+        two_error = None
+    except Exception as e:  # noqa: BLE001
+        diff_two, two_error = float("nan"), f"{type(e).__name__}: {e}"
+        print(f"# two-part failed at prefix {prefix}, Hkv {hkv}: {two_error}", flush=True)
     t_ours, t_hf, t_flash = (median_seconds(f, reps, device) for f in (ours, hf, flash))
+    t_two = median_seconds(two, reps, device) if two_error is None else float("nan")
     flops = 4.0 * hq * n * (prefix + n) * d
     moved = (2 * hkv * (prefix + n) + 2 * hq * n) * d * q.element_size()  # K, V read; q read, out written
     peak = hbm_peak_bytes_per_s() if device == "cuda" else None
     row = {"hq": hq, "hkv": hkv, "d": d, "n": n, "prefix": prefix, "dtype": str(dtype).removeprefix("torch."),
-           "max_abs_diff": diff, "bytes": moved}
-    for name, t in (("ours", t_ours), ("hf", t_hf), ("flash", t_flash)):
+           "max_abs_diff": diff, "max_abs_diff_two": diff_two, "two_error": two_error, "bytes": moved}
+    for name, t in (("ours", t_ours), ("two", t_two), ("hf", t_hf), ("flash", t_flash)):
         row[f"{name}_ms"] = t * 1e3
         row[f"{name}_tflops"] = flops / t / 1e12
         row[f"{name}_hbm_pct"] = 100.0 * moved / t / peak if peak else None
@@ -132,19 +145,21 @@ def main() -> None:
         peak = hbm_peak_bytes_per_s()
         print(f"# HBM peak {peak / 1e12:.2f} TB/s" if peak else "# HBM peak unknown: no % column")
     print("# L2 flushed before every timed call; % of HBM peak = (q + K + V + out bytes) / time / peak")
-    cols = "".join(f" {name + ' ms':>10} {'%HBM':>5} {'TFLOP/s':>7}" for name in ("ours", "hf", "flash"))
+    cols = "".join(f" {name + ' ms':>10} {'%HBM':>5} {'TFLOP/s':>7}" for name in ("ours", "two", "hf", "flash"))
     print(f"{'Hq':>3} {'Hkv':>4} {'D':>4} {'N':>4} {'prefix':>7}{cols} {'ours/hf':>7} {'max|diff|':>10}")
     rows = []
     for hq, hkv, d, prefix in shapes:
         r = compare(hq, hkv, d, prefix, tree, dtype, args.device, reps)
         rows.append(r)
         cells = "".join(f" {r[name + '_ms']:>10.3f} {_pct(r[name + '_hbm_pct']):>5} {r[name + '_tflops']:>7.2f}"
-                        for name in ("ours", "hf", "flash"))
+                        for name in ("ours", "two", "hf", "flash"))
         print(f"{hq:>3} {hkv:>4} {d:>4} {r['n']:>4} {prefix:>7}{cells} {r['speedup_vs_hf']:>7.2f} "
-              f"{r['max_abs_diff']:>10.2e}", flush=True)
+              f"{max(r['max_abs_diff'], r['max_abs_diff_two']):>10.2e}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if any(r["two_error"] for r in rows):
+        raise SystemExit("two-part attention failed on some rows (see above)")
 
 
 def _pct(x: float | None) -> str:

@@ -88,7 +88,8 @@ if [ "$with_cuda" = "True" ]; then record with_cuda 1 "WITH_CUDA True"; else rec
 
 # Tests: every skip is a failure here (a CUDA test that skips on a GPU machine tested nothing).
 step tests 240 "$PYTHON" -m pytest -q -rs -p no:cacheprovider --junitxml="$logs/tests.xml" \
-  tests/test_ops_cuda.py tests/test_hf_attention.py tests/test_tree_attention_generation.py
+  tests/test_ops_cuda.py tests/test_hf_attention.py tests/test_tree_attention_generation.py \
+  tests/test_two_part_attention.py tests/test_graph_step.py tests/test_emit.py
 skips=$("$PYTHON" -c '
 import sys, xml.etree.ElementTree as E
 r = E.parse(sys.argv[1]).getroot()

@@ -14,9 +14,22 @@ mask creation for this implementation is sdpa's.
 
 Sliding-window and soft-capped attention are not handled by the tree kernel: such calls take the
 sdpa path with the equivalent dense mask.
+
+Two paths for a tree forward (``choose_path``):
+  single    ops.tree_attention: one kernel over prefix and tree block.
+  two-part  the prefix (every node sees all of it: no mask) through a FlashAttention-class kernel
+            that returns the log-sum-exp, GQA folded into query rows (q ``[B, Hkv, G*N, D]`` against
+            k/v ``[B, Hkv, P, D]``: no repeat_kv); the N x N tree block through ops.tree_attention_lse;
+            the two merged by ops.merge_attention_states. On CUDA the prefix kernel is torch's flash
+            SDPA (fp16/bf16); on the CPU, torch's CPU flash SDPA.
+The rule: two-part when the prefix is a host int of at least ``TWO_PART_MIN_PREFIX`` keys, every op
+it needs exists on the device and (CUDA) the dtype is fp16/bf16. TWO_PART_MIN_PREFIX (env ``TOKEN_RECYCLING_TWO_PART_MIN_PREFIX``, default: never) is
+a placeholder until bench/attention_vs_sdpa.py has measured on a GPU where two-part wins.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from transformers import AttentionInterface
@@ -29,6 +42,7 @@ from ._extension import WITH_CUDA
 NAME = "token_recycling"
 PREFIX_KWARG = "tree_prefix_len"
 
+TWO_PART_MIN_PREFIX = int(os.environ.get("TOKEN_RECYCLING_TWO_PART_MIN_PREFIX", str(2**62)))
 _CUDA_HEAD_DIMS = (64, 80, 96, 128, 256)
 _CUDA_MAX_NODES = 256
 
@@ -74,8 +88,53 @@ def tree_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    out = ops.tree_attention(query, key, value, prefix_len, tree.to(query.device), float(scaling))
+    if choose_path(prefix, query) == "two-part":
+        out = two_part_attention(query, key, value, prefix, tree.to(query.device), float(scaling))
+    else:
+        out = ops.tree_attention(query, key, value, prefix_len, tree.to(query.device), float(scaling))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _has_kernel(op: str, device: torch.device) -> bool:
+    key = "CPU" if device.type == "cpu" else device.type.upper()
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"token_recycling::{op}", key)
+
+
+def choose_path(prefix, query: torch.Tensor) -> str:
+    """"two-part" or "single" (see the module doc)."""
+    if isinstance(prefix, torch.Tensor) or prefix < max(TWO_PART_MIN_PREFIX, 1):
+        return "single"
+    if not (_has_kernel("tree_attention_lse", query.device) and _has_kernel("merge_attention_states", query.device)):
+        return "single"
+    if query.device.type == "cuda" and query.dtype not in (torch.float16, torch.bfloat16):
+        return "single"  # torch's flash kernel takes 16-bit inputs only
+    return "two-part"
+
+
+def prefix_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """Unmasked attention with its log-sum-exp: q [B, H, L, D] over k, v [B, H, P, D] (P >= 1) ->
+    (out [B, H, L, D], lse [B, H, L] float32), through torch's flash SDPA kernels."""
+    if q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    return out, lse.float()
+
+
+def two_part_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix: int,
+                       tree: torch.Tensor, scale: float) -> torch.Tensor:
+    """Tree attention as prefix (flash, LSE) + tree block (ours, LSE), merged: [B, Hq, N, D]."""
+    batch, hq, n, d = query.shape
+    hkv = key.shape[1]
+    group = hq // hkv
+    # Query head h = hk * group + g reads kv head hk: fold the group into query rows.
+    folded = query.reshape(batch, hkv, group * n, d)
+    out_p, lse_p = prefix_attention_lse(folded, key[:, :, :prefix], value[:, :, :prefix], scale)
+    zero = torch.zeros(batch, dtype=torch.long)
+    out_t, lse_t = ops.tree_attention_lse(query, key[:, :, prefix:prefix + n], value[:, :, prefix:prefix + n],
+                                          zero, tree, scale)
+    out, _ = ops.merge_attention_states(out_p.reshape(batch, hq, n, d), lse_p.reshape(batch, hq, n), out_t, lse_t)
+    return out
 
 
 def prefix_tensor(prefix, batch: int, n: int, key_len: int, device: torch.device) -> torch.Tensor:
