@@ -7,6 +7,8 @@ CPU (the op has a CPU kernel) and, when available, on CUDA.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -167,7 +169,7 @@ def test_recycler_with_tree_attention_is_lossless_on_cpu():
     from token_recycling import TokenRecycler
 
     reference = tiny_model("qwen2")
-    model = type(reference)._from_config(reference.config, attn_implementation="sdpa").eval()
+    model = type(reference)._from_config(copy.deepcopy(reference.config), attn_implementation="sdpa").eval()
     model.load_state_dict(reference.state_dict())
     rec = TokenRecycler(model, tree="paper-16", tree_attention=True)
     assert model.config._attn_implementation == "token_recycling"
