@@ -19,6 +19,11 @@ void compact_kv_cpu(at::TensorList caches, const at::Tensor& prefix_len, const a
                     const at::Tensor& accept_len);
 at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& prefix_len, const at::Tensor& tree_mask, double scale);
+std::tuple<at::Tensor, at::Tensor> tree_attention_lse_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, const at::Tensor& prefix_len,
+                                                          const at::Tensor& tree_mask, double scale);
+std::tuple<at::Tensor, at::Tensor> merge_attention_states_cpu(const at::Tensor& out_a, const at::Tensor& lse_a,
+                                                              const at::Tensor& out_b, const at::Tensor& lse_b);
 
 void ngram_index_append_cpu(at::Tensor& table, const at::Tensor& history, const at::Tensor& old_len,
                             const at::Tensor& new_len);
@@ -43,6 +48,8 @@ void check_verify_greedy_inputs(const at::Tensor& tokens, const at::Tensor& pred
 void check_verify_sample_inputs(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& probs,
                                 const at::Tensor& uniforms);
 void check_update_adjacency_inputs(const at::Tensor& matrix, const at::Tensor& tokens, const at::Tensor& candidates);
+void check_merge_attention_states_inputs(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tensor& out_b,
+                                         const at::Tensor& lse_b);
 }  // namespace token_recycling
 
 namespace token_recycling {
@@ -59,4 +66,9 @@ void compact_kv_cuda(at::TensorList caches, const at::Tensor& prefix_len, const 
                      const at::Tensor& accept_len);
 at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& prefix_len, const at::Tensor& tree_mask, double scale);
+std::tuple<at::Tensor, at::Tensor> tree_attention_lse_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, const at::Tensor& prefix_len,
+                                                           const at::Tensor& tree_mask, double scale);
+std::tuple<at::Tensor, at::Tensor> merge_attention_states_cuda(const at::Tensor& out_a, const at::Tensor& lse_a,
+                                                               const at::Tensor& out_b, const at::Tensor& lse_b);
 }  // namespace token_recycling

@@ -11,6 +11,9 @@ TORCH_LIBRARY(token_recycling, m) {
   m.def("verify_sample(Tensor tokens, Tensor parents, Tensor probs, Tensor uniforms) -> (Tensor, Tensor, Tensor)");
   m.def("compact_kv(Tensor(a!)[] caches, Tensor prefix_len, Tensor accepted_nodes, Tensor accept_len) -> ()");
   m.def("tree_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_len, Tensor tree_mask, float scale) -> Tensor");
+  m.def("tree_attention_lse(Tensor q, Tensor k, Tensor v, Tensor prefix_len, Tensor tree_mask, float scale) -> "
+        "(Tensor, Tensor)");
+  m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)");
   m.def("ngram_index_append(Tensor(a!) table, Tensor history, Tensor old_len, Tensor new_len) -> ()");
   m.def("ngram_lookup(Tensor table, Tensor history, Tensor length, int max_ngram, int max_tokens) -> (Tensor, Tensor)");
   m.def("graft_chain(Tensor tree_tokens, Tensor parents, Tensor chain, Tensor chain_len) -> "
@@ -24,6 +27,8 @@ TORCH_LIBRARY_IMPL(token_recycling, CPU, m) {
   m.impl("verify_sample", &token_recycling::verify_sample_cpu);
   m.impl("compact_kv", &token_recycling::compact_kv_cpu);
   m.impl("tree_attention", &token_recycling::tree_attention_cpu);
+  m.impl("tree_attention_lse", &token_recycling::tree_attention_lse_cpu);
+  m.impl("merge_attention_states", &token_recycling::merge_attention_states_cpu);
   m.impl("ngram_index_append", &token_recycling::ngram_index_append_cpu);
   m.impl("ngram_lookup", &token_recycling::ngram_lookup_cpu);
   m.impl("graft_chain", &token_recycling::graft_chain_cpu);

@@ -401,8 +401,9 @@ void attention_case(const std::string& type, int64_t batch, int64_t hq, int64_t 
   const k::Strided4D<const T> kv{kv_k.data(), hkv * seq * d, seq * d, d, 1};
   const k::Strided4D<const T> vv{kv_v.data(), hkv * seq * d, seq * d, d, 1};
   std::vector<T> cpu(batch * hq * n * d);
+  std::vector<float> cpu_lse(batch * hq * n);
   const Status s = k::tree_attention<T>(qv, kv, vv, k::Strided4D<T>{cpu.data(), hq * n * d, n * d, d, 1}, shape,
-                                        prefix.data(), mask.data(), scale);
+                                        prefix.data(), mask.data(), scale, cpu_lse.data());
 
   DeviceBuffer<T> d_q(q), d_k(kv_k), d_v(kv_v), d_out(std::vector<T>(cpu.size(), k::from_float<T>(NAN)));
   DeviceBuffer<int64_t> d_prefix(prefix);
@@ -410,6 +411,8 @@ void attention_case(const std::string& type, int64_t batch, int64_t hq, int64_t 
   kc::TreeAttentionArgs<T> args{d_q.get(), d_k.get(), d_v.get(), d_out.get(), n * hq * d, d, hq * d,
                                 hkv * seq * d, seq * d, d, hkv * seq * d, seq * d, d, shape,
                                 uniform ? nullptr : d_prefix.get(), uniform ? prefix[0] : 0, d_mask.get(), scale};
+  DeviceBuffer<float> d_lse(std::vector<float>(cpu_lse.size(), NAN));
+  args.lse = d_lse.get();
   const int64_t key_len = uniform ? prefix[0] + n : seq;
   const kc::TreeAttentionPlan plan = kc::plan_tree_attention<T>(shape, key_len, num_sms);
   DeviceBuffer<unsigned char> workspace(plan.workspace_bytes);
@@ -445,6 +448,15 @@ void attention_case(const std::string& type, int64_t batch, int64_t hq, int64_t 
     zero_rows_ok += zero;
   }
   expect(bad == 0, label + ": " + std::to_string(bad) + " elements off, worst error " + std::to_string(worst));
+  // The log-sum-exp (tree_attention_lse): float statistics in both, -inf where a row sees nothing.
+  const std::vector<float> gpu_lse = d_lse.download();
+  int64_t bad_lse = 0;
+  for (size_t i = 0; i < cpu_lse.size(); ++i) {
+    const double a = cpu_lse[i], b = gpu_lse[i];
+    const bool ok = (std::isinf(a) && a < 0) ? (std::isinf(b) && b < 0) : std::fabs(a - b) <= 1e-3 + 1e-4 * std::fabs(a);
+    if (!ok && bad_lse++ < 3) std::printf("  lse[%zu] cpu %g cuda %g\n", i, a, b);
+  }
+  expect(bad_lse == 0, label + ": " + std::to_string(bad_lse) + " lse values off");
 }
 
 template <typename T>

@@ -10,4 +10,6 @@ TORCH_LIBRARY_IMPL(token_recycling, CUDA, m) {
   m.impl("verify_sample", &token_recycling::verify_sample_cuda);
   m.impl("compact_kv", &token_recycling::compact_kv_cuda);
   m.impl("tree_attention", &token_recycling::tree_attention_cuda);
+  m.impl("tree_attention_lse", &token_recycling::tree_attention_lse_cuda);
+  m.impl("merge_attention_states", &token_recycling::merge_attention_states_cuda);
 }

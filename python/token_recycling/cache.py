@@ -8,9 +8,12 @@ import torch
 from . import ops, window
 
 
-def new_cache(model):
-    """An empty DynamicCache for ``model`` (what ``rec.generate`` uses)."""
-    from transformers import DynamicCache
+def new_cache(model, static_len: int | None = None):
+    """An empty cache for ``model`` (what ``rec.generate`` uses): a DynamicCache, or a StaticCache of
+    ``static_len`` positions (graph-ready steps)."""
+    from transformers import DynamicCache, StaticCache
+    if static_len is not None:
+        return StaticCache(config=model.config, max_cache_len=static_len)
     return DynamicCache(config=model.config)
 
 

@@ -82,14 +82,18 @@ def forward_tree(model, draft, prefix: int, cache, tree_attention: bool, cache_k
     """One forward of the whole draft: node i at position prefix + depth(i), seeing the prefix and
     its ancestors. Returns logits [1, N, V].
 
-    With ``tree_attention`` the mask is the bare [1, 1, N, N] tree block (the protocol of
-    hf_attention.py: the prefix is implied, the window taken from the layer); otherwise a dense
-    additive [1, 1, N, kv_len] mask, or one per layer type with sliding-window layers (window.py)."""
+    With ``tree_attention`` the mask is the bare [1, 1, N, N] tree block and the prefix length goes
+    along as ``tree_prefix_len`` (the protocol of hf_attention.py; the window is taken from the layer);
+    otherwise a dense additive [1, 1, N, kv_len] mask, or one per layer type with sliding-window layers
+    (window.py). ``prefix`` is an int, or a LongTensor [1] on the device (no host sync)."""
+    extra = {}
     if tree_attention:
+        from .hf_attention import PREFIX_KWARG
         mask = draft.mask.view(1, 1, *draft.mask.shape[-2:])
+        extra[PREFIX_KWARG] = prefix
     else:
-        mask = kv.TreeMask(draft.mask, model_dtype(model), draft.tokens.device)(prefix, kv.static_capacity(cache))
+        mask = kv.TreeMask(draft.mask, model_dtype(model), draft.tokens.device)(int(prefix), kv.static_capacity(cache))
         mask = window.attention_mask(model, cache, draft.mask, mask)  # per layer type, with window layers
     out = model(input_ids=draft.tokens, attention_mask=mask, position_ids=(draft.depths + prefix).view(1, -1),
-                use_cache=True, **{cache_kwarg: cache})
+                use_cache=True, **{cache_kwarg: cache}, **extra)
     return out.logits

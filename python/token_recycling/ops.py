@@ -87,6 +87,30 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
     return _ops.tree_attention(q, k, v, prefix_len, tree_mask, scale)
 
 
+def tree_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: torch.Tensor,
+                       tree_mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`tree_attention` that also returns each row's log-sum-exp: ``(out [B, Hq, N, D],
+    lse [B, Hq, N] float32)``, lse = natural log of the softmax denominator of the scaled scores
+    (``-inf`` for a row that sees no key). With ``prefix_len = 0`` and k, v the tree nodes' keys, it
+    is the tree-block half of two-part tree attention (see :func:`merge_attention_states`). CPU and
+    CUDA (the same limits as :func:`tree_attention`).
+    """
+    return _ops.tree_attention_lse(q, k, v, prefix_len, tree_mask, scale)
+
+
+def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                           lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two attentions of the same queries over disjoint key sets by their log-sum-exps.
+
+    out_a, out_b ``[B, H, N, D]`` (one dtype: fp32/fp16/bf16, any strides); lse_a, lse_b ``[B, H, N]``
+    float32 (natural log; ``-inf`` = saw no key). Returns ``(out [B, H, N, D] in out_a's dtype,
+    lse [B, H, N] float32)``: ``out = (w_a out_a + w_b out_b) / (w_a + w_b)`` with ``w_x = exp(lse_x
+    - m)``, ``m = max(lse_a, lse_b)``; rows where both are ``-inf`` get zeros and ``-inf``. CPU and CUDA
+    (no device sync: nothing is checked on the device).
+    """
+    return _ops.merge_attention_states(out_a, lse_a, out_b, lse_b)
+
+
 def ngram_index_append(table: torch.Tensor, history: torch.Tensor, old_len: torch.Tensor,
                        new_len: torch.Tensor) -> None:
     """Index the n-grams ending at positions ``old_len[b] + 1 .. new_len[b]`` of each row (in place).
@@ -163,6 +187,17 @@ def _(caches, prefix_len, accepted_nodes, accept_len):
 @torch.library.register_fake("token_recycling::tree_attention")
 def _(q, k, v, prefix_len, tree_mask, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("token_recycling::tree_attention_lse")
+def _(q, k, v, prefix_len, tree_mask, scale):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(q.shape[:3], dtype=torch.float32))
+
+
+@torch.library.register_fake("token_recycling::merge_attention_states")
+def _(out_a, lse_a, out_b, lse_b):
+    return torch.empty_like(out_a, memory_format=torch.contiguous_format), torch.empty_like(lse_a)
 
 
 @torch.library.register_fake("token_recycling::ngram_index_append")

@@ -18,6 +18,7 @@ from .adjacency import AdjacencyMatrix
 from .auto_tree import sync
 from .draft import Draft, Drafter
 from .emit import Emitter
+from .graph_step import GraphStep
 from .stats import GenerationStats
 from .tree import TreeSpec
 
@@ -38,11 +39,14 @@ class TokenRecycler:
             with transformers as attn_implementation "token_recycling"; every other call of the
             model goes to sdpa) instead of a dense [N, prefix + N] additive mask. None (default):
             on CUDA builds for sdpa models. The model's attn_implementation is switched in place.
+        cuda_graphs: verification forwards padded to bucket sizes over a static cache with a
+            device-side prefix length (graph_step.py); implies tree_attention. Capture itself is not
+            enabled yet: the same graph-ready forward runs uncaptured.
     """
 
     def __init__(self, model, tree: TreeSpec = "auto", topk: int = 8, *, seed_from_prompt: bool = False,
                  ngram: bool = True, max_ngram: int = 4, ngram_tokens: int = 10,
-                 tree_attention: bool | None = None):
+                 tree_attention: bool | None = None, cuda_graphs: bool = False):
         hf_model.check_supported(model, extra_implementations=("token_recycling",))
         self.model = model
         self.device = hf_model.model_device(model)
@@ -52,7 +56,10 @@ class TokenRecycler:
         self.seed_from_prompt = seed_from_prompt
         self.stats = GenerationStats()
         self._cache_kwarg = hf_model.cache_kwarg(model)
-        self.tree_attention = self._setup_tree_attention(tree_attention)
+        if cuda_graphs and tree_attention is False:
+            raise ValueError("cuda_graphs=True needs tree_attention (the device-side prefix length goes to it)")
+        self.tree_attention = self._setup_tree_attention(True if cuda_graphs else tree_attention)
+        self.graph = GraphStep(model, self._cache_kwarg) if cuda_graphs else None
 
     # The drafter's shared state, as attributes of the recycler.
     matrix = property(lambda self: self.drafter.matrix, doc="the AdjacencyMatrix (shared by every call)")
@@ -119,8 +126,9 @@ class TokenRecycler:
             verifier = sample.SamplingVerifier(processors, self.topk, generator)
         else:
             verifier = verify.GreedyVerifier(None, self.topk)
-        cache = kv.new_cache(self.model)
-        return self._decode(input_ids, cache, criteria, verifier, streamer, input_ids.shape[1] + max_new_tokens + 1)
+        capacity = input_ids.shape[1] + max_new_tokens + 1
+        cache = kv.new_cache(self.model, capacity if self.graph else None)
+        return self._decode(input_ids, cache, criteria, verifier, streamer, capacity)
 
     @torch.no_grad()
     def __call__(self, model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
@@ -165,15 +173,15 @@ class TokenRecycler:
         while not done:
             t_step = time.perf_counter()
             prefix = seq.shape[1] - 1  # the root is emitted but not yet in the cache
-            draft = kv.fit(cache, prefix, self.drafter.draft(state, root))
+            draft, forwarded = self._fit(cache, prefix, self.drafter.draft(state, root))
             distributed.check_draft(draft, stats.steps)  # tensor parallel: a desync is an error, not a hang
-            kv.check_cache(cache, draft.size)
-            logits = self._forward(draft, prefix, cache)
+            kv.check_cache(cache, forwarded)
+            logits = self._forward(draft, prefix, cache, forwarded)
             verdict, candidates = verifier.verify(seq, draft, logits)  # greedy or sampling walk
             self.drafter.observe(draft, verdict.path, verdict.new_tokens)
             self.drafter.recycle(draft.tokens, candidates)
             kv.compact(cache, _prefix_tensor(prefix, self.device), verdict.accepted_nodes, verdict.accept_len,
-                       verdict.accepted, draft.size)
+                       verdict.accepted, forwarded)
             seq, done, emitted = emitter.emit(seq, verdict.new_tokens)
             if not done:
                 state.accept(seq, emitted)
@@ -201,7 +209,17 @@ class TokenRecycler:
         seq, done, _ = emitter.emit(input_ids, root)
         return root, seq, done
 
-    def _forward(self, draft, prefix: int, cache) -> torch.Tensor:
+    def _fit(self, cache, prefix: int, draft):
+        """(the draft that fits the cache, how many cache entries its forward writes)."""
+        if self.graph is None:
+            draft = kv.fit(cache, prefix, draft)
+            return draft, draft.size
+        draft, size = self.graph.fit(cache, prefix, draft)
+        return draft, size or draft.size
+
+    def _forward(self, draft, prefix: int, cache, forwarded: int | None = None) -> torch.Tensor:
+        if self.graph is not None and forwarded is not None:
+            return self.graph.forward(draft, _prefix_tensor(prefix, self.device), cache, forwarded)
         return hf_model.forward_tree(self.model, draft, prefix, cache, self.tree_attention, self._cache_kwarg)
 
     def _timed_dummy_forward(self, cache, root, prefix: int, n: int) -> None:

@@ -126,6 +126,51 @@ def tree_attention(q, k, v, prefix_len, tree_mask, scale):
     return out
 
 
+def attention_lse(q, k, v, visible, scale):
+    """Masked attention and its log-sum-exp in q's dtype's float accumulation (float64 stays
+    float64): q [B, H, N, D], k, v [B, H, S, D], visible [N, S] or [B, H, N, S] bool. Rows that see
+    nothing: zero output, lse -inf."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.nan_to_num(torch.exp(scores - lse.unsqueeze(-1)), nan=0.0)
+    return (weights @ v.to(acc)).to(q.dtype), lse.to(torch.float32 if acc == torch.float32 else acc)
+
+
+def tree_attention_lse(q, k, v, prefix_len, tree_mask, scale):
+    """tree_attention with the log-sum-exp of each row (see attention_lse)."""
+    batch, hq, n, _ = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(hq // hkv, dim=1)
+    v = v.repeat_interleave(hq // hkv, dim=1)
+    outs, lses = [], []
+    for b in range(batch):
+        p = int(prefix_len[b])
+        visible = torch.zeros(n, s, dtype=torch.bool, device=q.device)
+        visible[:, :p] = True
+        visible[:, p : p + n] = tree_mask
+        o, l = attention_lse(q[b : b + 1], k[b : b + 1], v[b : b + 1], visible, scale)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b):
+    """The obvious merge: weights softmax([lse_a, lse_b]) per row (float64 in, float64 out)."""
+    acc = torch.float64 if out_a.dtype == torch.float64 else torch.float32
+    la, lb = lse_a.to(acc), lse_b.to(acc)
+    m = torch.maximum(la, lb)
+    dead = m == float("-inf")
+    m = torch.where(dead, torch.zeros_like(m), m)
+    wa, wb = torch.exp(la - m), torch.exp(lb - m)
+    total = wa + wb
+    out = (wa.unsqueeze(-1) * out_a.to(acc) + wb.unsqueeze(-1) * out_b.to(acc)) / total.clamp_min(1e-300).unsqueeze(-1)
+    out = torch.where(dead.unsqueeze(-1), torch.zeros_like(out), out)
+    lse = torch.where(dead, torch.full_like(m, float("-inf")), m + torch.log(total))
+    return out.to(out_a.dtype), lse
+
+
 def ngram_lookup_reference(history, length, max_ngram, max_tokens):
     """Brute force: scan every earlier end for the longest suffix first (no index)."""
     batch = history.shape[0]
