@@ -12,6 +12,8 @@ TORCH_LIBRARY(token_recycling, m) {
   m.def("tree_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_len, Tensor tree_mask, float scale) -> Tensor");
   m.def("ngram_index_append(Tensor(a!) table, Tensor history, Tensor old_len, Tensor new_len) -> ()");
   m.def("ngram_lookup(Tensor table, Tensor history, Tensor length, int max_ngram, int max_tokens) -> (Tensor, Tensor)");
+  m.def("ngram_candidates(Tensor table, Tensor history, Tensor length, int max_ngram, int max_tokens, "
+        "int max_candidates) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("graft_chain(Tensor tree_tokens, Tensor parents, Tensor chain, Tensor chain_len) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
@@ -24,5 +26,6 @@ TORCH_LIBRARY_IMPL(token_recycling, CPU, m) {
   m.impl("tree_attention", &token_recycling::tree_attention_cpu);
   m.impl("ngram_index_append", &token_recycling::ngram_index_append_cpu);
   m.impl("ngram_lookup", &token_recycling::ngram_lookup_cpu);
+  m.impl("ngram_candidates", &token_recycling::ngram_candidates_cpu);
   m.impl("graft_chain", &token_recycling::graft_chain_cpu);
 }

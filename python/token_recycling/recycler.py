@@ -27,7 +27,8 @@ class TokenRecycler:
 
     Args:
         model: a transformers causal LM (eager or sdpa attention).
-        tree: "auto" (default: shaped by measured acceptance and cost, see auto_tree.py), a preset
+        tree: "auto" (default: tree size and n-gram chains chosen per step from measured acceptance
+            and cost, see policy.py), a preset
             name ("paper", "paper-16", "chain-4", ...) or a list of rank paths.
         topk: candidates kept per token in the adjacency matrix (k).
         seed_from_prompt: fill the prompt tokens' rows from the prefill's top-k (cold-start help).
@@ -149,12 +150,15 @@ class TokenRecycler:
             prefix = seq.shape[1] - 1  # the root is emitted but not yet in the cache
             draft = kv.fit(cache, prefix, self.drafter.draft(state, root))
             kv.check_cache(cache, draft.size)
+            t_forward = time.perf_counter()
             logits = self._forward(draft, prefix, cache)
+            sync(self.device)
+            t_forward = time.perf_counter() - t_forward
             if processors is not None:
                 logits = verify.process_tree_logits(processors, seq, draft.tokens, draft.parents, logits)
             greedy, candidates = verify.greedy_and_candidates(logits, self.topk)
             verdict = verify.verify_greedy(draft.tokens, greedy, draft.parents)
-            self.drafter.observe(draft, verdict.path, verdict.new_tokens)
+            self.drafter.observe(state, draft, verdict.path, verdict.new_tokens)
             self.drafter.recycle(draft.tokens, candidates)
             kv.compact(cache, _prefix_tensor(prefix, self.device), verdict.accepted_nodes, verdict.accept_len,
                        verdict.accepted, draft.size)
@@ -162,8 +166,8 @@ class TokenRecycler:
             if not done:
                 state.accept(seq, emitted)
             path = verdict.path.tolist()
-            stats.record_step(path, draft.tree.paths, draft.tree_nodes, draft.size)
-            self.drafter.step_done(time.perf_counter() - t_step, draft, path)
+            stats.record_step(path, draft)
+            self.drafter.step_done(time.perf_counter() - t_step, t_forward, draft)
             root = verdict.new_tokens[-1:]
         emitter.end()
         stats.new_tokens = seq.shape[1] - input_ids.shape[1]
