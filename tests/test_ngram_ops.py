@@ -253,7 +253,7 @@ def test_candidates_opcheck_and_bad_input():
     ops.ngram_index_append(table, history, torch.tensor([0]), torch.tensor([8]))
     tokens, count, ngram, start = ops.ngram_candidates(table, history, torch.tensor([8]), 3, 4, 3)
     # "1 2" was last followed by 4 (start 5), before that by 3 (start 2): two different continuations.
-    assert count.tolist() == [[3, 6, 0]] and ngram.tolist() == [[2, 2, 0]] and start.tolist() == [[5, 2, 0]]
+    assert count.tolist() == [[3, 4, 0]] and ngram.tolist() == [[2, 2, 0]] and start.tolist() == [[5, 2, 0]]
     assert tokens[0, 0, :3].tolist() == [4, 1, 2] and tokens[0, 1, :4].tolist() == [3, 1, 2, 4]
     torch.library.opcheck(torch.ops.token_recycling.ngram_candidates, (table, history, torch.tensor([8]), 3, 4, 3))
     with pytest.raises(ValueError, match="max_candidates"):

@@ -72,18 +72,21 @@ def test_two_different_continuations_are_both_grafted():
 
 
 class RandomPlans:
-    """Replaces the policy's decision by random ones (every tree size, chain lengths, 0-2 chains),
-    keeping the rest of the machinery (statistics, observation, stats) as is."""
+    """Replaces the policy's decision by forced ones, cycling through every kind (tree only, one
+    chain, two chains; one node or a larger tree) with random sizes, keeping the rest of the
+    machinery (statistics, observation, stats) as is."""
+
+    KINDS = [(1, 0), (1, 1), (1, 2), (8, 0), (8, 1), (8, 2), (40, 2), (2, 1)]  # (tree nodes, chains)
 
     def __init__(self, policy, seed):
         self.policy, self.rng, self.decide = policy, random.Random(seed), policy.decide
-        self.kinds = set()
+        self.kinds, self.step = set(), 0
 
     def __call__(self, candidates, run):
         plan = self.decide(candidates, run)  # a real decision (refreshes the tree order)
-        rng = self.rng
-        nodes = rng.choice([1, 1, 2, 4, 8, 16, 40])
-        chains = [t[: rng.randint(0, len(t))] for t, _ in candidates[:2]]
+        nodes, want = self.KINDS[self.step % len(self.KINDS)]
+        self.step += 1
+        chains = [t[: self.rng.randint(1, len(t))] if i < want else [] for i, (t, _) in enumerate(candidates[:2])]
         self.kinds.add((nodes > 1, sum(1 for c in chains if c)))
         return Plan(nodes, chains, plan.candidates, plan.buckets, plan.match, plan.expected, plan.seconds)
 
@@ -92,6 +95,7 @@ class RandomPlans:
 def test_every_decision_path_is_lossless(arch):
     model = tiny_model(arch)
     rec = TokenRecycler(model)  # the defaults: tree="auto", n-gram candidates
+    rec.drafter.policy.cost.set_curve(CostModel([1, 128], [1.0, 2.0], context=10**6))  # skip measuring (speed)
     plans = RandomPlans(rec.drafter.policy, seed=1)
     rec.drafter.policy.decide = plans
     prompts = [[50, 51, 52, 50, 51], [7, 8, 9, 7, 8, 10, 7, 8, 9, 7, 8], list(range(20, 40)) * 2]

@@ -8,10 +8,11 @@ matrix tree's per-node acceptance rates (:class:`auto_tree.AutoTree`); (4) the f
 t(m) at the current context (:class:`StepCost`). It chooses the matrix tree size N, the first
 candidate's chain length C1 and the second's C2 maximising
 
-    expected tokens / seconds = (1 + E1(C1) + (1 - p1) * (tree(N) + E2(C2))) / (t(1 + N + C1 + C2) + overhead)
+    expected tokens / seconds = (1 + E1(C1) + E2(C2) + (1 - p1 - p2) * tree(N)) / (t(1 + N + C1 + C2) + overhead)
 
-where E_i(C) is the expected accepted prefix of candidate i cut to C tokens and p1 the chance that
-candidate 1's first token is accepted (the tree and the second candidate pay only where it fails).
+where E_i(C) is the expected accepted prefix of candidate i cut to C tokens and p_i the chance that
+candidate i's first token is accepted (0 when C_i = 0): the candidates differ, so they are right on
+different steps, and the matrix tree pays on the steps where neither is.
 
 Chain statistics (:class:`ChainStats`). Like SuffixDecoding, which grows its speculation length
 with the match length and with how often a continuation was seen, the trust in a candidate depends
@@ -201,20 +202,23 @@ class Policy:
         e = [self.chain.expected(b)[: min(len(t), self.max_chain) + 1] for b, (t, _) in zip(buckets, cands)]
         e1 = e[0] if e else np.zeros(1)
         e2 = e[1] if len(e) > 1 else np.zeros(1)
-        p1 = np.where(np.arange(len(e1)) > 0, e1[1] if len(e1) > 1 else 0.0, 0.0)  # [c1]
+        # First-token chances (0 when not drafted): the candidates differ, so where their first
+        # tokens differ they are right on disjoint steps, and the tree pays where neither is.
+        p1 = np.where(np.arange(len(e1)) > 0, e1[min(1, len(e1) - 1)], 0.0)  # [c1]
+        p2 = np.where(np.arange(len(e2)) > 0, e2[min(1, len(e2) - 1)], 0.0)  # [c2]
         # value[n, c1, c2] = expected / seconds over the whole grid.
         n = self.budgets[:, None, None]
         c1 = np.arange(len(e1))[None, :, None]
         c2 = np.arange(len(e2))[None, None, :]
-        expected = 1.0 + e1[None, :, None] + (1.0 - p1[None, :, None]) * (
-            self.tree_gain[:, None, None] + e2[None, None, :])
+        neither = np.clip(1.0 - p1[None, :, None] - p2[None, None, :], 0.0, 1.0)
+        expected = 1.0 + e1[None, :, None] + e2[None, None, :] + neither * self.tree_gain[:, None, None]
         seconds = self.cost(1 + n + c1 + c2)
         value = expected / seconds
         i, j, k = np.unravel_index(int(np.argmax(value)), value.shape)
         self.last_value = float(value[i, j, k])
-        plan = Plan(int(self.budgets[i]), [cands[0][0][:j]] + ([cands[1][0][:k]] if len(cands) > 1 else []),
-                    [t for t, _ in cands], buckets, cands[0][1] if cands else 0, float(expected[i, j, k]),
-                    float(seconds[i, j, k]))
+        chains = [t[:length] for (t, _), length in zip(cands, (j, k))]
+        plan = Plan(int(self.budgets[i]), chains, [t for t, _ in cands], buckets, cands[0][1] if cands else 0,
+                    float(expected[i, j, k]), float(seconds[i, j, k]))
         plan.decision_seconds = time.perf_counter() - start
         return plan
 
