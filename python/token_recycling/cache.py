@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import ops, window
 
 
 def new_cache(model):
@@ -22,36 +22,36 @@ def cache_layers(cache) -> list:
 
 
 def check_cache(cache, forwarded: int) -> None:
-    """Refuse caches whose layers cannot be compacted in place (linear attention, full sliding windows)."""
+    """Refuse caches whose layers cannot be compacted in place (linear attention). Sliding-window
+    layers are window.WindowLayer (window.prepare): compacted at their own offset, bounded by the window."""
     for i, layer in enumerate(cache_layers(cache)):
         if not getattr(layer, "is_initialized", True):
             continue
         if not hasattr(layer, "keys") or not isinstance(getattr(layer, "keys", None), torch.Tensor):
             raise NotImplementedError(f"cache layer {i} ({type(layer).__name__}) has no key/value tensors to compact")
-        window = getattr(layer, "sliding_window", None)
-        if window is not None and layer.get_seq_length() + forwarded >= window:
-            raise NotImplementedError(
-                f"the context ({layer.get_seq_length()} + {forwarded} tree tokens) reaches the sliding window "
-                f"({window}) of cache layer {i}; TokenRecycler does not compact rolled sliding-window caches yet")
+        if getattr(layer, "is_sliding", False) and not window.is_window(layer):
+            raise NotImplementedError(f"cache layer {i} ({type(layer).__name__}) is a sliding-window layer that "
+                                      f"window.prepare did not convert")
 
 
 def compact(cache, prefix_len: torch.Tensor, accepted_nodes: torch.Tensor, accept_len: torch.Tensor,
             accepted: int, forwarded: int) -> None:
-    """Keep the accepted path right after the prefix (one compact_kv call for all layers), then drop
-    the rest of the forwarded tree from every layer."""
-    tensors = []
+    """Keep the accepted path right after the prefix (one compact_kv call for all layers; window
+    layers, which hold only the window's end, in a second call at their own prefix), then drop the
+    rest of the forwarded tree from every layer (window layers trim back to the window)."""
+    groups: dict[int, list[torch.Tensor]] = {}
     for layer in cache_layers(cache):
         if getattr(layer, "is_initialized", True) and isinstance(getattr(layer, "keys", None), torch.Tensor):
-            tensors += [layer.keys, layer.values]
-    if tensors:
-        ops.compact_kv(tensors, prefix_len, accepted_nodes, accept_len)
+            groups.setdefault(window.offset(layer), []).extend([layer.keys, layer.values])
+    for offset, tensors in groups.items():
+        ops.compact_kv(tensors, prefix_len - offset if offset else prefix_len, accepted_nodes, accept_len)
     cache.crop(-(forwarded - accepted))
 
 
 def static_capacity(cache) -> int | None:
-    """The fixed length of a static cache (None for a dynamic one)."""
-    lengths = {getattr(layer, "max_cache_len", None) for layer in cache_layers(cache)}
-    if None in lengths:
+    """The fixed length of a static cache (None for a dynamic one). Window layers are unbounded."""
+    lengths = {getattr(layer, "max_cache_len", None) for layer in cache_layers(cache) if not window.is_window(layer)}
+    if not lengths or None in lengths:
         return None
     if len(lengths) != 1:
         raise NotImplementedError("static caches with layers of different lengths are not supported")

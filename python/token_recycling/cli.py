@@ -110,6 +110,9 @@ def _common(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", *models.DTYPES],
                    help="auto: bfloat16 on CUDA and on CPUs with AMX/AVX512-BF16, else float32")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    p.add_argument("--tp", action="store_true",
+                   help="tensor parallel under torchrun: the model split over the ranks with tp_plan='auto' "
+                        "(gloo on cpu, NCCL on cuda: one GPU per rank); output from rank 0 only")
     p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                    help="feed the prompt as plain text even if the tokenizer has a chat template")
 
@@ -166,7 +169,11 @@ def _load(args):
     dtype = _dtype(args)
     _quiet_transformers()
     start = time.perf_counter()
-    loaded = models.load(args.model, dtype, args.device)
+    if args.tp:
+        from . import tp
+        loaded = tp.load(args.model, dtype, args.device)
+    else:
+        loaded = models.load(args.model, dtype, args.device)
     models.stderr_log(f"[token-recycling] model {args.model} from {loaded.folder} "
                       f"loaded in {time.perf_counter() - start:.1f} s")
     return loaded, dtype
@@ -311,6 +318,9 @@ def _sigterm_as_interrupt():
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.tp:
+            from . import tp
+            tp.setup_cli(args)
         return args.func(args)
     except (UsageError, models.ModelError, DatasetError) as exc:
         print(f"token-recycling: error: {exc}", file=sys.stderr)

@@ -9,17 +9,21 @@ every row. Every other call (prefill, plain decoding, padding masks) goes to tra
 function, and mask creation for this implementation is sdpa's.
 
 Sliding-window and soft-capped attention are not handled by the tree kernel: such calls take the
-sdpa path with the equivalent dense mask.
+dense path with the equivalent mask (window.dense_tree_mask: the window counted from each node's own
+position). The dense path is sdpa, or the model's own eager attention for soft-capped logits (Gemma 2),
+which sdpa cannot apply.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import ops
+from . import ops, window
 from ._extension import WITH_CUDA
 
 NAME = "token_recycling"
@@ -59,20 +63,39 @@ def tree_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     returns ``([B, N, Hq, D], None)``."""
     tree = tree_mask_of(attention_mask, query, key)
     if tree is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return dense_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     n, key_len = query.shape[2], key.shape[2]
     prefix = key_len - n
     if dropout > 0.0 or not _kernel_can_run(query, kwargs):
-        dense = torch.ones(1, 1, n, key_len, dtype=torch.bool, device=query.device)
-        dense[..., prefix:] = tree
-        return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
+        dense = window.dense_tree_mask(tree.to(query.device), key_len, kwargs.get("sliding_window"))
+        return dense_attention(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     # prefix_len stays on the CPU: the op checks it there, without waiting for the GPU.
     prefix_len = torch.full((query.shape[0],), prefix, dtype=torch.long)
     out = ops.tree_attention(query, key, value, prefix_len, tree.to(query.device), float(scaling))
     return out.transpose(1, 2).contiguous(), None
+
+
+def dense_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    """sdpa, or for soft-capped logits (which sdpa refuses) the eager attention of the module's own
+    modeling file, with the mask made additive (None, sdpa's implied causal mask, made explicit)."""
+    if kwargs.get("softcap") is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(f"{type(module).__name__} soft-caps attention logits and its module has no "
+                                  f"eager_attention_forward to apply them")
+    q_len, k_len = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+        attention_mask = attention_mask.view(1, 1, q_len, k_len)
+    if attention_mask.dtype == torch.bool:
+        additive = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
+        attention_mask = additive.masked_fill_(~attention_mask, torch.finfo(query.dtype).min)
+    out, _ = eager(module, query, key, value, attention_mask, **kwargs)
+    return out, None
 
 
 def register() -> None:

@@ -8,6 +8,7 @@ import inspect
 import torch
 
 from . import cache as kv
+from . import window
 
 # Attention implementations that take a custom 4-D additive mask as given.
 MASK_4D_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -42,8 +43,25 @@ def check_supported(model, extra_implementations: tuple[str, ...] = ()) -> None:
             f"{name} uses attn_implementation={impl!r}, which does not accept the custom 4-D tree attention "
             f"mask that verification needs. Load the model with attn_implementation='sdpa' or 'eager' "
             f"(or call model.set_attn_implementation('sdpa')).")
+    check_device_map(model)
     if model.get_output_embeddings() is None:
         raise ValueError(f"{name} has no output embeddings (LM head); TokenRecycler needs logits over the vocab")
+
+
+def check_device_map(model) -> None:
+    """A ``device_map`` that keeps execution on one device (everything on one GPU, or layers offloaded to
+    CPU RAM or disk and brought in by accelerate's hooks) works; one that runs layers on several
+    accelerators is refused: the KV cache would then live on several devices, which compaction does
+    not handle (tensor parallel under torchrun is the supported way to use several GPUs)."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    devices = {str(d) for d in device_map.values() if str(d) not in ("cpu", "disk", "meta")}
+    devices = {f"cuda:{d}" if d.isdigit() else d for d in devices}
+    if len(devices) > 1:
+        raise ValueError(
+            f"{type(model).__name__} was loaded with a device_map that runs its layers on {len(devices)} devices "
+            f"({', '.join(sorted(devices))}); TokenRecycler needs the whole KV cache on one device. Load it on one "
+            f"device (layers may be offloaded to 'cpu' or 'disk'), or split it over GPUs with tensor parallel: "
+            f"from_pretrained(..., tp_plan='auto') under torchrun.")
 
 
 def vocab_size(model) -> int:
@@ -65,11 +83,13 @@ def forward_tree(model, draft, prefix: int, cache, tree_attention: bool, cache_k
     its ancestors. Returns logits [1, N, V].
 
     With ``tree_attention`` the mask is the bare [1, 1, N, N] tree block (the protocol of
-    hf_attention.py: the prefix is implied); otherwise a dense additive [1, 1, N, kv_len] mask."""
+    hf_attention.py: the prefix is implied, the window taken from the layer); otherwise a dense
+    additive [1, 1, N, kv_len] mask, or one per layer type with sliding-window layers (window.py)."""
     if tree_attention:
         mask = draft.mask.view(1, 1, *draft.mask.shape[-2:])
     else:
         mask = kv.TreeMask(draft.mask, model_dtype(model), draft.tokens.device)(prefix, kv.static_capacity(cache))
+        mask = window.attention_mask(model, cache, draft.mask, mask)  # per layer type, with window layers
     out = model(input_ids=draft.tokens, attention_mask=mask, position_ids=(draft.depths + prefix).view(1, -1),
                 use_cache=True, **{cache_kwarg: cache})
     return out.logits

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import cache as kv
-from . import hf_model, verify
+from . import distributed, hf_model, verify, window
 from .adjacency import AdjacencyMatrix
 from .auto_tree import sync
 from .draft import Draft, Drafter
@@ -140,6 +140,8 @@ class TokenRecycler:
         start = time.perf_counter()
         stats = self.stats = GenerationStats()
         emitter = Emitter(stopping, streamer)
+        distributed.check_prompt(input_ids)
+        window.prepare(self.model, cache)  # sliding-window layers that tree decoding can compact
         root, seq, done = self._prefill(input_ids, cache, processors, emitter)
         state = self.drafter.start(seq, capacity)
         if not done:
@@ -149,6 +151,7 @@ class TokenRecycler:
             t_step = time.perf_counter()
             prefix = seq.shape[1] - 1  # the root is emitted but not yet in the cache
             draft = kv.fit(cache, prefix, self.drafter.draft(state, root))
+            distributed.check_draft(draft, stats.steps)  # tensor parallel: a desync is an error, not a hang
             kv.check_cache(cache, draft.size)
             t_forward = time.perf_counter()
             logits = self._forward(draft, prefix, cache)
