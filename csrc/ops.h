@@ -29,6 +29,9 @@ void ngram_index_append_cpu(at::Tensor& table, const at::Tensor& history, const 
                             const at::Tensor& new_len);
 std::tuple<at::Tensor, at::Tensor> ngram_lookup_cpu(const at::Tensor& table, const at::Tensor& history,
                                                     const at::Tensor& length, int64_t max_ngram, int64_t max_tokens);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ngram_candidates_cpu(
+    const at::Tensor& table, const at::Tensor& history, const at::Tensor& length, int64_t max_ngram,
+    int64_t max_tokens, int64_t max_candidates);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> graft_chain_cpu(const at::Tensor& tree_tokens,
                                                                                        const at::Tensor& parents,
                                                                                        const at::Tensor& chain,

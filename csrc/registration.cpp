@@ -16,6 +16,8 @@ TORCH_LIBRARY(token_recycling, m) {
   m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)");
   m.def("ngram_index_append(Tensor(a!) table, Tensor history, Tensor old_len, Tensor new_len) -> ()");
   m.def("ngram_lookup(Tensor table, Tensor history, Tensor length, int max_ngram, int max_tokens) -> (Tensor, Tensor)");
+  m.def("ngram_candidates(Tensor table, Tensor history, Tensor length, int max_ngram, int max_tokens, "
+        "int max_candidates) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("graft_chain(Tensor tree_tokens, Tensor parents, Tensor chain, Tensor chain_len) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
@@ -31,5 +33,6 @@ TORCH_LIBRARY_IMPL(token_recycling, CPU, m) {
   m.impl("merge_attention_states", &token_recycling::merge_attention_states_cpu);
   m.impl("ngram_index_append", &token_recycling::ngram_index_append_cpu);
   m.impl("ngram_lookup", &token_recycling::ngram_lookup_cpu);
+  m.impl("ngram_candidates", &token_recycling::ngram_candidates_cpu);
   m.impl("graft_chain", &token_recycling::graft_chain_cpu);
 }

@@ -24,6 +24,33 @@ from .models import hardware
 
 METHODS = ("greedy", "pld", "paper", "ours")
 RECYCLERS = ("paper", "ours")  # "paper": the paper's method (its 80-node tree, no n-gram drafts)
+PRESET_PREFIX = "tr:"  # "tr:<tree>": Token Recycling with a fixed tree (+ the n-gram chain), e.g. tr:paper-8
+PRESET_ALIASES = {"chain": [[0]]}  # tr:chain: one matrix node + the n-gram chain
+
+
+def preset_tree(method: str):
+    """The fixed tree of a "tr:<tree>" method: a preset name, "chain" or a JSON list of rank paths."""
+    import json
+
+    from .tree import make_tree
+
+    if not method.startswith(PRESET_PREFIX):
+        raise ValueError(f"{method!r} is not a fixed-tree method (tr:<preset or rank paths>)")
+    text = method[len(PRESET_PREFIX):]
+    spec = PRESET_ALIASES.get(text, text)
+    if isinstance(spec, str) and spec.lstrip().startswith("["):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{method!r}: {text!r} is not valid JSON ({exc.msg})") from exc
+    if spec == "auto":
+        raise ValueError(f"{method!r}: tr: methods are fixed trees; the default (auto) is \"ours\"")
+    make_tree(spec, 8)  # validates
+    return spec
+
+
+def is_recycler(method: str) -> bool:
+    return method in RECYCLERS or method.startswith(PRESET_PREFIX)
 PLD_TOKENS = 10  # prompt_lookup_num_tokens, as in transformers' examples
 WARMUP_PROMPT = "Write three sentences about the history of the bicycle."
 FORMAT = 1  # results.json layout version
@@ -98,7 +125,7 @@ def run_method(method: str, model, rec, inputs: dict, max_new_tokens: int,
             out = model.generate(**inputs, **common)
         elif method == "pld":
             out = model.generate(**inputs, **common, prompt_lookup_num_tokens=PLD_TOKENS)
-        elif method in RECYCLERS:
+        elif is_recycler(method):
             out = recs[method].generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                         max_new_tokens=max_new_tokens, eos_token_id=eos, **sampling)
         else:
@@ -107,7 +134,7 @@ def run_method(method: str, model, rec, inputs: dict, max_new_tokens: int,
         seconds = time.perf_counter() - start
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
     record = {"new_tokens": len(new), "seconds": seconds, "forwards": forwards[0]}
-    if method in RECYCLERS:
+    if is_recycler(method):
         stats = recs[method].stats
         record["steps"] = stats.steps
         record["accept_lengths"] = list(stats.accept_lengths)

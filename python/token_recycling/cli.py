@@ -56,11 +56,33 @@ def parse_tree(text: str, topk: int):
 
 
 def parse_baselines(text: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in ("greedy", "pld", "paper")]
+    from .bench import PRESET_PREFIX, preset_tree
+
+    names = tuple(n.strip() for n in _split_baselines(text) if n.strip())
+    unknown = [n for n in names if n not in ("greedy", "pld", "paper") and not n.startswith(PRESET_PREFIX)]
     if unknown:
-        raise UsageError(f"--baselines: unknown {', '.join(unknown)}; choose from greedy,pld,paper (or '' for none)")
+        raise UsageError(f"--baselines: unknown {', '.join(unknown)}; choose from greedy,pld,paper,tr:<tree> "
+                         f"(or '' for none)")
+    for n in names:
+        if n.startswith(PRESET_PREFIX):
+            try:
+                preset_tree(n)
+            except ValueError as exc:
+                raise UsageError(f"--baselines: {exc}") from exc
     return tuple(dict.fromkeys(names))
+
+
+def _split_baselines(text: str) -> list[str]:
+    """Split at commas outside brackets (tr:[[0],[1]] is one name)."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return out + [cur]
 
 
 def _positive(text: str) -> int:
@@ -116,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{' or '.join(BUILTIN)}, or a JSONL file (Spec-Bench or HumanEval format)")
     b.add_argument("--limit", type=_positive, default=None, help="use only the first N prompts")
     b.add_argument("--baselines", default="greedy,pld",
-                   help="comma list from greedy,pld,paper (paper: the paper's tree without n-gram drafts); default greedy,pld")
+                   help="comma list from greedy,pld,paper,tr:<tree> (paper: the paper's tree without n-gram drafts; "
+                        "tr:paper-8, tr:chain (one node + n-gram chain), tr:[[0],[1]]: fixed trees with the "
+                        "n-gram chain, for the default's regret); default greedy,pld")
     b.add_argument("--out", default=None, help="output folder (default bench/out/<timestamp>)")
     b.add_argument("--multi-turn", action="store_true",
                    help="also run later turns, after the greedy answer to the earlier ones")
@@ -237,6 +261,10 @@ def cmd_bench(args) -> int:
     if "paper" in baselines:  # the paper's method side by side: its tree, no n-gram drafts
         from .recycler import TokenRecycler
         recs["paper"] = TokenRecycler(loaded.model, tree="paper", topk=args.topk, ngram=False)
+    for name in baselines:  # tr:<tree>: fixed trees (+ the n-gram chain), to measure the default's regret
+        if name.startswith(bench.PRESET_PREFIX):
+            from .recycler import TokenRecycler
+            recs[name] = TokenRecycler(loaded.model, tree=bench.preset_tree(name), topk=args.topk, ngram=args.ngram)
     cfg = bench.BenchConfig(max_new_tokens=args.max_new_tokens, methods=(*baselines, "ours"),
                             multi_turn=args.multi_turn, chat_template=args.chat_template, sampling=_sampling(args))
     config = {

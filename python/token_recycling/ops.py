@@ -137,6 +137,20 @@ def ngram_lookup(table: torch.Tensor, history: torch.Tensor, length: torch.Tenso
     return _ops.ngram_lookup(table, history, length, max_ngram, max_tokens)
 
 
+def ngram_candidates(table: torch.Tensor, history: torch.Tensor, length: torch.Tensor, max_ngram: int,
+                     max_tokens: int, max_candidates: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Up to ``max_candidates`` different continuations of the context's suffix, longest match first.
+
+    For ``n = max_ngram`` down to 1, each earlier occurrence ``e`` of ``h[-n:]``, most recent first,
+    gives ``h[e : e + max_tokens]``; it is kept unless it equals an earlier candidate over the
+    shorter of the two. Returns ``(tokens [B, K, max_tokens] int64 padded with
+    -1, count [B, K], ngram [B, K] (the matched suffix length n), start [B, K] (e))``, zeros for
+    unused candidates. Candidate 0 is :func:`ngram_lookup`'s answer. CPU only.
+    """
+    return _ops.ngram_candidates(table, history, length, max_ngram, max_tokens, max_candidates)
+
+
 def graft_chain(tree_tokens: torch.Tensor, parents: torch.Tensor, chain: torch.Tensor,
                 chain_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                   torch.Tensor]:
@@ -209,6 +223,13 @@ def _(table, history, old_len, new_len):
 def _(table, history, length, max_ngram, max_tokens):
     batch = history.shape[0]
     return history.new_empty((batch, max_tokens)), history.new_empty((batch,))
+
+
+@torch.library.register_fake("token_recycling::ngram_candidates")
+def _(table, history, length, max_ngram, max_tokens, max_candidates):
+    batch = history.shape[0]
+    return (history.new_empty((batch, max_candidates, max_tokens)), history.new_empty((batch, max_candidates)),
+            history.new_empty((batch, max_candidates)), history.new_empty((batch, max_candidates)))
 
 
 @torch.library.register_fake("token_recycling::graft_chain")

@@ -28,7 +28,8 @@ class TokenRecycler:
 
     Args:
         model: a transformers causal LM (eager or sdpa attention).
-        tree: "auto" (default: shaped by measured acceptance and cost, see auto_tree.py), a preset
+        tree: "auto" (default: tree size and n-gram chains chosen per step from measured acceptance
+            and cost, see policy.py), a preset
             name ("paper", "paper-16", "chain-4", ...) or a list of rank paths.
         topk: candidates kept per token in the adjacency matrix (k).
         seed_from_prompt: fill the prompt tokens' rows from the prefill's top-k (cold-start help).
@@ -176,9 +177,12 @@ class TokenRecycler:
             draft, forwarded = self._fit(cache, prefix, self.drafter.draft(state, root))
             distributed.check_draft(draft, stats.steps)  # tensor parallel: a desync is an error, not a hang
             kv.check_cache(cache, forwarded)
+            t_forward = time.perf_counter()
             logits = self._forward(draft, prefix, cache, forwarded)
+            sync(self.device)  # the policy's cost model needs the forward's own time
+            t_forward = time.perf_counter() - t_forward
             verdict, candidates = verifier.verify(seq, draft, logits)  # greedy or sampling walk
-            self.drafter.observe(draft, verdict.path, verdict.new_tokens)
+            self.drafter.observe(state, draft, verdict.path, verdict.new_tokens)
             self.drafter.recycle(draft.tokens, candidates)
             kv.compact(cache, _prefix_tensor(prefix, self.device), verdict.accepted_nodes, verdict.accept_len,
                        verdict.accepted, forwarded)
@@ -186,8 +190,8 @@ class TokenRecycler:
             if not done:
                 state.accept(seq, emitted)
             path = verdict.path.tolist()
-            stats.record_step(path, draft.tree.paths, draft.tree_nodes, draft.size)
-            self.drafter.step_done(time.perf_counter() - t_step, draft, path)
+            stats.record_step(path, draft)
+            self.drafter.step_done(time.perf_counter() - t_step, t_forward, draft)
             root = verdict.new_tokens[-1:]
         emitter.end()
         stats.new_tokens = seq.shape[1] - input_ids.shape[1]

@@ -234,3 +234,31 @@ def graft_chain(tree_tokens, parents, chain, chain_len):
                 j = par[j]
     return out_tokens, out_parents, out_depths, mask, num_nodes
 
+
+
+def ngram_candidates_reference(history, length, max_ngram, max_tokens, max_candidates):
+    """Brute force: for each n, longest first, every earlier occurrence of the suffix, most recent
+    first; its continuation unless it equals an earlier candidate over the shorter length."""
+    batch = history.shape[0]
+    tokens = torch.full((batch, max_candidates, max_tokens), -1, dtype=torch.long)
+    count, ngram, start = (torch.zeros(batch, max_candidates, dtype=torch.long) for _ in range(3))
+    for b in range(batch):
+        h = history[b, : int(length[b])].tolist()
+        taken: list[list[int]] = []
+        for n in range(min(max_ngram, len(h) - 1), 0, -1):
+            if len(taken) == max_candidates:
+                break
+            suffix = h[len(h) - n:]
+            for end in range(len(h) - 1, n - 1, -1):  # every earlier occurrence, most recent first
+                if len(taken) == max_candidates:
+                    break
+                if h[end - n: end] != suffix:
+                    continue
+                cont = h[end: end + max_tokens]
+                if any(cont[: min(len(cont), len(o))] == o[: min(len(cont), len(o))] for o in taken):
+                    continue
+                j = len(taken)
+                taken.append(cont)
+                tokens[b, j, : len(cont)] = torch.tensor(cont)
+                count[b, j], ngram[b, j], start[b, j] = len(cont), n, end
+    return tokens, count, ngram, start
