@@ -276,6 +276,8 @@ inline Status ngram_candidates(const int64_t* table, int64_t batch, int64_t tabl
                                int64_t max_tokens, int64_t max_candidates, int64_t* tokens, int64_t* count,
                                int64_t* ngram, int64_t* start) {
   using namespace ngram_detail;
+  Status size = CheckSizes({{"batch", batch}, {"capacity", capacity}});
+  if (!size.ok) return size;
   if (num_slots <= capacity || (num_slots & (num_slots - 1)) != 0) {
     return Status::Error("the table has " + std::to_string(num_slots) +
                          " slots per n; it needs a power of two greater than the capacity " + std::to_string(capacity));

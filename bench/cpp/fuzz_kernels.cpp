@@ -21,10 +21,12 @@
 #include "../../kernels/compact_kv.h"
 #include "../../kernels/draft_tree.h"
 #include "../../kernels/graft_chain.h"
+#include "../../kernels/merge_attention_states.h"
 #include "../../kernels/ngram_index.h"
 #include "../../kernels/tree_attention.h"
 #include "../../kernels/update_adjacency.h"
 #include "../../kernels/verify_greedy.h"
+#include "../../kernels/verify_sample.h"
 #include "harness.h"
 
 namespace {
@@ -388,13 +390,16 @@ void fuzz_tree_attention(int64_t iters, const char* type) {
     for (int64_t b = 0; valid && b < batch; ++b) valid = prefix[b] >= 0 && prefix[b] <= seq - n;
     const T poison = k::from_float<T>(NAN);
     std::vector<T> out(B * Hq * N * D, poison);
+    const bool with_lse = chance(0.5);  // tree_attention_lse: each row's log-sum-exp as well
+    std::vector<float> lse(with_lse ? B * Hq * N : 0, NAN);
     const Status s = k::tree_attention<T>(view(q, Hq, N), view(kk, Hkv, S), view(vv, Hkv, S),
                                           k::Strided4D<T>{out.data(), Hq * N * D, N * D, D, 1}, shape, prefix.data(),
-                                          mask.data(), scale);
+                                          mask.data(), scale, with_lse ? lse.data() : nullptr);
     if (!t.verdict(s, valid, it)) {
       bool untouched = true;  // checked before anything is written
       for (const T& x : out) untouched = untouched && std::isnan(k::to_float(x));
-      t.check(untouched, "call " + std::to_string(it) + ": out was written on bad input");
+      for (float x : lse) untouched = untouched && std::isnan(x);
+      t.check(untouched, "call " + std::to_string(it) + ": out or lse was written on bad input");
       continue;
     }
     const auto qv = view(q, Hq, N), kv = view(kk, Hkv, S), vv_ = view(vv, Hkv, S);
@@ -415,6 +420,12 @@ void fuzz_tree_attention(int64_t iters, const char* type) {
           const double mx = w.empty() ? 0 : *std::max_element(w.begin(), w.end());
           double sum = 0;
           for (double& x : w) sum += (x = std::exp(x - mx));
+          if (with_lse) {  // log of the softmax denominator; -inf for a row that sees no key
+            const double got = lse[(b * q_heads + h) * n + i];
+            const double err = keys.empty() ? (got == -INFINITY ? 0 : INFINITY)
+                                            : std::fabs(got - (mx + std::log(sum))) / (1 + std::fabs(mx));
+            worst = std::max(worst, std::isnan(err) ? INFINITY : err);
+          }
           for (int64_t d = 0; d < dim; ++d) {
             double acc = 0;
             for (size_t c = 0; c < keys.size(); ++c) acc += w[c] / sum * k::to_float(vv_.at(b, hk, keys[c], d));
@@ -424,6 +435,152 @@ void fuzz_tree_attention(int64_t iters, const char* type) {
           }
         }
     t.check(worst <= tol, "call " + std::to_string(it) + ": off by " + std::to_string(worst));
+  }
+}
+
+// ------------------------------------------------------------------------------ merge_attention_states
+template <typename T>
+void fuzz_merge_attention_states(int64_t iters, const char* type) {
+  Tally t(std::string("merge_attention_states<") + type + ">");
+  const double tol = std::is_same_v<T, float> ? 1e-5 : (std::is_same_v<T, k::float16> ? 2e-3 : 1.6e-2);
+  auto random_lse = [] {
+    if (chance(0.1)) return -INFINITY;  // saw no key
+    if (chance(0.03)) return chance(0.5) ? NAN : INFINITY;  // garbage in: no crash, nothing compared
+    return static_cast<float>(randint(-4000, 4000)) / 100.f;
+  };
+  for (int64_t it = 0; it < iters; ++it) {
+    const k::MergeShape shape{pick_size(0, 2), pick_size(0, 3), pick_size(0, 5), pick_size(0, 9)};
+    const int64_t B = alloc(shape.batch), H = alloc(shape.heads), R = alloc(shape.rows), D = alloc(shape.head_dim);
+    const bool rows_major = chance(0.5);  // [B, R, H, D] in memory, seen as [B, H, R, D]
+    std::vector<T> a(B * H * R * D), b(a.size()), out(a.size(), k::from_float<T>(NAN));
+    for (auto* buf : {&a, &b})
+      for (auto& x : *buf) x = k::from_float<T>(bench::randn());
+    auto view = [&](std::vector<T>& x) {
+      return rows_major ? k::Strided4D<const T>{x.data(), R * H * D, D, H * D, 1}
+                        : k::Strided4D<const T>{x.data(), H * R * D, R * D, D, 1};
+    };
+    std::vector<float> la(B * H * R), lb(la.size()), lse(la.size(), NAN);
+    for (auto& x : la) x = random_lse();
+    for (auto& x : lb) x = random_lse();
+    const bool valid = shape.batch >= 0 && shape.heads >= 0 && shape.rows >= 0 && shape.head_dim >= 0;
+    const Status s = k::merge_attention_states<T>(view(a), la.data(), view(b), lb.data(),
+                                                  k::Strided4D<T>{out.data(), H * R * D, R * D, D, 1}, lse.data(), shape);
+    if (!t.verdict(s, valid, it)) continue;
+    double worst = 0;
+    const auto av = view(a), bv = view(b);
+    for (int64_t x = 0; x < B; ++x)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t row = (x * H + h) * R + r;
+          const double m = std::max<double>(la[row], lb[row]);
+          if (std::isnan(la[row]) || std::isnan(lb[row]) || m == INFINITY) continue;  // garbage: no crash is enough
+          if (m == -INFINITY) {  // neither part saw a key: zero output, lse -inf
+            bool zero = lse[row] == -INFINITY;
+            for (int64_t d = 0; d < D; ++d) zero = zero && k::to_float(out[row * D + d]) == 0.f;
+            worst = std::max(worst, zero ? 0.0 : INFINITY);
+            continue;
+          }
+          const double wa = std::exp(la[row] - m), wb = std::exp(lb[row] - m);
+          worst = std::max(worst, std::fabs(lse[row] - (m + std::log(wa + wb))) / (1 + std::fabs(m)));
+          for (int64_t d = 0; d < D; ++d) {
+            const double want = (wa * k::to_float(av.at(x, h, r, d)) + wb * k::to_float(bv.at(x, h, r, d))) / (wa + wb);
+            const double err = std::fabs(k::to_float(out[row * D + d]) - want) / (1 + std::fabs(want));
+            worst = std::max(worst, std::isnan(err) ? INFINITY : err);
+          }
+        }
+    t.check(worst <= tol, "call " + std::to_string(it) + ": off by " + std::to_string(worst));
+  }
+}
+
+// ------------------------------------------------------------------------------ verify_sample
+// The draw, as the kernel's header specifies it: integer weights ceil(p / pmax * 2^32), the smallest
+// v whose running sum exceeds min(floor(u * total), total - 1). Returns false for an invalid row.
+bool naive_draw(const float* p, int64_t vocab, double u, int64_t* token) {
+  if (!(u >= 0.0 && u < 1.0)) return false;
+  double pmax = 0;
+  for (int64_t v = 0; v < vocab; ++v) {
+    if (!(p[v] >= 0.0f) || std::isinf(p[v])) return false;
+    pmax = std::max<double>(pmax, p[v]);
+  }
+  if (pmax == 0) return false;
+  std::vector<uint64_t> q(vocab);
+  uint64_t total = 0;
+  for (int64_t v = 0; v < vocab; ++v) total += q[v] = p[v] > 0 ? static_cast<uint64_t>(std::ceil(p[v] / pmax * 4294967296.0)) : 0;
+  const uint64_t target = std::min<uint64_t>(static_cast<uint64_t>(std::floor(u * static_cast<double>(total))), total - 1);
+  uint64_t run = 0;
+  for (int64_t v = 0; v < vocab; ++v) {
+    if ((run += q[v]) > target) {
+      *token = v;
+      return true;
+    }
+  }
+  return false;
+}
+
+void fuzz_verify_sample(int64_t iters) {
+  Tally t("verify_sample");
+  for (int64_t it = 0; it < iters; ++it) {
+    const int64_t batch = pick_size(0, 3), n = pick_size(0, 20), vocab = chance(0.03) ? 0 : pick_size(1, 5);
+    int64_t stride = chance(0.3) ? n : 0;
+    if (chance(0.03)) stride = chance(0.5) ? n + randint(1, 3) : outside(0, 1);
+    const bool per_row = stride != 0 && stride == n;
+    const int64_t B = alloc(batch), N = alloc(n), V = alloc(vocab), trees = per_row ? B : 1;
+    std::vector<int32_t> parents;
+    for (int64_t x = 0; x < trees; ++x) {
+      std::vector<int32_t> p = random_parents(n);
+      parents.insert(parents.end(), p.begin(), p.end());
+    }
+    if (chance(0.1)) break_tree(parents);
+    std::vector<int64_t> tokens(B * N);
+    for (auto& x : tokens) x = randint(0, std::max<int64_t>(V, 1));  // a small vocabulary: deep walks
+    std::vector<float> probs(B * N * V);
+    for (auto& x : probs) x = chance(0.3) ? 0.f : static_cast<float>(randint(1, 1000)) / 1000.f;
+    std::vector<double> uniforms(B * N);
+    for (auto& x : uniforms) x = static_cast<double>(randint(0, 1 << 30)) / (1 << 30);
+    if (chance(0.25) && !probs.empty()) {  // bad weights or draws; an error only where the walk reads them
+      const float bad[] = {-1.f, NAN, INFINITY, -0.f};
+      probs[randint(0, probs.size())] = bad[randint(0, 4)];
+    }
+    if (chance(0.1) && !uniforms.empty()) {
+      const double bad[] = {-0.25, 1.0, 7.0, NAN, INFINITY};
+      uniforms[randint(0, uniforms.size())] = bad[randint(0, 5)];
+    }
+    if (chance(0.1) && B * N > 0) {  // a row of zero weights
+      const int64_t row = randint(0, B * N);
+      std::fill(probs.begin() + row * V, probs.begin() + (row + 1) * V, 0.f);
+    }
+    std::vector<int64_t> depth;
+    int64_t deepest = -1;
+    bool valid = batch >= 0 && n >= 0 && (stride == 0 || stride == n) && vocab >= 1;
+    for (int64_t x = 0; valid && x < (stride == 0 ? 1 : batch); ++x) {
+      valid = naive_tree(parents.data() + x * stride, n, depth);
+      if (valid) deepest = std::max(deepest, *std::max_element(depth.begin(), depth.end()));
+    }
+    int64_t width = std::max<int64_t>(deepest + 1, 0) + (chance(0.7) ? 0 : randint(0, 3));
+    if (chance(0.05)) width = chance(0.5) ? deepest : -1;
+    valid = valid && width >= 0 && (deepest < 0 || width >= deepest + 1);
+    std::vector<int64_t> len(B, -77), path(B * alloc(width), -77), bonus(B, -77);
+    std::vector<int64_t> want_len = len, want_path = path, want_bonus = bonus;
+    for (int64_t b = 0; valid && b < batch; ++b) {  // the walk: draw at the node, move to the first child holding the draw
+      const int32_t* par = parents.data() + b * stride;
+      int64_t node = 0, steps = 0, drawn = 0;
+      for (int64_t j = 0; j < width; ++j) want_path[b * width + j] = -1;
+      while (valid) {
+        want_path[b * width + steps++] = node;
+        valid = naive_draw(&probs[(b * n + node) * vocab], vocab, uniforms[b * n + steps - 1], &drawn);
+        int64_t next = -1;
+        for (int64_t i = 1; i < n && next < 0; ++i) if (par[i] == node && tokens[b * n + i] == drawn) next = i;
+        if (next < 0) break;
+        node = next;
+      }
+      want_len[b] = steps;
+      want_bonus[b] = drawn;
+    }
+    const Status s = k::verify_sample(tokens.data(), parents.data(), stride, probs.data(), uniforms.data(), batch, n,
+                                      vocab, width, len.data(), path.data(), bonus.data());
+    if (t.verdict(s, valid, it)) {
+      t.check(len == want_len && path == want_path && bonus == want_bonus, "call " + std::to_string(it) + ": outputs differ");
+    }
   }
 }
 
@@ -517,7 +674,7 @@ int64_t last_end(const int64_t* h, int64_t len, int64_t n, int64_t lo_end, int64
 // One episode: a table and history, then a random sequence of appends and lookups, mostly in step
 // with the index, some out of step, some with bad lengths; sometimes the table is corrupted (then
 // only "no access outside the buffers, outputs well formed" is required).
-void ngram_episode(Tally& append, Tally& lookup, Tally& garbage, int64_t& it) {
+void ngram_episode(Tally& append, Tally& lookup, Tally& candidates, Tally& garbage, int64_t& it) {
   const int64_t batch = pick_size(0, 3), capacity = pick_size(0, 24), table_ngram = pick_size(1, 4);
   int64_t slots = 1;
   while (slots <= std::max<int64_t>(capacity, 0)) slots *= 2;
@@ -579,6 +736,66 @@ void ngram_episode(Tally& append, Tally& lookup, Tally& garbage, int64_t& it) {
       } else {
         append.check(table == before, "call " + std::to_string(it) + ": the table changed on bad input");
       }
+    } else if (chance(0.4)) {  // candidates: several continuations, longest match first, no repeats
+      std::vector<int64_t> length(indexed);
+      int64_t max_ngram = randint(1, std::max<int64_t>(table_ngram, 1) + 1), max_tokens = pick_size(1, 6),
+              max_cand = pick_size(1, 4);
+      if (batch > 0 && chance(0.25)) {
+        const int64_t b = randint(0, batch);
+        length[b] = chance(0.7) ? randint(0, L + 1) : outside(0, L + 1);
+      }
+      if (chance(0.05)) max_ngram = chance(0.5) ? 0 : table_ngram + 1;
+      if (chance(0.04)) max_tokens = chance(0.5) ? 0 : -3;
+      if (chance(0.04)) max_cand = chance(0.5) ? 0 : -3;
+      bool valid = state_ok && max_ngram >= 1 && max_ngram <= table_ngram && max_tokens >= 1 && max_cand >= 1;
+      for (int64_t b = 0; valid && b < batch; ++b) valid = length[b] >= 0 && length[b] <= L;
+      const int64_t T = alloc(max_tokens), C = alloc(max_cand);
+      std::vector<int64_t> want(B * C * T, -1), want_count(B * C, 0), want_ngram(B * C, 0), want_start(B * C, 0);
+      for (int64_t b = 0; valid && b < batch; ++b) {
+        const int64_t* h = history.data() + b * L;
+        const int64_t len = length[b];
+        int64_t taken = 0;
+        for (int64_t n = std::min(max_ngram, len - 1); valid && n >= 1 && taken < C; --n) {
+          if (last_end(h, len, n, n, indexed[b]) != len) {  // the table must index exactly up to len
+            valid = false;
+            break;
+          }
+          for (int64_t x = len - 1; x >= n && taken < C; --x) {  // every earlier occurrence, most recent first
+            if (!std::equal(h + x - n, h + x, h + len - n)) continue;
+            const int64_t c = std::min(T, len - x);
+            bool repeats = false;
+            for (int64_t j = 0; j < taken && !repeats; ++j) {
+              const int64_t common = std::min(c, want_count[b * C + j]);
+              repeats = std::equal(h + x, h + x + common, want.begin() + (b * C + j) * T);
+            }
+            if (repeats) continue;
+            std::copy(h + x, h + x + c, want.begin() + (b * C + taken) * T);
+            want_count[b * C + taken] = c;
+            want_ngram[b * C + taken] = n;
+            want_start[b * C + taken] = x;
+            ++taken;
+          }
+        }
+      }
+      std::vector<int64_t> got(B * C * T, -77), count(B * C, -77), ngram(B * C, -77), start(B * C, -77);
+      const Status s = k::ngram_candidates(table.data(), batch, table_ngram, slots, history.data(), capacity,
+                                           length.data(), max_ngram, max_tokens, max_cand, got.data(), count.data(),
+                                           ngram.data(), start.data());
+      if (corrupt) {
+        ++garbage.calls;
+        garbage.ok += s.ok;
+        bool well_formed = true;
+        for (int64_t r = 0; s.ok && r < B * C; ++r) {
+          well_formed = well_formed && count[r] >= 0 && count[r] <= T;
+          for (int64_t j = std::max<int64_t>(count[r], 0); well_formed && j < T; ++j) well_formed = got[r * T + j] == -1;
+        }
+        garbage.check(well_formed, "call " + std::to_string(it) + ": candidates out of range");
+        continue;
+      }
+      if (candidates.verdict(s, valid, it)) {
+        candidates.check(got == want && count == want_count && ngram == want_ngram && start == want_start,
+                         "call " + std::to_string(it) + ": candidates differ");
+      }
     } else {  // lookup
       std::vector<int64_t> length(indexed);
       int64_t max_ngram = randint(1, std::max<int64_t>(table_ngram, 1) + 1), max_tokens = pick_size(0, 6);
@@ -629,9 +846,10 @@ void ngram_episode(Tally& append, Tally& lookup, Tally& garbage, int64_t& it) {
 }
 
 void fuzz_ngram(int64_t episodes) {
-  Tally append("ngram_index_append"), lookup("ngram_lookup"), garbage("ngram ops, corrupted tables");
+  Tally append("ngram_index_append"), lookup("ngram_lookup"), candidates("ngram_candidates"),
+      garbage("ngram ops, corrupted tables");
   int64_t it = 0;
-  for (int64_t e = 0; e < episodes; ++e) ngram_episode(append, lookup, garbage, it);
+  for (int64_t e = 0; e < episodes; ++e) ngram_episode(append, lookup, candidates, garbage, it);
 }
 
 }  // namespace
@@ -651,6 +869,7 @@ int main(int argc, char** argv) {
     fuzz_update_adjacency<int64_t, int32_t>(iters);
   }
   if (bench::selected(opt, "verify_greedy")) fuzz_verify_greedy(iters);
+  if (bench::selected(opt, "verify_sample")) fuzz_verify_sample(iters);
   if (bench::selected(opt, "compact_kv")) {
     fuzz_compact_kv<uint16_t>(iters);
     fuzz_compact_kv<uint64_t>(iters);
@@ -660,7 +879,11 @@ int main(int argc, char** argv) {
     fuzz_tree_attention<k::float16>(iters / 2, "float16");
     fuzz_tree_attention<k::bfloat16>(iters / 2, "bfloat16");
   }
+  if (bench::selected(opt, "merge_attention_states")) {
+    fuzz_merge_attention_states<float>(iters, "float");
+    fuzz_merge_attention_states<k::bfloat16>(iters / 2, "bfloat16");
+  }
   if (bench::selected(opt, "graft_chain")) fuzz_graft_chain(iters);
-  if (bench::selected(opt, "ngram")) fuzz_ngram(iters / 5);
+  if (bench::selected(opt, "ngram")) fuzz_ngram(iters / 4);
   return bench::exit_status();
 }

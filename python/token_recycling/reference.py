@@ -74,7 +74,7 @@ def verify_sample(tokens, parents, probs, uniforms):
     batch, n = tokens.shape
     per_row = parents.dim() == 2
     lens, paths, bonus = [], [], []
-    width = 1
+    width = 1 if per_row else max(_depths(parents)) + 1  # a shared tree sets the width even with no rows
     for b in range(batch):
         par = (parents[b] if per_row else parents).tolist()
         width = max(width, max(_depths(parents[b] if per_row else parents)) + 1)
