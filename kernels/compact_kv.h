@@ -23,6 +23,8 @@ struct KvTensor {
 // accepted_nodes: [batch, path_width].
 inline Status CheckCompactIndices(int64_t batch, int64_t seq, const int64_t* prefix_len,
                                   const int64_t* accepted_nodes, int64_t path_width, const int64_t* accept_len) {
+  Status s = CheckSizes({{"batch", batch}, {"seq", seq}, {"path_width", path_width}});
+  if (!s.ok) return s;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t p = prefix_len[b], n = accept_len[b];
     if (p < 0 || p > seq) return OutOfRange("prefix_len", b, p, 0, seq + 1);
@@ -33,7 +35,7 @@ inline Status CheckCompactIndices(int64_t batch, int64_t seq, const int64_t* pre
     }
     for (int64_t j = 0; j < n; ++j) {
       const int64_t node = accepted_nodes[b * path_width + j];
-      if (node < 0 || p + node >= seq) {
+      if (node < 0 || node >= seq - p) {  // (p + node could overflow)
         return OutOfRange("accepted_nodes", b * path_width + j, node, 0, seq - p);
       }
     }
@@ -48,12 +50,16 @@ Status compact_kv(const KvTensor<T>* tensors, int64_t num_tensors, int64_t batch
                   const int64_t* accept_len) {
   Status s = CheckCompactIndices(batch, seq, prefix_len, accepted_nodes, path_width, accept_len);
   if (!s.ok) return s;
+  s = CheckSizes({{"num_tensors", num_tensors}});
+  for (int64_t t = 0; s.ok && t < num_tensors; ++t) s = CheckSizes({{"heads", tensors[t].heads}, {"dim", tensors[t].dim}});
+  if (!s.ok) return s;
   std::vector<T> staged;
   for (int64_t t = 0; t < num_tensors; ++t) {
     const KvTensor<T>& c = tensors[t];
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t n = accept_len[b];
       const int64_t* nodes = accepted_nodes + b * path_width;
+      if (n == 0 || c.dim == 0) continue;  // nothing moves (and an empty tensor may have no data)
       staged.resize(static_cast<size_t>(n * c.dim));
       for (int64_t h = 0; h < c.heads; ++h) {
         T* base = c.data + b * c.stride_b + h * c.stride_h + prefix_len[b] * c.stride_s;

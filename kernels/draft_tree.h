@@ -13,7 +13,9 @@ namespace token_recycling::kernels {
 template <typename MatrixT>
 Status build_draft_tree(const MatrixT* matrix, int64_t vocab, int64_t k, const int64_t* roots, int64_t batch,
                         const int32_t* parents, const int32_t* ranks, int64_t num_nodes, int64_t* tokens) {
-  Status s = CheckTreeParents(parents, num_nodes, nullptr, nullptr);
+  Status s = CheckSizes({{"vocab", vocab}, {"k", k}, {"batch", batch}});
+  if (!s.ok) return s;
+  s = CheckTreeParents(parents, num_nodes, nullptr, nullptr);
   if (!s.ok) return s;
   for (int64_t i = 1; i < num_nodes; ++i) {
     if (ranks[i] < 0 || ranks[i] >= k) return OutOfRange("ranks", i, ranks[i], 0, k);

@@ -27,8 +27,14 @@ namespace token_recycling::kernels {
 inline Status graft_chain(const int64_t* tree_tokens, const int32_t* parents, int64_t batch, int64_t num_nodes,
                           const int64_t* chain, const int64_t* chain_len, int64_t chain_width, int64_t* tokens,
                           int32_t* out_parents, int64_t* depths, bool* mask, int64_t* num_out) {
+  Status s = CheckSizes({{"batch", batch}, {"num_nodes", num_nodes}, {"chain_width", chain_width}});
+  if (!s.ok) return s;
+  if (num_nodes > INT32_MAX - chain_width) {
+    return Status::Error(std::to_string(num_nodes) + " + " + std::to_string(chain_width) +
+                         " nodes do not fit int32 parents");
+  }
   std::vector<int32_t> depth(num_nodes);
-  Status s = CheckTreeParents(parents, num_nodes, depth.data(), nullptr);
+  s = CheckTreeParents(parents, num_nodes, depth.data(), nullptr);
   if (!s.ok) return s;
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t i = 0; i < num_nodes; ++i) {

@@ -36,6 +36,8 @@ inline void merge_weights(float lse_a, float lse_b, float* w_a, float* w_b, floa
 template <typename T>
 Status merge_attention_states(const Strided4D<const T>& a, const float* lse_a, const Strided4D<const T>& b,
                               const float* lse_b, const Strided4D<T>& out, float* lse_out, const MergeShape& s) {
+  Status size = CheckSizes({{"batch", s.batch}, {"heads", s.heads}, {"rows", s.rows}, {"head_dim", s.head_dim}});
+  if (!size.ok) return size;
   for (int64_t x = 0; x < s.batch; ++x) {
     for (int64_t h = 0; h < s.heads; ++h) {
       for (int64_t r = 0; r < s.rows; ++r) {

@@ -129,6 +129,9 @@ inline Status ngram_index_append(int64_t* table, int64_t batch, int64_t max_ngra
                                  const int64_t* history, int64_t capacity, const int64_t* old_len,
                                  const int64_t* new_len) {
   using namespace ngram_detail;
+  Status size = CheckSizes({{"batch", batch}, {"capacity", capacity}});
+  if (!size.ok) return size;
+  if (max_ngram < 1) return Status::Error("max_ngram = " + std::to_string(max_ngram) + " (the table's planes) must be at least 1");
   if (num_slots <= capacity || (num_slots & (num_slots - 1)) != 0) {
     return Status::Error("the table has " + std::to_string(num_slots) +
                          " slots per n; it needs a power of two greater than the capacity " + std::to_string(capacity));
@@ -205,6 +208,8 @@ inline Status ngram_lookup(const int64_t* table, int64_t batch, int64_t table_ng
                            const int64_t* history, int64_t capacity, const int64_t* length, int64_t max_ngram,
                            int64_t max_tokens, int64_t* tokens, int64_t* count) {
   using namespace ngram_detail;
+  Status size = CheckSizes({{"batch", batch}, {"capacity", capacity}, {"max_tokens", max_tokens}});
+  if (!size.ok) return size;
   if (num_slots <= capacity || (num_slots & (num_slots - 1)) != 0) {
     return Status::Error("the table has " + std::to_string(num_slots) +
                          " slots per n; it needs a power of two greater than the capacity " + std::to_string(capacity));
@@ -271,6 +276,8 @@ inline Status ngram_candidates(const int64_t* table, int64_t batch, int64_t tabl
                                int64_t max_tokens, int64_t max_candidates, int64_t* tokens, int64_t* count,
                                int64_t* ngram, int64_t* start) {
   using namespace ngram_detail;
+  Status size = CheckSizes({{"batch", batch}, {"capacity", capacity}});
+  if (!size.ok) return size;
   if (num_slots <= capacity || (num_slots & (num_slots - 1)) != 0) {
     return Status::Error("the table has " + std::to_string(num_slots) +
                          " slots per n; it needs a power of two greater than the capacity " + std::to_string(capacity));

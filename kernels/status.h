@@ -3,7 +3,9 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace token_recycling::kernels {
@@ -20,6 +22,15 @@ struct Status {
 inline Status OutOfRange(const char* name, int64_t index, int64_t value, int64_t lo, int64_t hi) {
   return Status::Error(std::string(name) + "[" + std::to_string(index) + "] = " + std::to_string(value) +
                        " is outside [" + std::to_string(lo) + ", " + std::to_string(hi) + ")");
+}
+
+// Sizes describe buffers the caller owns, so a negative one is a caller's bug: reported, never used
+// in an allocation or in pointer arithmetic. Every kernel checks its sizes first.
+inline Status CheckSizes(std::initializer_list<std::pair<const char*, int64_t>> sizes) {
+  for (const auto& [name, value] : sizes) {
+    if (value < 0) return Status::Error(std::string(name) + " = " + std::to_string(value) + " is negative");
+  }
+  return Status::Ok();
 }
 
 // Checks a tree given as parent indices: parents[0] == -1, 0 <= parents[i] < i.

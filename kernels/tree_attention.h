@@ -27,12 +27,15 @@ struct TreeAttentionShape {
 };
 
 inline Status CheckTreeAttentionShape(const TreeAttentionShape& s, const int64_t* prefix_len) {
+  Status st = CheckSizes({{"batch", s.batch}, {"q_heads", s.q_heads}, {"num_nodes", s.num_nodes}, {"seq", s.seq},
+                          {"head_dim", s.head_dim}});
+  if (!st.ok) return st;
   if (s.kv_heads <= 0 || s.q_heads % s.kv_heads != 0) {
     return Status::Error("q_heads (" + std::to_string(s.q_heads) + ") must be a multiple of kv_heads (" +
                          std::to_string(s.kv_heads) + ")");
   }
   for (int64_t b = 0; b < s.batch; ++b) {
-    if (prefix_len[b] < 0 || prefix_len[b] + s.num_nodes > s.seq) {
+    if (prefix_len[b] < 0 || prefix_len[b] > s.seq - s.num_nodes) {  // (prefix_len + num_nodes could overflow)
       return Status::Error("prefix_len[" + std::to_string(b) + "] = " + std::to_string(prefix_len[b]) +
                            " does not fit: need 0 <= prefix_len and prefix_len + num_nodes (" +
                            std::to_string(s.num_nodes) + ") <= kv length (" + std::to_string(s.seq) + ")");

@@ -13,6 +13,8 @@ namespace token_recycling::kernels {
 template <typename MatrixT, typename CandT>
 Status update_adjacency(MatrixT* matrix, int64_t vocab, int64_t k, const int64_t* tokens,
                         const CandT* candidates, int64_t count) {
+  Status s = CheckSizes({{"vocab", vocab}, {"k", k}, {"count", count}});
+  if (!s.ok) return s;
   for (int64_t i = 0; i < count; ++i) {
     if (tokens[i] < 0 || tokens[i] >= vocab) return OutOfRange("tokens", i, tokens[i], 0, vocab);
   }

@@ -79,27 +79,35 @@ inline Status sample_row(const float* p, int64_t vocab, double u, int64_t b, int
 // uses are always its first accept_len uniforms, whatever the tree: a caller that consumes exactly
 // those from a seeded stream gets output that depends on the seed alone, not on the drafts.
 // Outputs as verify_greedy: accept_len [batch] (root included), accepted_nodes [batch, path_width]
-// padded with -1, bonus [batch] (the token drawn at the last visited node).
+// padded with -1, bonus [batch] (the token drawn at the last visited node). Every tree is checked
+// before anything is written (a shared tree even when batch == 0, as the CUDA kernel does).
 inline Status verify_sample(const int64_t* tokens, const int32_t* parents, int64_t parents_batch_stride,
                             const float* probs, const double* uniforms, int64_t batch, int64_t num_nodes,
                             int64_t vocab, int64_t path_width, int64_t* accept_len, int64_t* accepted_nodes,
                             int64_t* bonus) {
+  Status size = CheckSizes({{"batch", batch}, {"num_nodes", num_nodes}, {"path_width", path_width}});
+  if (!size.ok) return size;
+  if (parents_batch_stride != 0 && parents_batch_stride != num_nodes) {
+    return Status::Error("parents_batch_stride = " + std::to_string(parents_batch_stride) +
+                         " must be 0 (one tree for every row) or num_nodes = " + std::to_string(num_nodes) +
+                         " (one tree per row)");
+  }
   if (vocab < 1 || vocab > kVerifySampleMaxVocab) {
     return Status::Error("probs has vocabulary size " + std::to_string(vocab) + ", need 1 to " +
                          std::to_string(kVerifySampleMaxVocab));
   }
   std::vector<int32_t> depth(num_nodes);
+  for (int64_t t = 0; t < (parents_batch_stride == 0 ? 1 : batch); ++t) {
+    int64_t max_depth = 0;
+    Status s = CheckTreeParents(parents + t * parents_batch_stride, num_nodes, depth.data(), &max_depth);
+    if (!s.ok) return s;
+    if (max_depth + 1 > path_width) {
+      return Status::Error("accepted_nodes has width " + std::to_string(path_width) +
+                           " but the tree is " + std::to_string(max_depth) + " deep (need max_depth + 1)");
+    }
+  }
   for (int64_t b = 0; b < batch; ++b) {
     const int32_t* par = parents + b * parents_batch_stride;
-    if (b == 0 || parents_batch_stride != 0) {
-      int64_t max_depth = 0;
-      Status s = CheckTreeParents(par, num_nodes, depth.data(), &max_depth);
-      if (!s.ok) return s;
-      if (max_depth + 1 > path_width) {
-        return Status::Error("accepted_nodes has width " + std::to_string(path_width) +
-                             " but the tree is " + std::to_string(max_depth) + " deep (need max_depth + 1)");
-      }
-    }
     const int64_t* tok = tokens + b * num_nodes;
     int64_t* path = accepted_nodes + b * path_width;
     int64_t node = 0, len = 0, drawn = 0;

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -139,6 +140,7 @@ def test_summary_uses_totals():
 
 
 def test_report_files_hold_the_numbers(tmp_path):
+    pytest.importorskip("matplotlib")
     results = synthetic_results()
     paths = report.write(results, tmp_path / "out")
     text = paths["report"].read_text()
@@ -156,6 +158,25 @@ def test_report_files_hold_the_numbers(tmp_path):
         assert data[:8] == PNG_MAGIC
         img = matplotlib.image.imread(paths[key])
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """matplotlib made unimportable, as in an install without the bench extra."""
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    with pytest.raises(ImportError):
+        import matplotlib  # noqa: F401
+    assert not report.plots_available()
+
+
+def test_report_without_matplotlib_has_the_numbers_and_says_how_to_get_plots(tmp_path, no_matplotlib):
+    paths = report.write(synthetic_results(), tmp_path)
+    assert set(paths) == {"report"} and sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+    text = paths["report"].read_text()
+    assert "| **all** | 3 | 3.00 | 10.0 | 15.0 | 23.1 | 2.31x | 1.54x | 1.50x |" in text
+    assert "speedup.png" not in text and "pip install token-recycling[bench]" in text
 
 
 def test_report_without_baselines(tmp_path):
@@ -199,8 +220,24 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path, tiny_folder):
         assert all(r["seconds"] > 0 for r in s["methods"].values())
     text = (out / "report.md").read_text()
     assert "| **all** | 2 |" in text and "ours vs greedy: 0 of 2 turns differ" in text
+    if not report.plots_available():
+        return
     assert (out / "speedup.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "accept_lengths.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_without_matplotlib_writes_results_and_report_and_exits_0(tmp_path, tiny_folder, no_matplotlib, capsys):
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "category": "c", "turns": ["Say hi."]}])
+    out = tmp_path / "out"
+    rc = main(["bench", "--model", str(tiny_folder), "--dataset", str(data), "--max-new-tokens", "4",
+               "--dtype", "float32", "--baselines", "greedy", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["report.md", "results.json"]
+    assert json.loads((out / "results.json").read_text())["complete"] is True
+    assert "| **all** | 1 |" in (out / "report.md").read_text()
+    hint = [line for line in err.splitlines() if "pip install token-recycling[bench]" in line]
+    assert len(hint) == 1 and "matplotlib is not installed" in hint[0] and "Traceback" not in err
 
 
 def test_multi_turn_feeds_the_greedy_answer_back(tmp_path, tiny_folder):

@@ -127,15 +127,67 @@ class _Stdin(io.StringIO):
         return self._tty
 
 
-def test_prompt_comes_from_argument_then_stdin_then_default(monkeypatch):
+def test_prompt_comes_from_argument_then_stdin_then_default(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", _Stdin("from stdin\n", tty=False))
     assert cli._read_prompt(_args("from argv")) == "from argv"
     assert cli._read_prompt(_args()) == "from stdin\n"
     monkeypatch.setattr(sys, "stdin", _Stdin("", tty=True))
     assert cli._read_prompt(_args()) == cli.DEFAULT_PROMPT
-    monkeypatch.setattr(sys, "stdin", _Stdin("  \n", tty=False))
-    with pytest.raises(cli.UsageError, match="empty"):
-        cli._read_prompt(_args())
+    assert capsys.readouterr().err == ""  # a terminal: the example, silently
+    monkeypatch.setattr(sys, "stdin", None)  # no stdin at all (a closed descriptor, pythonw)
+    assert cli._read_prompt(_args()) == cli.DEFAULT_PROMPT
+
+
+@pytest.mark.parametrize("text", ["", "  \n\t\n"])
+def test_empty_stdin_falls_back_to_the_example_with_a_note(monkeypatch, capsys, text):
+    monkeypatch.setattr(sys, "stdin", _Stdin(text, tty=False))
+    assert cli._read_prompt(_args()) == cli.DEFAULT_PROMPT
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "standard input is empty" in err and cli.DEFAULT_PROMPT in err
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_an_explicit_empty_prompt_is_an_error(monkeypatch, capsys, tiny_folder, prompt):
+    monkeypatch.setattr(sys, "stdin", _Stdin("not read", tty=False))
+    with pytest.raises(cli.UsageError, match="the prompt is empty"):
+        cli._read_prompt(_args(prompt))
+    rc, out, err = run_main(["generate", prompt, "--model", str(tiny_folder)], capsys)
+    assert rc == 2 and out == "" and err == "token-recycling: error: the prompt is empty\n"
+
+
+def test_generate_with_empty_stdin_answers_the_example(capsys, monkeypatch, tiny_folder):
+    monkeypatch.setattr(sys, "stdin", _Stdin("", tty=False))
+    rc, out, err = run_main(["generate", "--model", str(tiny_folder), "--max-new-tokens", "3", "--dtype", "float32",
+                             "--tree", "chain-4"], capsys)
+    assert rc == 0, err
+    assert "standard input is empty: using the example prompt" in err and "3 new tokens" in err
+
+
+# ------------------------------------------------------------------------------ reproducibility
+
+@pytest.mark.parametrize("requested,fast_bf16,note", [
+    ("float32", True, None), ("auto", False, None),
+    ("bfloat16", False, "bfloat16"), ("float16", False, "float16"), ("auto", True, "bfloat16 auto")])
+def test_half_precision_prints_one_reproducibility_line(monkeypatch, capsys, requested, fast_bf16, note):
+    monkeypatch.setattr(cli.models, "cpu_has_fast_bf16", lambda flags: fast_bf16)
+    dtype = cli._dtype(argparse.Namespace(dtype=requested, device="cpu"))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith(f"[token-recycling] dtype {cli.models.dtype_name(dtype)}")
+    if note is None:
+        assert dtype == torch.float32 and len(lines) == 1
+        return
+    name = note.split()[0]
+    assert dtype == cli.models.DTYPES[name] and len(lines) == 2
+    assert f"in {name} the output can differ from plain greedy decoding, and from run to run" in lines[1]
+    assert "--dtype float32 gives exact greedy" in lines[1]
+    assert ("chosen automatically" in lines[1]) == note.endswith("auto")
+
+
+def test_generate_in_bfloat16_says_so(capsys, tiny_folder):
+    rc, _, err = run_main(["generate", "hi", "--model", str(tiny_folder), "--max-new-tokens", "2",
+                           "--dtype", "bfloat16", "--tree", "chain-4"], capsys)
+    assert rc == 0, err
+    assert "note: in bfloat16 the output can differ" in err and "chosen automatically" not in err
 
 
 # ------------------------------------------------------------------------------------ generate

@@ -5,6 +5,7 @@
 // kernels/cuda/host_emulation.h runs the kernels on host threads.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -376,6 +377,11 @@ void check_compact_kv(const std::string& type) {
     bad_prefix = prefix;
     bad_prefix[1] = seq - 2;
     compact_case<T>(label + " prefix + accept_len > seq", batch, seq, layouts, bad_prefix, nodes, width, len);
+    bad_prefix = prefix;  // a node whose position prefix + node overflows int64
+    bad_prefix[1] = std::max<int64_t>(bad_prefix[1], 1);
+    bad = nodes;
+    bad[width + 3] = std::numeric_limits<int64_t>::max();
+    compact_case<T>(label + " node at INT64_MAX", batch, seq, layouts, bad_prefix, bad, width, len);
   }
 }
 
@@ -476,6 +482,7 @@ void check_tree_attention(const std::string& type, bool quick) {
   }
   attention_case<T>(type, 3, 6, 3, 37, 130, 64, {93, 50, 0}, false, 2, false);  // one chunk, rows of 2 heads in a tile
   attention_case<T>(type, 2, 4, 2, 20, 300, 64, {240, 281}, false, 64, true);   // prefix_len[1] does not fit
+  attention_case<T>(type, 2, 4, 2, 20, 300, 64, {240, std::numeric_limits<int64_t>::max()}, false, 64, true);  // prefix + N overflows
 }
 
 }  // namespace

@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(256)
     } else {
       for (int64_t j = 0; j < n; ++j) {
         const int64_t node = accepted_nodes[b * path_width + j];
-        if (node < 0 || p + node >= seq) {
+        if (node < 0 || node >= seq - p) {  // (p + node could overflow)
           report(err, kCompactNodes, b * path_width + j, node, 0, seq - p);
           break;
         }
@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(128)
       const int64_t* nodes = accepted_nodes + b * path_width;
       // Checked by compact_kv_check; checked again (by every thread alike) so no access can stray.
       bool ok = p >= 0 && n > 0 && n <= path_width && p + n <= seq;
-      for (int64_t j = 0; ok && j < n; ++j) ok = nodes[j] >= 0 && p + nodes[j] < seq;
+      for (int64_t j = 0; ok && j < n; ++j) ok = nodes[j] >= 0 && nodes[j] < seq - p;
       if (!ok) continue;
       const int64_t es = sizeof(T);
       const bool vec = c.stride_d == 1 && aligned16(c.data, c.dim * es, c.stride_b * es, c.stride_h * es, c.stride_s * es);

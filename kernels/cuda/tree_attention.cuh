@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(128)
   const int64_t bh = blockIdx.x / tiles / chunks;
   const int64_t b = bh / s.kv_heads, hk = bh % s.kv_heads;
   const int64_t prefix = a.prefix_len != nullptr ? a.prefix_len[b] : a.uniform_prefix;
-  if (prefix < 0 || prefix + N > s.seq) {
+  if (prefix < 0 || prefix > s.seq - N) {  // (prefix + N could overflow)
     if (tile == 0 && chunk == 0 && threadIdx.x == 0) report(err, kAttnPrefix, b, prefix, N, s.seq);
     return;
   }

@@ -86,6 +86,9 @@ inline cudaError_t verify_greedy(const int64_t* tokens, const int64_t* predictio
                                  int64_t parents_batch_stride, int64_t batch, int64_t num_nodes, int32_t* state,
                                  int64_t* accept_len, int64_t* accepted_nodes, int64_t* bonus, DeviceError* err,
                                  cudaStream_t stream) {
+  if (batch < 0 || num_nodes < 0 || (parents_batch_stride != 0 && parents_batch_stride != num_nodes)) {
+    return cudaErrorInvalidValue;
+  }
   cudaError_t e = clear_error(err, stream);
   if (e != cudaSuccess) return e;
   const unsigned threads = num_nodes <= 64 ? 64 : (num_nodes <= 128 ? 128 : 256);

@@ -158,6 +158,9 @@ inline cudaError_t verify_sample(const int64_t* tokens, const int32_t* parents, 
                                  const float* probs, const double* uniforms, int64_t batch, int64_t num_nodes,
                                  int64_t vocab, int32_t* depth, int64_t* accept_len, int64_t* accepted_nodes,
                                  int64_t* bonus, DeviceError* err, cudaStream_t stream) {
+  if (batch < 0 || num_nodes < 0 || (parents_batch_stride != 0 && parents_batch_stride != num_nodes)) {
+    return cudaErrorInvalidValue;
+  }
   cudaError_t e = clear_error(err, stream);
   if (e != cudaSuccess) return e;
   return launch(verify_sample_kernel, dim3(blocks_for(batch, 1)), dim3(kVerifySampleThreads), 0, stream, tokens,

@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from a prompt, streamed as tokens are accepted")
-    g.add_argument("prompt", nargs="?", help="the prompt (default: read stdin when it is not a terminal, "
-                                             "else a built-in example prompt)")
+    g.add_argument("prompt", nargs="?", help="the prompt (default: stdin when it is not a terminal and not "
+                                             "empty, else a built-in example prompt)")
     _common(g, 256)
     g.set_defaults(func=cmd_generate)
 
@@ -159,7 +159,17 @@ def _dtype(args):
             fast = models.cpu_has_fast_bf16(models.cpu_flags())
             why = " (auto: CPU has AMX/AVX512-BF16)" if fast else " (auto: CPU without native bf16)"
     models.stderr_log(f"[token-recycling] dtype {models.dtype_name(dtype)}{why}")
+    if dtype != models.DTYPES["float32"]:
+        models.stderr_log(reproducibility_note(dtype, auto=args.dtype == "auto"))
     return dtype
+
+
+def reproducibility_note(dtype, auto: bool) -> str:
+    """One line for bf16/fp16: where two logits nearly tie, rounding decides the argmax."""
+    name = models.dtype_name(dtype)
+    chosen = f"{name} was chosen automatically; " if auto else ""
+    return (f"[token-recycling] note: in {name} the output can differ from plain greedy decoding, and from "
+            f"run to run, where two logits nearly tie ({chosen}--dtype float32 gives exact greedy)")
 
 
 def _quiet_transformers() -> None:
@@ -205,16 +215,21 @@ def _recycler(model, args, tree):
 
 
 def _read_prompt(args) -> str:
+    """The argument, else stdin when it is not a terminal, else (or when stdin is empty) the example.
+
+    An explicit empty argument is a mistake and stays one; empty stdin is what CI, `docker run`
+    without -t or `< /dev/null` give, and means "no prompt", as a terminal does.
+    """
     if args.prompt is not None:
-        prompt = args.prompt
-    elif not sys.stdin.isatty():
+        if not args.prompt.strip():
+            raise UsageError("the prompt is empty")
+        return args.prompt
+    if sys.stdin is not None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
-    else:
-        prompt = DEFAULT_PROMPT
-    if not prompt.strip():
-        raise UsageError("the prompt is empty (stdin was read because no prompt argument was given)"
-                         if args.prompt is None else "the prompt is empty")
-    return prompt
+        if prompt.strip():
+            return prompt
+        models.stderr_log(f"[token-recycling] standard input is empty: using the example prompt {DEFAULT_PROMPT!r}")
+    return DEFAULT_PROMPT
 
 
 def cmd_generate(args) -> int:
@@ -305,6 +320,8 @@ def cmd_bench(args) -> int:
     parts += [f"{m} mismatches {n}" for m, n in total["mismatches"].items() if n is not None]
     print("; ".join(parts))
     print(f"results: {out / 'results.json'}\nreport:  {paths['report']}")
+    if "speedup" not in paths:
+        models.stderr_log(f"[token-recycling] {report.PLOTS_HINT}")
     return 0
 
 

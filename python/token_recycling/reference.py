@@ -27,7 +27,7 @@ def build_draft_tree(matrix, roots, parents, ranks):
 
 def update_adjacency(matrix, tokens, candidates):
     flat_tokens = tokens.reshape(-1).tolist()
-    flat_cand = candidates.reshape(len(flat_tokens), -1)
+    flat_cand = candidates.reshape(len(flat_tokens), candidates.shape[-1])  # (-1 is ambiguous when empty)
     for i, t in enumerate(flat_tokens):  # in order: the last occurrence wins
         matrix[t] = flat_cand[i].to(matrix.dtype)
 
@@ -36,7 +36,7 @@ def verify_greedy(tokens, predictions, parents):
     batch, n = tokens.shape
     per_row = parents.dim() == 2
     lens, paths, bonus = [], [], []
-    width = 1
+    width = 1 if per_row else max(_depths(parents)) + 1  # a shared tree sets the width even with no rows
     for b in range(batch):
         par = parents[b] if per_row else parents
         depth = _depths(par)
@@ -74,7 +74,7 @@ def verify_sample(tokens, parents, probs, uniforms):
     batch, n = tokens.shape
     per_row = parents.dim() == 2
     lens, paths, bonus = [], [], []
-    width = 1
+    width = 1 if per_row else max(_depths(parents)) + 1  # a shared tree sets the width even with no rows
     for b in range(batch):
         par = (parents[b] if per_row else parents).tolist()
         width = max(width, max(_depths(parents[b] if per_row else parents)) + 1)

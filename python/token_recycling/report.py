@@ -3,6 +3,9 @@
 Rates are totals over totals (all tokens / all seconds), never means of per-prompt rates, so a
 short answer does not weigh as much as a long one. MAT is Token Recycling's mean accepted tokens
 per decoding step (bonus token included).
+
+The plots need matplotlib (the ``bench`` extra). Without it the report is written without them and
+says how to get them; ``write`` can redraw them from results.json later.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from collections import Counter
 from pathlib import Path
 
 ALL = "all"
+PLOTS_HINT = ("plots not drawn: matplotlib is not installed (pip install token-recycling[bench]; then "
+              "token_recycling.report.write(json.load(open('results.json')), out_dir) draws them)")
 
 
 def _rate(tokens: float, seconds: float) -> float | None:
@@ -62,12 +67,24 @@ def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def plot_speedup(table: dict, path: Path, title: str) -> None:
-    import matplotlib
-
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plots_available() -> bool:
+    return _pyplot() is not None
+
+
+def plot_speedup(table: dict, path: Path, title: str) -> None:
+    plt = _pyplot()
     pairs = [p for p in PAIR_NAMES if any(p in r["speedup"] for r in table.values())]
     cats = list(table)
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cats) + 2), 4))
@@ -88,11 +105,7 @@ def plot_speedup(table: dict, path: Path, title: str) -> None:
 
 
 def plot_accept_lengths(counts: Counter, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     lengths = sorted(counts)
     ax.bar(lengths, [counts[n] for n in lengths], width=0.8)
@@ -106,7 +119,7 @@ def plot_accept_lengths(counts: Counter, path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(results: dict, table: dict, counts: Counter) -> str:
+def markdown(results: dict, table: dict, counts: Counter, plots: bool = True) -> str:
     cfg, env = results["config"], results["environment"]
     methods = list(cfg["methods"])
     lines = ["# Token Recycling benchmark", ""]
@@ -170,7 +183,10 @@ def markdown(results: dict, table: dict, counts: Counter) -> str:
             f"{n}: {100 * counts[n] / steps:.1f}%" for n in sorted(counts)) + f" ({steps} steps).")
         lines.append("")
     lines += regret_lines(table, methods) + choice_lines(results)
-    lines += ["![speedup by category](speedup.png)", "", "![accepted lengths](accept_lengths.png)", ""]
+    if plots:
+        lines += ["![speedup by category](speedup.png)", "", "![accepted lengths](accept_lengths.png)", ""]
+    else:
+        lines += [f"({PLOTS_HINT}.)", ""]
     return "\n".join(lines)
 
 
@@ -211,13 +227,21 @@ def choice_lines(results: dict) -> list[str]:
 
 
 def write(results: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Writes report.md, speedup.png and accept_lengths.png into ``out_dir``; returns their paths."""
+    """Writes report.md, speedup.png and accept_lengths.png into ``out_dir``; returns their paths.
+
+    Without matplotlib only report.md is written (its paths then lack the two plots) and the report
+    says how to get them: see :data:`PLOTS_HINT`.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = summarize(results)
     counts = accept_length_counts(results)
-    paths = {"report": out / "report.md", "speedup": out / "speedup.png", "accept_lengths": out / "accept_lengths.png"}
-    paths["report"].write_text(markdown(results, table, counts))
+    plots = plots_available()
+    paths = {"report": out / "report.md"}
+    paths["report"].write_text(markdown(results, table, counts, plots))
+    if not plots:
+        return paths
+    paths.update(speedup=out / "speedup.png", accept_lengths=out / "accept_lengths.png")
     cfg = results["config"]
     plot_speedup(table, paths["speedup"], f"Speedup by category: {cfg.get('model', '?')}, {cfg.get('dtype', '?')}, "
                                           f"{results['environment'].get('device', '?')}")
