@@ -1,0 +1,17 @@
+"""Token Recycling as a speculative proposer for vLLM (``method="custom_class"``).
+
+    LLM(model, speculative_config={"method": "custom_class",
+                                   "model": "token_recycling.vllm.TokenRecyclingProposer",
+                                   "num_speculative_tokens": 4})
+
+vLLM builds the proposer inside its worker process with the engine's config and calls
+``propose(...)`` once per step for the whole batch; its rejection sampler verifies the drafts, so
+the output is what the engine would produce without speculation (greedy: token for token).
+
+Nothing here imports vLLM at module level (the proposer only reads the config it is handed), and
+``import token_recycling`` never imports this subpackage.
+"""
+
+from .options import ProposerOptions  # noqa: F401
+from .proposer import TokenRecyclingProposer  # noqa: F401
+from .worker import TokenRecyclingWorkerExtension  # noqa: F401
