@@ -15,8 +15,9 @@ for token with no speculation (bf16: a near-tie can flip a token; fp32 must matc
 
 Methods: ``none``, ``ngram`` (vLLM's prompt lookup: ``prompt_lookup_max=4``, so min = max = 4, as in
 vLLM's docs), ``suffix`` (needs ``arctic_inference.suffix_decoding`` importable; skipped otherwise),
-``ours``; ``ours:KEY=VALUE,...`` sets the proposer's environment options for that engine (e.g.
-``ours:RECYCLE=accepted,MIN_MATCH=2``; see token_recycling/vllm/options.py).
+``ours``; ``METHOD:K=6`` sets num_speculative_tokens for one engine, ``ours:KEY=VALUE,...`` the
+proposer's environment options (e.g. ``ours:RECYCLE=accepted,MIN_MATCH=2``; see
+token_recycling/vllm/options.py).
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ def parse_method(spec: str, k: int) -> tuple[str, dict | None, dict]:
     env = {}
     for item in filter(None, opts.split(",")):
         key, _, value = item.partition("=")
-        env["TOKEN_RECYCLING_" + key.strip().upper()] = value.strip()
+        if key.strip().upper() == "K":
+            k = int(value)
+        else:
+            env["TOKEN_RECYCLING_" + key.strip().upper()] = value.strip()
     if name == "none":
         return spec, None, env
     if name == "ngram":
@@ -64,13 +68,16 @@ def load_prompts(limit: int) -> list[tuple[str, str, str]]:
 
 
 def spec_counters(llm) -> dict:
+    """This engine's vllm:spec_decode_* counters. ``llm.get_metrics()`` cannot tell engines apart:
+    every new engine in a process re-registers the global Prometheus metrics, so the counters of
+    the engine's own stat logger are read instead."""
     names = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
-    out = dict.fromkeys(names, 0)
-    for m in llm.get_metrics():
-        for n in names:
-            if m.name == f"vllm:spec_decode_{n}":
-                out[n] += int(m.value)
-    return out
+    for stat_logger in llm.llm_engine.logger_manager.stat_loggers:
+        prom = getattr(stat_logger, "spec_decoding_prom", None)
+        if prom is not None:  # without speculation it has no counters
+            return {n: int(sum(c._value.get() for c in getattr(prom, f"counter_spec_decode_{n}", {}).values()))
+                    for n in names}
+    return dict.fromkeys(names, 0)
 
 
 def make_engine(vllm, model: str, dtype: str, spec: dict | None, env: dict, max_seqs: int, eager: bool):
