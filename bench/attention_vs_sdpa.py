@@ -1,9 +1,21 @@
 """Tree attention (token_recycling) vs what transformers' sdpa backend runs for the same verification
-step: repeat_kv + torch SDPA with an additive float mask [1, 1, N, P + N].
+step, and an unmasked FlashAttention-class reference for the same bytes.
+
+  ours   ops.tree_attention (one kernel: prefix + tree block)
+  two    two-part tree attention (hf_attention.two_part_attention): the prefix through torch's flash
+         SDPA with its LSE (GQA folded into query rows), the tree block through ops.tree_attention_lse,
+         merged by ops.merge_attention_states. ours vs two decides hf_attention's TWO_PART_MIN_PREFIX
+  hf     transformers' sdpa_attention_forward with an additive mask [1, 1, N, P + N]: repeat_kv (a
+         copy of K/V for GQA; none for MHA, as repeat_kv returns its input when n_rep == 1), then
+         torch SDPA (the memory-efficient kernel, the one that takes a mask)
+  flash  torch SDPA over the prefix only, no mask, GQA folded into query rows q [1, Hkv, G*N, D]:
+         what a FlashAttention-class kernel costs for the prefix part; a floor, not a full answer
 
 Llama-7B shapes: B=1, 32 query heads, 8 or 32 kv heads, head_dim 128, the paper's 81-node tree,
-prefix 512..32k, bf16. Timed with CUDA events (median of --reps calls after warm-up); the outputs
-are compared too. --device cpu --quick runs a tiny smoke version on a machine without a GPU.
+prefix 512..32k, bf16. Timed with CUDA events: median of --reps calls after warm-up, the L2 cache
+flushed (a 256 MB write) before every timed call, so K/V come from HBM. Per row: ms, the % of the
+GPU's HBM peak the bytes that must move (q, K, V, out) reach, and TFLOP/s. The outputs are
+compared too. --device cpu --quick runs a tiny smoke version on a machine without a GPU.
 
     python bench/attention_vs_sdpa.py [--quick] [--device cuda] [--json out.json]
 """
@@ -18,13 +30,36 @@ import time
 import torch
 import torch.nn.functional as F
 
-from token_recycling import make_tree, ops
+from token_recycling import hf_attention, make_tree, ops
+
+
+def hbm_peak_bytes_per_s() -> float | None:
+    """The GPU's HBM peak from its memory clock and bus width (double data rate), else None."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 2.0 * clock_khz * 1e3 * bus_bits / 8
+    known = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12}
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in known.items() if k in name), None)
+
+
+_L2_FLUSH: list[torch.Tensor] = []
+
+
+def flush_l2(device: str) -> None:
+    if device != "cuda":
+        return
+    if not _L2_FLUSH:
+        _L2_FLUSH.append(torch.empty(256 * 2**20, dtype=torch.uint8, device=device))
+    _L2_FLUSH[0].zero_()
 
 
 def median_seconds(fn, reps: int, device: str) -> float:
     fn()
     times = []
     for _ in range(reps):
+        flush_l2(device)
         if device == "cuda":
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -55,17 +90,40 @@ def compare(hq: int, hkv: int, d: int, prefix: int, tree_mask: torch.Tensor, dty
     def ours():
         return ops.tree_attention(q, k, v, prefix_len, mask, scale)
 
-    def sdpa():  # transformers' sdpa_attention_forward with a mask: repeat_kv, then SDPA
-        kr = k.repeat_interleave(hq // hkv, dim=1)
-        vr = v.repeat_interleave(hq // hkv, dim=1)
+    def hf():  # transformers' sdpa_attention_forward with a mask: repeat_kv (none for MHA), then SDPA
+        kr, vr = (k, v) if hq == hkv else (k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1))
         return F.scaled_dot_product_attention(q, kr, vr, attn_mask=additive, scale=scale)
 
-    diff = (ours().float() - sdpa().float()).abs().max().item()
-    t_ours, t_sdpa = median_seconds(ours, reps, device), median_seconds(sdpa, reps, device)
+    group = hq // hkv
+    q_folded = q.reshape(1, hkv, group * n, d)  # query rows of one kv head together: no K/V copy
+    k_prefix, v_prefix = k[:, :, :prefix], v[:, :, :prefix]
+
+    def flash():  # the prefix part alone, no mask: the FlashAttention-class floor
+        return F.scaled_dot_product_attention(q_folded, k_prefix, v_prefix, scale=scale)
+
+    def two():
+        return hf_attention.two_part_attention(q, k, v, prefix, mask, scale)
+
+    diff = (ours().float() - hf().float()).abs().max().item()
+    try:  # the two-part path has not run on a GPU yet: report its failure, keep the other columns
+        diff_two = (two().float() - hf().float()).abs().max().item()
+        two_error = None
+    except Exception as e:  # noqa: BLE001
+        diff_two, two_error = float("nan"), f"{type(e).__name__}: {e}"
+        print(f"# two-part failed at prefix {prefix}, Hkv {hkv}: {two_error}", flush=True)
+    t_ours, t_hf, t_flash = (median_seconds(f, reps, device) for f in (ours, hf, flash))
+    t_two = median_seconds(two, reps, device) if two_error is None else float("nan")
     flops = 4.0 * hq * n * (prefix + n) * d
-    return {"hq": hq, "hkv": hkv, "d": d, "n": n, "prefix": prefix, "dtype": str(dtype).removeprefix("torch."),
-            "ours_ms": t_ours * 1e3, "sdpa_ms": t_sdpa * 1e3, "speedup": t_sdpa / t_ours,
-            "ours_tflops": flops / t_ours / 1e12, "max_abs_diff": diff}
+    moved = (2 * hkv * (prefix + n) + 2 * hq * n) * d * q.element_size()  # K, V read; q read, out written
+    peak = hbm_peak_bytes_per_s() if device == "cuda" else None
+    row = {"hq": hq, "hkv": hkv, "d": d, "n": n, "prefix": prefix, "dtype": str(dtype).removeprefix("torch."),
+           "max_abs_diff": diff, "max_abs_diff_two": diff_two, "two_error": two_error, "bytes": moved}
+    for name, t in (("ours", t_ours), ("two", t_two), ("hf", t_hf), ("flash", t_flash)):
+        row[f"{name}_ms"] = t * 1e3
+        row[f"{name}_tflops"] = flops / t / 1e12
+        row[f"{name}_hbm_pct"] = 100.0 * moved / t / peak if peak else None
+    row["speedup_vs_hf"] = t_hf / t_ours
+    return row
 
 
 def main() -> None:
@@ -84,17 +142,28 @@ def main() -> None:
         shapes = [(32, hkv, 128, p) for hkv in (8, 32) for p in (512, 2048, 8192, 32768)]
     if args.device == "cuda":
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"{'Hq':>3} {'Hkv':>4} {'D':>4} {'N':>4} {'prefix':>7} {'ours ms':>9} {'sdpa ms':>9} {'speedup':>8} "
-          f"{'TFLOP/s':>8} {'max|diff|':>10}")
+        peak = hbm_peak_bytes_per_s()
+        print(f"# HBM peak {peak / 1e12:.2f} TB/s" if peak else "# HBM peak unknown: no % column")
+    print("# L2 flushed before every timed call; % of HBM peak = (q + K + V + out bytes) / time / peak")
+    cols = "".join(f" {name + ' ms':>10} {'%HBM':>5} {'TFLOP/s':>7}" for name in ("ours", "two", "hf", "flash"))
+    print(f"{'Hq':>3} {'Hkv':>4} {'D':>4} {'N':>4} {'prefix':>7}{cols} {'ours/hf':>7} {'max|diff|':>10}")
     rows = []
     for hq, hkv, d, prefix in shapes:
         r = compare(hq, hkv, d, prefix, tree, dtype, args.device, reps)
         rows.append(r)
-        print(f"{hq:>3} {hkv:>4} {d:>4} {r['n']:>4} {prefix:>7} {r['ours_ms']:>9.3f} {r['sdpa_ms']:>9.3f} "
-              f"{r['speedup']:>8.2f} {r['ours_tflops']:>8.2f} {r['max_abs_diff']:>10.2e}", flush=True)
+        cells = "".join(f" {r[name + '_ms']:>10.3f} {_pct(r[name + '_hbm_pct']):>5} {r[name + '_tflops']:>7.2f}"
+                        for name in ("ours", "two", "hf", "flash"))
+        print(f"{hq:>3} {hkv:>4} {d:>4} {r['n']:>4} {prefix:>7}{cells} {r['speedup_vs_hf']:>7.2f} "
+              f"{max(r['max_abs_diff'], r['max_abs_diff_two']):>10.2e}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if any(r["two_error"] for r in rows):
+        raise SystemExit("two-part attention failed on some rows (see above)")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
 
 
 if __name__ == "__main__":

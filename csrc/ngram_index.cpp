@@ -67,4 +67,29 @@ std::tuple<at::Tensor, at::Tensor> ngram_lookup_cpu(const at::Tensor& table, con
   return {tokens, count};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ngram_candidates_cpu(
+    const at::Tensor& table, const at::Tensor& history, const at::Tensor& length, int64_t max_ngram,
+    int64_t max_tokens, int64_t max_candidates) {
+  constexpr const char* op = "ngram_candidates";
+  check_ngram_state(table, history, op);
+  check_lengths(length, table, op, "length");
+  TORCH_CHECK_VALUE(max_ngram >= 1 && max_ngram <= table.size(1), op, ": max_ngram = ", max_ngram,
+                    " is outside [1, ", table.size(1), "] (the table's max_ngram, table.size(1))");
+  TORCH_CHECK_VALUE(max_tokens >= 1, op, ": max_tokens must be at least 1, got ", max_tokens);
+  TORCH_CHECK_VALUE(max_candidates >= 1, op, ": max_candidates must be at least 1, got ", max_candidates);
+
+  const auto t = table.contiguous(), h = history.contiguous(), len = length.contiguous();
+  const int64_t B = table.size(0);
+  auto tokens = at::empty({B, max_candidates, max_tokens}, history.options());
+  auto count = at::empty({B, max_candidates}, history.options());
+  auto ngram = at::empty({B, max_candidates}, history.options());
+  auto start = at::empty({B, max_candidates}, history.options());
+  throw_if_error(kernels::ngram_candidates(t.data_ptr<int64_t>(), B, t.size(1), t.size(2), h.data_ptr<int64_t>(),
+                                           h.size(1), len.data_ptr<int64_t>(), max_ngram, max_tokens, max_candidates,
+                                           tokens.data_ptr<int64_t>(), count.data_ptr<int64_t>(),
+                                           ngram.data_ptr<int64_t>(), start.data_ptr<int64_t>()),
+                 op);
+  return {tokens, count, ngram, start};
+}
+
 }  // namespace token_recycling

@@ -13,15 +13,25 @@ void update_adjacency_cpu(at::Tensor& matrix, const at::Tensor& tokens, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cpu(const at::Tensor& tokens,
                                                                  const at::Tensor& predictions,
                                                                  const at::Tensor& parents);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sample_cpu(const at::Tensor& tokens, const at::Tensor& parents,
+                                                                 const at::Tensor& probs, const at::Tensor& uniforms);
 void compact_kv_cpu(at::TensorList caches, const at::Tensor& prefix_len, const at::Tensor& accepted_nodes,
                     const at::Tensor& accept_len);
 at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& prefix_len, const at::Tensor& tree_mask, double scale);
+std::tuple<at::Tensor, at::Tensor> tree_attention_lse_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, const at::Tensor& prefix_len,
+                                                          const at::Tensor& tree_mask, double scale);
+std::tuple<at::Tensor, at::Tensor> merge_attention_states_cpu(const at::Tensor& out_a, const at::Tensor& lse_a,
+                                                              const at::Tensor& out_b, const at::Tensor& lse_b);
 
 void ngram_index_append_cpu(at::Tensor& table, const at::Tensor& history, const at::Tensor& old_len,
                             const at::Tensor& new_len);
 std::tuple<at::Tensor, at::Tensor> ngram_lookup_cpu(const at::Tensor& table, const at::Tensor& history,
                                                     const at::Tensor& length, int64_t max_ngram, int64_t max_tokens);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ngram_candidates_cpu(
+    const at::Tensor& table, const at::Tensor& history, const at::Tensor& length, int64_t max_ngram,
+    int64_t max_tokens, int64_t max_candidates);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> graft_chain_cpu(const at::Tensor& tree_tokens,
                                                                                        const at::Tensor& parents,
                                                                                        const at::Tensor& chain,
@@ -38,7 +48,11 @@ void check_tree_attention_inputs(const at::Tensor& q, const at::Tensor& k, const
 void check_build_draft_tree_inputs(const at::Tensor& matrix, const at::Tensor& roots, const at::Tensor& parents,
                                    const at::Tensor& ranks);
 void check_verify_greedy_inputs(const at::Tensor& tokens, const at::Tensor& predictions, const at::Tensor& parents);
+void check_verify_sample_inputs(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& probs,
+                                const at::Tensor& uniforms);
 void check_update_adjacency_inputs(const at::Tensor& matrix, const at::Tensor& tokens, const at::Tensor& candidates);
+void check_merge_attention_states_inputs(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tensor& out_b,
+                                         const at::Tensor& lse_b);
 }  // namespace token_recycling
 
 namespace token_recycling {
@@ -49,8 +63,15 @@ void update_adjacency_cuda(at::Tensor& matrix, const at::Tensor& tokens, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cuda(const at::Tensor& tokens,
                                                                   const at::Tensor& predictions,
                                                                   const at::Tensor& parents);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sample_cuda(const at::Tensor& tokens, const at::Tensor& parents,
+                                                                  const at::Tensor& probs, const at::Tensor& uniforms);
 void compact_kv_cuda(at::TensorList caches, const at::Tensor& prefix_len, const at::Tensor& accepted_nodes,
                      const at::Tensor& accept_len);
 at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& prefix_len, const at::Tensor& tree_mask, double scale);
+std::tuple<at::Tensor, at::Tensor> tree_attention_lse_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, const at::Tensor& prefix_len,
+                                                           const at::Tensor& tree_mask, double scale);
+std::tuple<at::Tensor, at::Tensor> merge_attention_states_cuda(const at::Tensor& out_a, const at::Tensor& lse_a,
+                                                               const at::Tensor& out_b, const at::Tensor& lse_b);
 }  // namespace token_recycling

@@ -44,17 +44,14 @@ kernels::Strided4D<T> view(const at::Tensor& t) {
 
 template <typename T>
 kernels::Status run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                    const int64_t* prefix, const uint8_t* mask, float scale) {
+                    const int64_t* prefix, const uint8_t* mask, float scale, float* lse) {
   const kernels::TreeAttentionShape shape{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
   return kernels::tree_attention<T>(view<const T>(q), view<const T>(k), view<const T>(v), view<T>(out), shape,
-                                    prefix, mask, scale);
+                                    prefix, mask, scale, lse);
 }
-}  // namespace
 
-at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              const at::Tensor& prefix_len, const at::Tensor& tree_mask, double scale) {
-  check_tree_attention_inputs(q, k, v, prefix_len, tree_mask);
-  auto out = at::empty(q.sizes(), q.options());
+void run_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_len,
+             const at::Tensor& tree_mask, double scale, at::Tensor& out, float* lse, const char* op) {
   const auto p = prefix_len.contiguous();
   const auto m = tree_mask.contiguous();
   const int64_t* pp = p.data_ptr<int64_t>();
@@ -62,12 +59,30 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
   const float sc = static_cast<float>(scale);
   kernels::Status s;
   switch (q.scalar_type()) {
-    case at::kFloat: s = run<float>(q, k, v, out, pp, mp, sc); break;
-    case at::kHalf: s = run<kernels::float16>(q, k, v, out, pp, mp, sc); break;
-    default: s = run<kernels::bfloat16>(q, k, v, out, pp, mp, sc); break;
+    case at::kFloat: s = run<float>(q, k, v, out, pp, mp, sc, lse); break;
+    case at::kHalf: s = run<kernels::float16>(q, k, v, out, pp, mp, sc, lse); break;
+    default: s = run<kernels::bfloat16>(q, k, v, out, pp, mp, sc, lse); break;
   }
-  throw_if_error(s, "tree_attention");
+  throw_if_error(s, op);
+}
+}  // namespace
+
+at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& prefix_len, const at::Tensor& tree_mask, double scale) {
+  check_tree_attention_inputs(q, k, v, prefix_len, tree_mask);
+  auto out = at::empty(q.sizes(), q.options());
+  run_cpu(q, k, v, prefix_len, tree_mask, scale, out, nullptr, "tree_attention");
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> tree_attention_lse_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, const at::Tensor& prefix_len,
+                                                          const at::Tensor& tree_mask, double scale) {
+  check_tree_attention_inputs(q, k, v, prefix_len, tree_mask);
+  auto out = at::empty(q.sizes(), q.options());
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  run_cpu(q, k, v, prefix_len, tree_mask, scale, out, lse.data_ptr<float>(), "tree_attention_lse");
+  return {out, lse};
 }
 
 }  // namespace token_recycling

@@ -255,4 +255,85 @@ inline Status ngram_lookup(const int64_t* table, int64_t batch, int64_t table_ng
   return Status::Ok();
 }
 
+// Up to max_candidates different continuations for each row, longest match first: for n =
+// max_ngram down to 1, the earlier occurrences of the suffix h[len - n : len], most recent first
+// (the table gives the most recent, as in ngram_lookup; older ones are found by scanning the
+// history backwards, O(len * n) per n, only while candidates are missing), each give the
+// continuation h[e : min(e + max_tokens, len)]. It becomes the next candidate unless it repeats
+// a candidate already taken (equal over the shorter of the two), so the candidates differ
+// somewhere and each can add draft nodes the others do not. Candidate 0 is ngram_lookup's answer.
+// Outputs, per row b and candidate j (unused ones: count 0, ngram 0, start 0, tokens -1):
+// tokens[b, j, :count[b, j]], ngram[b, j] = the matched suffix length n, start[b, j] = e.
+// table: [batch, table_ngram, num_slots, 3]; tokens: [batch, max_candidates, max_tokens];
+// count, ngram, start: [batch, max_candidates].
+inline Status ngram_candidates(const int64_t* table, int64_t batch, int64_t table_ngram, int64_t num_slots,
+                               const int64_t* history, int64_t capacity, const int64_t* length, int64_t max_ngram,
+                               int64_t max_tokens, int64_t max_candidates, int64_t* tokens, int64_t* count,
+                               int64_t* ngram, int64_t* start) {
+  using namespace ngram_detail;
+  if (num_slots <= capacity || (num_slots & (num_slots - 1)) != 0) {
+    return Status::Error("the table has " + std::to_string(num_slots) +
+                         " slots per n; it needs a power of two greater than the capacity " + std::to_string(capacity));
+  }
+  if (max_ngram < 1 || max_ngram > table_ngram) {
+    return Status::Error("max_ngram = " + std::to_string(max_ngram) + " is outside [1, " +
+                         std::to_string(table_ngram) + "] (the table's max_ngram)");
+  }
+  if (max_tokens < 1 || max_candidates < 1) {
+    return Status::Error("max_tokens and max_candidates must be at least 1");
+  }
+  for (int64_t b = 0; b < batch; ++b) {
+    if (length[b] < 0 || length[b] > capacity) return OutOfRange("length", b, length[b], 0, capacity + 1);
+  }
+  std::vector<uint64_t> keys;
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t* out = tokens + b * max_candidates * max_tokens;
+    std::fill(out, out + max_candidates * max_tokens, int64_t{-1});
+    std::fill(count + b * max_candidates, count + (b + 1) * max_candidates, int64_t{0});
+    std::fill(ngram + b * max_candidates, ngram + (b + 1) * max_candidates, int64_t{0});
+    std::fill(start + b * max_candidates, start + (b + 1) * max_candidates, int64_t{0});
+    const int64_t len = length[b];
+    const int64_t* row = history + b * capacity;
+    const int64_t top = std::min(max_ngram, len - 1);
+    if (top < 1) continue;
+    keys.assign(top, kHashSeed);
+    for (int64_t n = 1; n <= top; ++n) keys[n - 1] = extend_hash(n > 1 ? keys[n - 2] : kHashSeed, row[len - n]);
+    int64_t taken = 0;
+    for (int64_t n = top; n >= 1 && taken < max_candidates; --n) {
+      const Plane plane = plane_of(table, table_ngram, num_slots, history, capacity, b, n);
+      int64_t slot = 0;
+      bool found = false;
+      Status s = plane.find(keys[n - 1], len, &slot, &found);
+      if (!s.ok) return s;
+      if (!found || plane.last(slot) != len) {
+        return Status::Error("the table does not index row " + std::to_string(b) + " exactly up to " +
+                             row_msg("length", b, len) + " (call ngram_index_append with the new tokens first)");
+      }
+      const int64_t e = plane.slots[slot * 3 + 2];
+      if (e == 0) continue;
+      if (e < n || e >= len) return plane.corrupt(slot, "prev", e, n, len - 1);
+      if (!same_tokens(row + e - n, row + len - n, n)) {
+        return Status::Error("table slot " + std::to_string(slot) + " of the " + std::to_string(n) +
+                             "-gram plane has prev = " + std::to_string(e) + ", an occurrence of other tokens "
+                             "(the table is corrupted)");
+      }
+      for (int64_t x = e; x >= n && taken < max_candidates; --x) {
+        if (x != e && !same_tokens(row + x - n, row + len - n, n)) continue;  // older occurrences
+        const int64_t c = std::min(max_tokens, len - x);
+        bool repeats = false;
+        for (int64_t j = 0; j < taken && !repeats; ++j) {
+          repeats = same_tokens(row + x, out + j * max_tokens, std::min(c, count[b * max_candidates + j]));
+        }
+        if (repeats) continue;
+        std::copy(row + x, row + x + c, out + taken * max_tokens);
+        count[b * max_candidates + taken] = c;
+        ngram[b * max_candidates + taken] = n;
+        start[b * max_candidates + taken] = x;
+        ++taken;
+      }
+    }
+  }
+  return Status::Ok();
+}
+
 }  // namespace token_recycling::kernels

@@ -42,11 +42,13 @@ inline Status CheckTreeAttentionShape(const TreeAttentionShape& s, const int64_t
 }
 
 // tree_mask: [num_nodes, num_nodes] row-major bytes (non-zero = visible). out: [batch, q_heads, num_nodes, head_dim]
-// view. A node that sees no key at all gets a zero output.
+// view. A node that sees no key at all gets a zero output. lse (optional): [batch, q_heads, num_nodes]
+// contiguous, the natural log of each row's softmax denominator of the scaled scores (-inf: no key),
+// what merge_attention_states.h needs to combine this with attention over other keys.
 template <typename T>
 Status tree_attention(const Strided4D<const T>& q, const Strided4D<const T>& k, const Strided4D<const T>& v,
                       const Strided4D<T>& out, const TreeAttentionShape& s, const int64_t* prefix_len,
-                      const uint8_t* tree_mask, float scale) {
+                      const uint8_t* tree_mask, float scale, float* lse = nullptr) {
   Status st = CheckTreeAttentionShape(s, prefix_len);
   if (!st.ok) return st;
   const int64_t group = s.q_heads / s.kv_heads;
@@ -84,6 +86,7 @@ Status tree_attention(const Strided4D<const T>& q, const Strided4D<const T>& k, 
           if (tree_mask[i * s.num_nodes + j]) accumulate(prefix + j);
         }
         const float inv = count > 0 ? 1.f / denom : 0.f;
+        if (lse) lse[(b * s.q_heads + h) * s.num_nodes + i] = count > 0 ? max_score + std::log(denom) : -INFINITY;
         for (int64_t d = 0; d < s.head_dim; ++d) out.at(b, h, i, d) = from_float<T>(acc[d] * inv);
       }
     }

@@ -24,10 +24,36 @@ def _configs():
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma", "phi3")
 
+WINDOW = 16
+# Sliding-window and hybrid models (window 16): Mistral (every layer windowed), Gemma 2 (window, then full;
+# soft-capped attention logits, so eager), Gemma 3 (window, then full), Qwen2 (full, then window).
+WINDOW_ARCHS = ("mistral-window", "gemma2", "gemma3", "qwen2-window")
+
+
+def _window_configs():
+    import transformers as tf
+    hybrid = ["sliding_attention", "full_attention"]
+    return {
+        "mistral-window": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": WINDOW}, "sdpa"),
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {"head_dim": 16, "sliding_window": WINDOW,
+                                                            "layer_types": hybrid}, "eager"),
+        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {"head_dim": 16, "sliding_window": WINDOW,
+                                                                "layer_types": hybrid}, "sdpa"),
+        "qwen2-window": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {"sliding_window": WINDOW, "use_sliding_window": True,
+                                                               "max_window_layers": 1}, "sdpa"),
+    }
+
 
 @functools.lru_cache(maxsize=None)
-def tiny_model(arch: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0):
-    cfg_cls, model_cls, extra = _configs()[arch]
+def tiny_model(arch: str, attn: str | None = None, dtype: torch.dtype = torch.float32, seed: int = 0,
+               window: int = WINDOW, sharpen: float | None = None):
+    if arch in WINDOW_ARCHS:
+        cfg_cls, model_cls, extra, default_attn = _window_configs()[arch]
+        extra = {**extra, "sliding_window": window}
+        sharpen = sharpen or 3.0  # sharper: the text soon repeats one token, where a window hardly matters
+    else:
+        (cfg_cls, model_cls, extra), default_attn = _configs()[arch], "sdpa"
+    attn = attn or default_attn
     torch.manual_seed(seed)
     cfg = cfg_cls(**COMMON, **extra)
     cfg.bos_token_id, cfg.eos_token_id = 1, 2
@@ -35,5 +61,5 @@ def tiny_model(arch: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32
     # Random weights give nearly flat logits; sharpen them so greedy text has structure
     # (repeats, like real text), which is what makes drafts get accepted.
     with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(8.0)
+        model.get_output_embeddings().weight.mul_(sharpen or 8.0)
     return model

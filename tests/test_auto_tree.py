@@ -1,4 +1,4 @@
-"""tree='auto': counterfactual node statistics, the cost trade-off, and losslessness."""
+"""tree='auto': counterfactual node statistics, the per-step cost trade-off, and losslessness."""
 
 import numpy as np
 import torch
@@ -6,7 +6,8 @@ from models import tiny_model
 
 from token_recycling import TokenRecycler
 from token_recycling.auto_tree import AutoTree, CostModel, candidate_paths
-from token_recycling.tree import DraftTree
+from token_recycling.policy import Policy
+from token_recycling.tree import DraftTree, best_subtree
 
 
 def test_candidate_paths_form_a_tree():
@@ -36,32 +37,55 @@ def test_observe_counts_only_observable_levels():
     assert auto.den[idx[(0, 0, 0)]] == 0  # its parent did not match: nothing observed
 
 
+def test_best_order_is_best_subtree_order():
+    # The O(n log n) order must equal tree.best_subtree's pick order on any statistics.
+    rng = np.random.default_rng(0)
+    auto = AutoTree(topk=8, candidates=candidate_paths(max_nodes=60, topk=8))
+    auto.den = rng.integers(0, 50, len(auto.den)).astype(float)
+    auto.num = np.floor(auto.den * rng.random(len(auto.den)))
+    order, gains = auto.best_order()
+    rate = auto.rates()
+    want = best_subtree(auto.paths, rate[1:].tolist(), len(auto.paths), in_pick_order=True)
+    assert order == want
+    index = {tuple(p): i + 1 for i, p in enumerate(auto.paths)}
+    assert np.allclose(gains, np.cumsum([rate[index[tuple(p)]] for p in want]))
+
+
+def _policy(cost_sizes, cost_seconds, max_chain=10):
+    policy = Policy(topk=8, max_chain=max_chain, max_ngram=4)
+    policy.cost.set_curve(CostModel(cost_sizes, cost_seconds, context=10**6))  # never re-measured
+    return policy
+
+
 def test_perfect_top1_chain_with_cheap_forwards_grows_deep():
-    auto = AutoTree(topk=8)
-    auto.cost = CostModel([1, 128], [1.0, 1.05])  # almost free extra tokens
-    _observe_top1_always(auto, 300, depth=10)
-    paths = auto.choose()
-    assert [0] * 8 in paths and auto.expected_tokens > 8
+    policy = _policy([1, 128], [1.0, 1.05])  # almost free extra tokens
+    _observe_top1_always(policy.auto, 300, depth=10)
+    plan = policy.decide([], run=0)
+    paths = policy.tree_paths(plan.tree_nodes)
+    assert [0] * 8 in paths and plan.expected > 8 and plan.chains == []
 
 
 def test_expensive_forwards_give_small_trees():
-    auto = AutoTree(topk=8)
-    auto.cost = CostModel([1, 128], [1.0, 64.0])  # every extra token costs half a forward
-    _observe_top1_always(auto, 300, depth=2)
-    assert len(auto.choose()) <= 3
+    policy = _policy([1, 128], [1.0, 64.0])  # every extra token costs half a forward
+    _observe_top1_always(policy.auto, 300, depth=2)
+    assert policy.decide([], run=0).tree_nodes <= 3
 
 
-def test_useless_chain_is_dropped_and_useful_chain_kept():
-    auto = AutoTree(topk=8, max_chain=10)
-    auto.cost = CostModel([1, 128], [1.0, 3.0])
-    for _ in range(200):
-        auto.observe_step(1.0, 20, chain_nodes=10, chain_accepted=0)
-    auto.choose()
-    assert auto.chain == 0
-    for _ in range(2000):
-        auto.observe_step(1.0, 20, chain_nodes=10, chain_accepted=8)
-    auto.choose()
-    assert auto.chain >= 6
+def _observe_chain(policy, candidate, actual, run, steps):
+    for _ in range(steps):
+        plan = policy.decide([(candidate, 4)], run=run)
+        policy.observe(plan, actual)
+
+
+def test_useless_chain_is_dropped_and_trusted_chain_drafted_long():
+    policy = _policy([1, 128], [1.0, 3.0])
+    cand = list(range(100, 110))
+    _observe_chain(policy, cand, [7] * 11, run=0, steps=200)  # never right after a failed run
+    assert policy.decide([(cand, 4)], run=0).chains[0] == []
+    _observe_chain(policy, cand, cand + [7], run=4, steps=200)  # always right in a copy run
+    plan = policy.decide([(cand, 4)], run=4)
+    assert plan.chains[0] == cand and plan.tree_nodes <= 4  # long chain, tiny tree
+    assert policy.decide([(cand, 4)], run=0).chains[0] == []  # the other bucket keeps its own verdict
 
 
 def test_auto_tree_is_lossless_and_reports_its_choice(tmp_path):
@@ -75,8 +99,11 @@ def test_auto_tree_is_lossless_and_reports_its_choice(tmp_path):
     assert s.tree_size == rec.tree.num_nodes - 1 >= 1
     assert s.predicted_speedup is not None and s.measured_speedup is not None
     assert s.from_matrix + s.from_ngram == sum(n - 1 for n in s.accept_lengths)
+    assert len(s.chain_tokens) == len(s.match) == len(s.expected) == s.steps and s.decision_seconds > 0
+    assert s.from_ngram == sum(s.ngram_accepted)
     path = tmp_path / "auto.safetensors"
     rec.save(path)
     back = TokenRecycler.load(model, path)
     assert back.auto is not None and np.array_equal(back.auto.num, rec.auto.num)
+    assert np.array_equal(back.drafter.policy.chain.num, rec.drafter.policy.chain.num)
     assert back.tree.paths == rec.tree.paths

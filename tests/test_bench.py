@@ -267,3 +267,30 @@ def test_bench_runs_the_papers_method_side_by_side(tmp_path, tiny_folder):
     assert "no ngram" in s["methods"]["paper"]["stats"]["tree"]
     text = (out / "report.md").read_text()
     assert "MAT paper" in text and "speedup ours/paper" in text
+
+
+def test_bench_runs_fixed_tree_presets_and_reports_the_regret(tmp_path, tiny_folder):
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 7, "category": "math", "turns": ["Count to ten."]}])
+    out = tmp_path / "out"
+    rc = main(["bench", "--model", str(tiny_folder), "--dataset", str(data), "--max-new-tokens", "16",
+               "--dtype", "float32", "--baselines", "greedy,tr:chain,tr:[[0],[1]]", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["methods"] == ["greedy", "tr:chain", "tr:[[0],[1]]", "ours"]
+    (s,) = results["samples"]
+    assert s["mismatch"] == {"tr:chain": None, "tr:[[0],[1]]": None, "ours": None}
+    assert s["methods"]["tr:chain"]["stats"]["tree_size"] == 1
+    assert s["methods"]["tr:[[0],[1]]"]["stats"]["tree_size"] == 2
+    text = (out / "report.md").read_text()
+    assert "tr:chain / ours" in text and "regret" in text
+
+
+def test_preset_baselines_are_parsed_and_checked():
+    from token_recycling import cli
+    assert cli.parse_baselines("pld,tr:chain,tr:[[0],[1]],tr:paper-8") == ("pld", "tr:chain", "tr:[[0],[1]]",
+                                                                         "tr:paper-8")
+    assert bench.preset_tree("tr:chain") == [[0]] and bench.preset_tree("tr:[[0],[1]]") == [[0], [1]]
+    for bad in ("tr:nope", "tr:[[0],[0,0,9]]", "tr:auto", "tr:[[0]"):
+        with pytest.raises(cli.UsageError, match="--baselines"):
+            cli.parse_baselines(bad)

@@ -7,11 +7,13 @@ CPU (the op has a CPU kernel) and, when available, on CUDA.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
 
 import token_recycling  # noqa: E402
 from token_recycling import hf_attention, make_tree  # noqa: E402
@@ -41,10 +43,12 @@ def kernel_calls(monkeypatch):
 
 
 def verify_logits(model, implementation: str, prefix: torch.Tensor, tree_tokens: torch.Tensor,
-                  positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Prefill the prefix with sdpa, then forward the tree with `implementation` and `mask`."""
+                  positions: torch.Tensor, mask: torch.Tensor, static_len: int | None = None,
+                  **extra) -> torch.Tensor:
+    """Prefill the prefix with sdpa, then forward the tree with `implementation` and `mask`
+    (into a StaticCache of `static_len` positions when given, else a DynamicCache)."""
     model.set_attn_implementation("sdpa")
-    cache = DynamicCache()
+    cache = DynamicCache() if static_len is None else StaticCache(config=model.config, max_cache_len=static_len)
     with torch.no_grad():
         model(prefix, past_key_values=cache, use_cache=True)
         if implementation == hf_attention.NAME:
@@ -52,13 +56,18 @@ def verify_logits(model, implementation: str, prefix: torch.Tensor, tree_tokens:
         else:
             model.set_attn_implementation(implementation)
         return model(tree_tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                     use_cache=True).logits
+                     use_cache=True, **extra).logits
 
 
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("static_tail", [None, 0, 13])
+@pytest.mark.parametrize("prefix_kind", ["int", "tensor"])
 @pytest.mark.parametrize("batch,prefix_len,tree_name", [(1, 1, "paper-16"), (1, 23, "paper"), (3, 9, "chain-4")])
-def test_tree_forward_equals_eager_with_dense_mask(device, batch, prefix_len, tree_name, kernel_calls):
+def test_tree_forward_equals_eager_with_dense_mask(device, batch, prefix_len, tree_name, static_tail, prefix_kind,
+                                                   kernel_calls):
+    """static_tail: None = DynamicCache (keys = prefix + N); else a StaticCache with that many unused
+    positions after the tree (the backend must attend to [0, prefix + N) only)."""
     head_dim = 64 if device == "cuda" else 16  # the CUDA kernel's smallest head_dim
     model = tiny_llama(device, head_dim)
     tree = make_tree(tree_name)
@@ -67,15 +76,55 @@ def test_tree_forward_equals_eager_with_dense_mask(device, batch, prefix_len, tr
     prefix = torch.randint(0, 128, (batch, prefix_len), generator=gen).to(device)
     tree_tokens = torch.randint(0, 128, (batch, n), generator=gen).to(device)
     positions = (prefix_len + tree.depths).expand(batch, n).to(device)
-    dense = torch.zeros(1, 1, n, prefix_len + n, device=device)
-    dense[..., prefix_len:].masked_fill_(~tree.mask.to(device), torch.finfo(torch.float32).min)
+    static_len = None if static_tail is None else prefix_len + n + static_tail
+    key_len = static_len or prefix_len + n
+    dense = torch.full((1, 1, n, key_len), torch.finfo(torch.float32).min, device=device)
+    dense[..., :prefix_len] = 0.0
+    dense[..., prefix_len:prefix_len + n].masked_fill_(tree.mask.to(device), 0.0)
 
-    expected = verify_logits(model, "eager", prefix, tree_tokens, positions, dense)
+    expected = verify_logits(model, "eager", prefix, tree_tokens, positions, dense, static_len)
     tree_mask = tree.mask.to(device)[None, None].expand(batch, 1, n, n)  # one tree for every row
-    got = verify_logits(model, hf_attention.NAME, prefix, tree_tokens, positions, tree_mask)
+    given = prefix_len if prefix_kind == "int" else torch.tensor([prefix_len], device=device)
+    got = verify_logits(model, hf_attention.NAME, prefix, tree_tokens, positions, tree_mask, static_len,
+                        **{hf_attention.PREFIX_KWARG: given})
 
     assert len(kernel_calls) == model.config.num_hidden_layers
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("static_len", [None, 40])
+def test_tree_mask_without_prefix_len_is_refused(static_len):
+    """Never a guess: without tree_prefix_len the backend cannot tell a static cache's tail from the tree."""
+    model = tiny_llama("cpu")
+    tree = make_tree("chain-4")
+    n = tree.num_nodes
+    with pytest.raises(ValueError, match=hf_attention.PREFIX_KWARG):
+        verify_logits(model, hf_attention.NAME, torch.tensor([[3, 4, 5]]), torch.tensor([[6] * n]),
+                      (3 + tree.depths).view(1, -1), tree.mask[None, None], static_len)
+
+
+@pytest.mark.parametrize("prefix_len,key_len", [(0, 5), (3, 8), (3, 20), (7, 12)])
+def test_dense_fallback_mask(prefix_len, key_len):
+    """The sdpa fallback's dense mask, built on the device from a tensor prefix, against a loop."""
+    n = 5
+    tree = torch.rand(n, n, generator=torch.Generator().manual_seed(key_len)) > 0.4
+    got = hf_attention.dense_mask(tree, torch.tensor([prefix_len, prefix_len]), key_len)
+    want = torch.zeros(2, 1, n, key_len, dtype=torch.bool)
+    for i in range(n):
+        for j in range(key_len):
+            want[:, 0, i, j] = j < prefix_len or (prefix_len <= j < prefix_len + n and bool(tree[i, j - prefix_len]))
+    assert torch.equal(got, want)
+
+
+def test_prefix_len_checks():
+    with pytest.raises(ValueError, match="does not fit"):
+        hf_attention.prefix_tensor(10, 1, 5, 12, torch.device("cpu"))
+    with pytest.raises(TypeError, match=hf_attention.PREFIX_KWARG):
+        hf_attention.prefix_tensor(2.0, 1, 5, 12, torch.device("cpu"))
+    with pytest.raises(ValueError, match=hf_attention.PREFIX_KWARG):
+        hf_attention.prefix_tensor(torch.tensor([1, 2, 3]), 2, 5, 12, torch.device("cpu"))
+    assert torch.equal(hf_attention.prefix_tensor(torch.tensor([4]), 3, 5, 12, torch.device("cpu")),
+                       torch.tensor([4, 4, 4]))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -120,7 +169,7 @@ def test_recycler_with_tree_attention_is_lossless_on_cpu():
     from token_recycling import TokenRecycler
 
     reference = tiny_model("qwen2")
-    model = type(reference)._from_config(reference.config, attn_implementation="sdpa").eval()
+    model = type(reference)._from_config(copy.deepcopy(reference.config), attn_implementation="sdpa").eval()
     model.load_state_dict(reference.state_dict())
     rec = TokenRecycler(model, tree="paper-16", tree_attention=True)
     assert model.config._attn_implementation == "token_recycling"

@@ -221,3 +221,42 @@ def test_garbage_table_never_crashes():
             ops.ngram_index_append(table, history, torch.tensor([30]), torch.tensor([36]))
         except ValueError:
             pass
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_candidates_match_reference(seed):
+    # Small vocabularies give many different continuations of short suffixes.
+    rng = random.Random(500 + seed)
+    batch, max_ngram = rng.randint(1, 3), rng.randint(1, 5)
+    capacity, vocab = rng.randint(1, 80), rng.choice([2, 3, 5, 12])
+    history = torch.randint(0, vocab, (batch, capacity), generator=torch.Generator().manual_seed(seed))
+    table = new_ngram_table(batch, capacity, max_ngram)
+    lengths = torch.zeros(batch, dtype=LONG)
+    while True:
+        n, c, k = rng.randint(1, max_ngram), rng.randint(1, 9), rng.randint(1, 4)
+        got = ops.ngram_candidates(table, history, lengths, n, c, k)
+        want = reference.ngram_candidates_reference(history, lengths, n, c, k)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), (lengths.tolist(), n, c, k)
+        first = ops.ngram_lookup(table, history, lengths, n, c)  # candidate 0 is ngram_lookup's answer
+        assert torch.equal(got[0][:, 0], first[0]) and torch.equal(got[1][:, 0], first[1])
+        if int(lengths.min()) >= capacity:
+            break
+        new = torch.tensor([min(capacity, int(x) + rng.choice([1, 2, 5])) for x in lengths])
+        ops.ngram_index_append(table, history, lengths, new)
+        lengths = new
+
+
+def test_candidates_opcheck_and_bad_input():
+    history = torch.tensor([[1, 2, 3, 1, 2, 4, 1, 2]])
+    table = new_ngram_table(1, 8, 3)
+    ops.ngram_index_append(table, history, torch.tensor([0]), torch.tensor([8]))
+    tokens, count, ngram, start = ops.ngram_candidates(table, history, torch.tensor([8]), 3, 4, 3)
+    # "1 2" was last followed by 4 (start 5), before that by 3 (start 2): two different continuations.
+    assert count.tolist() == [[3, 4, 0]] and ngram.tolist() == [[2, 2, 0]] and start.tolist() == [[5, 2, 0]]
+    assert tokens[0, 0, :3].tolist() == [4, 1, 2] and tokens[0, 1, :4].tolist() == [3, 1, 2, 4]
+    torch.library.opcheck(torch.ops.token_recycling.ngram_candidates, (table, history, torch.tensor([8]), 3, 4, 3))
+    with pytest.raises(ValueError, match="max_candidates"):
+        ops.ngram_candidates(table, history, torch.tensor([8]), 3, 4, 0)
+    with pytest.raises(ValueError, match="max_ngram"):
+        ops.ngram_candidates(table, history, torch.tensor([8]), 4, 4, 2)

@@ -16,11 +16,13 @@
 #include "../../kernels/tree_attention.h"
 #include "../../kernels/update_adjacency.h"
 #include "../../kernels/verify_greedy.h"
+#include "../../kernels/verify_sample.h"
 #include "../../kernels/cuda/compact_kv.cuh"
 #include "../../kernels/cuda/draft_tree.cuh"
 #include "../../kernels/cuda/tree_attention.cuh"
 #include "../../kernels/cuda/update_adjacency.cuh"
 #include "../../kernels/cuda/verify_greedy.cuh"
+#include "../../kernels/cuda/verify_sample.cuh"
 #include "device_buffer.h"
 #include "harness.h"
 
@@ -175,6 +177,87 @@ void check_verify_greedy() {
   verify_case("verify_greedy empty tree", 1, 0, {}, {}, {}, false);
 }
 
+// ------------------------------------------------------------------------------------ verify_sample
+void sample_case(const std::string& label, int64_t batch, int64_t n, int64_t vocab, const std::vector<int64_t>& tokens,
+                 const std::vector<int32_t>& parents, const std::vector<float>& probs,
+                 const std::vector<double>& uniforms, bool per_row) {
+  int64_t width = 1;
+  Status s = Status::Ok();
+  for (int64_t t = 0; t < (per_row ? batch : 1) && s.ok; ++t) {
+    int64_t depth = 0;
+    s = k::CheckTreeParents(parents.data() + t * (per_row ? n : 0), n, nullptr, &depth);
+    width = std::max(width, depth + 1);
+  }
+  std::vector<int64_t> len(batch, -7), path(batch * width, -7), bonus(batch, -7);
+  if (s.ok) {
+    s = k::verify_sample(tokens.data(), parents.data(), per_row ? n : 0, probs.data(), uniforms.data(), batch, n,
+                         vocab, width, len.data(), path.data(), bonus.data());
+  }
+  DeviceBuffer<int64_t> d_tokens(tokens), d_len(std::vector<int64_t>(batch, -7)),
+      d_path(std::vector<int64_t>(batch * n, -7)), d_bonus(std::vector<int64_t>(batch, -7));
+  DeviceBuffer<int32_t> d_parents(parents), d_depth(std::max<int64_t>(batch, 1) * n);
+  DeviceBuffer<float> d_probs(probs);
+  DeviceBuffer<double> d_uniforms(uniforms);
+  DeviceBuffer<kc::DeviceError> err(1);
+  kc::DeviceError record{};
+  const Status g = device_status(kc::verify_sample(d_tokens.get(), d_parents.get(), per_row ? n : 0, d_probs.get(),
+                                                   d_uniforms.get(), batch, n, vocab, d_depth.get(), d_len.get(),
+                                                   d_path.get(), d_bonus.get(), err.get(), nullptr),
+                                 err, kc::describe_verify_sample_error, &record);
+  if (!same_status(label, s, g)) return;
+  expect(std::max<int64_t>(1, record.result + 1) == width, label + ": path width differs");
+  const std::vector<int64_t> g_path = d_path.download();
+  std::vector<int64_t> narrowed;
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t j = 0; j < width; ++j) narrowed.push_back(g_path[b * n + j]);
+  expect(d_len.download() == len && narrowed == path && d_bonus.download() == bonus, label + ": outputs differ");
+}
+
+void check_verify_sample() {
+  bench::Section section("verify_sample");
+  // Small vocabularies give long walks; large ones split the row over every thread (and leave some
+  // threads an empty chunk when vocab < 256).
+  for (auto [batch, n, vocab, per_row] :
+       {std::tuple<int64_t, int64_t, int64_t, bool>{1, 1, 1, false}, {4, 81, 3, false}, {3, 40, 5, true},
+        {2, 120, 1000, false}, {2, 30, 50257, false}, {0, 9, 4, false}}) {
+    const int64_t hot = std::min<int64_t>(vocab, 3);  // tree tokens and most of the mass in [0, hot)
+    std::vector<int64_t> tokens(batch * n);
+    for (auto& x : tokens) x = randint(0, hot);
+    std::vector<float> probs(batch * n * vocab);
+    for (size_t i = 0; i < probs.size(); ++i) {
+      const int64_t v = static_cast<int64_t>(i % vocab);
+      const float w = std::abs(bench::randn());
+      probs[i] = v < hot ? w * vocab : (randint(0, 4) == 0 ? 0.0f : w * w * w);  // zeros: never drawn
+    }
+    std::vector<double> uniforms(batch * n);
+    for (auto& u : uniforms) u = std::uniform_real_distribution<double>(0.0, 1.0)(bench::rng());
+    if (!uniforms.empty()) uniforms[0] = 0.0;
+    std::vector<int32_t> parents, one, ranks;
+    for (int64_t t = 0; t < (per_row ? batch : 1); ++t) {
+      bench::random_tree(n, 8, one, ranks);
+      parents.insert(parents.end(), one.begin(), one.end());
+    }
+    const std::string label = "verify_sample B=" + std::to_string(batch) + " N=" + std::to_string(n) +
+                              " V=" + std::to_string(vocab) + (per_row ? " per-row trees" : "");
+    sample_case(label, batch, n, vocab, tokens, parents, probs, uniforms, per_row);
+    if (batch == 0) continue;
+    auto bad_u = uniforms;
+    bad_u[0] = 1.0;
+    sample_case(label + " uniform 1.0", batch, n, vocab, tokens, parents, probs, bad_u, per_row);
+    auto bad_p = probs;
+    bad_p[vocab - 1] = std::nanf("");
+    sample_case(label + " NaN weight", batch, n, vocab, tokens, parents, bad_p, uniforms, per_row);
+    bad_p = probs;
+    std::fill(bad_p.begin(), bad_p.begin() + vocab, 0.0f);
+    sample_case(label + " zero row", batch, n, vocab, tokens, parents, bad_p, uniforms, per_row);
+    if (parents.size() < 3) continue;
+    std::vector<int32_t> bad = parents;
+    bad[bad.size() - 2] = -2;
+    sample_case(label + " bad parent", batch, n, vocab, tokens, bad, probs, uniforms, per_row);
+  }
+  sample_case("verify_sample empty tree", 1, 0, 4, {}, {}, {}, {}, false);
+}
+
 // ------------------------------------------------------------------------------------ update_adjacency
 template <typename M, typename Cand>
 void adjacency_case(const std::string& label, int64_t vocab, int64_t kk, const std::vector<int64_t>& tokens,
@@ -318,8 +401,9 @@ void attention_case(const std::string& type, int64_t batch, int64_t hq, int64_t 
   const k::Strided4D<const T> kv{kv_k.data(), hkv * seq * d, seq * d, d, 1};
   const k::Strided4D<const T> vv{kv_v.data(), hkv * seq * d, seq * d, d, 1};
   std::vector<T> cpu(batch * hq * n * d);
+  std::vector<float> cpu_lse(batch * hq * n);
   const Status s = k::tree_attention<T>(qv, kv, vv, k::Strided4D<T>{cpu.data(), hq * n * d, n * d, d, 1}, shape,
-                                        prefix.data(), mask.data(), scale);
+                                        prefix.data(), mask.data(), scale, cpu_lse.data());
 
   DeviceBuffer<T> d_q(q), d_k(kv_k), d_v(kv_v), d_out(std::vector<T>(cpu.size(), k::from_float<T>(NAN)));
   DeviceBuffer<int64_t> d_prefix(prefix);
@@ -327,6 +411,8 @@ void attention_case(const std::string& type, int64_t batch, int64_t hq, int64_t 
   kc::TreeAttentionArgs<T> args{d_q.get(), d_k.get(), d_v.get(), d_out.get(), n * hq * d, d, hq * d,
                                 hkv * seq * d, seq * d, d, hkv * seq * d, seq * d, d, shape,
                                 uniform ? nullptr : d_prefix.get(), uniform ? prefix[0] : 0, d_mask.get(), scale};
+  DeviceBuffer<float> d_lse(std::vector<float>(cpu_lse.size(), NAN));
+  args.lse = d_lse.get();
   const int64_t key_len = uniform ? prefix[0] + n : seq;
   const kc::TreeAttentionPlan plan = kc::plan_tree_attention<T>(shape, key_len, num_sms);
   DeviceBuffer<unsigned char> workspace(plan.workspace_bytes);
@@ -362,6 +448,15 @@ void attention_case(const std::string& type, int64_t batch, int64_t hq, int64_t 
     zero_rows_ok += zero;
   }
   expect(bad == 0, label + ": " + std::to_string(bad) + " elements off, worst error " + std::to_string(worst));
+  // The log-sum-exp (tree_attention_lse): float statistics in both, -inf where a row sees nothing.
+  const std::vector<float> gpu_lse = d_lse.download();
+  int64_t bad_lse = 0;
+  for (size_t i = 0; i < cpu_lse.size(); ++i) {
+    const double a = cpu_lse[i], b = gpu_lse[i];
+    const bool ok = (std::isinf(a) && a < 0) ? (std::isinf(b) && b < 0) : std::fabs(a - b) <= 1e-3 + 1e-4 * std::fabs(a);
+    if (!ok && bad_lse++ < 3) std::printf("  lse[%zu] cpu %g cuda %g\n", i, a, b);
+  }
+  expect(bad_lse == 0, label + ": " + std::to_string(bad_lse) + " lse values off");
 }
 
 template <typename T>
@@ -401,6 +496,7 @@ int main(int argc, char** argv) {
     check_draft_tree<int64_t>("int64");
   }
   if (bench::selected(opt, "verify_greedy")) check_verify_greedy();
+  if (bench::selected(opt, "verify_sample")) check_verify_sample();
   if (bench::selected(opt, "update_adjacency")) {
     check_update_adjacency<int32_t, int64_t>("int32, int64");
     check_update_adjacency<int64_t, int32_t>("int64, int32");

@@ -11,12 +11,12 @@ namespace {
 template <typename T>
 cudaError_t run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                 const kernels::TreeAttentionShape& shape, const int64_t* prefix, int64_t uniform_prefix,
-                const at::Tensor& mask, float scale, kc::DeviceError* err, cudaStream_t stream) {
+                const at::Tensor& mask, float scale, float* lse, kc::DeviceError* err, cudaStream_t stream) {
   kc::TreeAttentionArgs<T> a{static_cast<const T*>(q.data_ptr()), static_cast<const T*>(k.data_ptr()),
                              static_cast<const T*>(v.data_ptr()), static_cast<T*>(out.data_ptr()),
                              q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                              v.stride(0), v.stride(1), v.stride(2), shape, prefix, uniform_prefix,
-                             reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()), scale};
+                             reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()), scale, lse};
   int device = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -32,9 +32,10 @@ cudaError_t run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
 
 // prefix_len may be on the GPU (the kernel checks it; one read-back waits for the stream) or on the
 // CPU (checked here; when all rows share one prefix nothing waits for the GPU).
-at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const at::Tensor& prefix_len, const at::Tensor& tree_mask, double scale) {
-  constexpr const char* op = "tree_attention";
+namespace {
+// Writes out [B, Hq, N, D] and, when lse is given, lse [B, Hq, N] (float, contiguous).
+void tree_attention_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_len,
+                         const at::Tensor& tree_mask, double scale, at::Tensor& out, float* lse, const char* op) {
   check_tree_attention_inputs(q, k, v, prefix_len, tree_mask);
   const int64_t N = q.size(2), D = q.size(3);
   TORCH_CHECK_VALUE(N <= kc::kTreeAttentionMaxNodes, op, ": at most ", kc::kTreeAttentionMaxNodes,
@@ -42,9 +43,8 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
   TORCH_CHECK_VALUE(kc::tree_attention_supports_head_dim(D), op, ": head_dim must be 64, 80, 96, 128 or 256 on CUDA, got ", D);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto out = at::empty(q.sizes(), q.options());
   const kernels::TreeAttentionShape shape{q.size(0), q.size(1), k.size(1), N, k.size(2), D};
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return;
   // The kernel reads rows of head_dim contiguously.
   const auto q_rows = q.stride(3) == 1 ? q : q.contiguous();
   const auto k_rows = k.stride(3) == 1 ? k : k.contiguous();
@@ -71,16 +71,32 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
   const float sc = static_cast<float>(scale);
   cudaError_t e;
   switch (q.scalar_type()) {
-    case at::kFloat: e = run<float>(q_rows, k_rows, v_rows, out, shape, device_prefix, uniform, mask, sc, as_error_record(record), stream); break;
-    case at::kHalf: e = run<kernels::float16>(q_rows, k_rows, v_rows, out, shape, device_prefix, uniform, mask, sc, as_error_record(record), stream); break;
-    default: e = run<kernels::bfloat16>(q_rows, k_rows, v_rows, out, shape, device_prefix, uniform, mask, sc, as_error_record(record), stream); break;
+    case at::kFloat: e = run<float>(q_rows, k_rows, v_rows, out, shape, device_prefix, uniform, mask, sc, lse, as_error_record(record), stream); break;
+    case at::kHalf: e = run<kernels::float16>(q_rows, k_rows, v_rows, out, shape, device_prefix, uniform, mask, sc, lse, as_error_record(record), stream); break;
+    default: e = run<kernels::bfloat16>(q_rows, k_rows, v_rows, out, shape, device_prefix, uniform, mask, sc, lse, as_error_record(record), stream); break;
   }
   if (prefix_len.is_cpu()) {
     C10_CUDA_CHECK(e);  // every value the kernel could object to was checked above
   } else {
     finish_checked(e, record, stream, kc::describe_tree_attention_error, op);
   }
+}
+}  // namespace
+
+at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& prefix_len, const at::Tensor& tree_mask, double scale) {
+  auto out = at::empty(q.sizes(), q.options());
+  tree_attention_into(q, k, v, prefix_len, tree_mask, scale, out, nullptr, "tree_attention");
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> tree_attention_lse_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, const at::Tensor& prefix_len,
+                                                           const at::Tensor& tree_mask, double scale) {
+  auto out = at::empty(q.sizes(), q.options());
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  tree_attention_into(q, k, v, prefix_len, tree_mask, scale, out, lse.data_ptr<float>(), "tree_attention_lse");
+  return {out, lse};
 }
 
 }  // namespace token_recycling

@@ -40,6 +40,7 @@ struct TreeAttentionArgs {
   int64_t uniform_prefix;
   const uint8_t* tree_mask;   // device [N, N] bytes, non-zero = visible
   float scale;
+  float* lse = nullptr;       // optional device [B, Hq, N]: log of each row's softmax denominator (-inf: no key)
 };
 
 // Tile sizes for one element type and head_dim.
@@ -344,6 +345,7 @@ __global__ void __launch_bounds__(128)
       const float sum = row_sum[r];
       const float inv = sum > 0.f ? 1.f / sum : 0.f;  // a row that sees no key gets zeros
       for (int d = lane; d < D; d += 32) out[out_row * D + d] = from_float<T>(O[r * C::kLdO + d] * inv);
+      if (a.lse != nullptr && lane == 0) a.lse[out_row] = sum > 0.f ? row_max[r] + logf(sum) : -INFINITY;
     } else {
       float* part_o = partial + (chunk * out_rows + out_row) * D;
       for (int d = lane; d < D; d += 32) part_o[d] = O[r * C::kLdO + d];
@@ -359,7 +361,8 @@ __global__ void __launch_bounds__(128)
 // One warp per output row: out = sum_c e^(m_c - M) O_c / sum_c e^(m_c - M) l_c.
 template <typename T, int D>
 __global__ void __launch_bounds__(128)
-    tree_attention_merge(const float* __restrict__ partial, int64_t chunks, int64_t out_rows, T* __restrict__ out) {
+    tree_attention_merge(const float* __restrict__ partial, int64_t chunks, int64_t out_rows, T* __restrict__ out,
+                         float* __restrict__ lse) {
   const int64_t row = blockIdx.x * int64_t{4} + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= out_rows) return;
@@ -374,6 +377,7 @@ __global__ void __launch_bounds__(128)
     }
   }
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  if (lse != nullptr && lane == 0) lse[row] = sum > 0.f ? m + logf(sum) : -INFINITY;
   for (int d = lane; d < D; d += 32) {
     float acc = 0.f;
     for (int64_t c = 0; c < chunks; ++c) {
@@ -402,7 +406,7 @@ cudaError_t launch_tree_attention(const TreeAttentionArgs<T>& args, const TreeAt
   if (e != cudaSuccess || plan.chunks == 1) return e;
   const int64_t out_rows = s.batch * s.q_heads * s.num_nodes;
   return launch(tree_attention_merge<Dev, D>, dim3(blocks_for(out_rows, 4)), dim3(128), 0, stream,
-                static_cast<const float*>(workspace), plan.chunks, out_rows, a.out);
+                static_cast<const float*>(workspace), plan.chunks, out_rows, a.out, a.lse);
 }
 
 // Runs the plan from plan_tree_attention(); workspace: plan.workspace_bytes of device memory.

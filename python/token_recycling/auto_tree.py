@@ -1,4 +1,4 @@
-"""tree="auto": a draft tree shaped by measured acceptance and measured cost.
+"""The matrix tree's statistics for tree="auto" (policy.py makes the per-step choice), and the cost curve.
 
 Acceptance. For every node of a large candidate tree we estimate the probability that its whole
 rank path matches the model's greedy tokens. After each step the accepted tokens t_1..t_L (bonus
@@ -10,18 +10,8 @@ its rate is rate(parent) * (num + a * prior) / (den + a). With greedy verificati
 tokens per step of a tree closed under ancestors is 1 + the sum of its nodes' rates, so the best
 tree for a budget is the top-rated nodes, ancestors first (tree.best_subtree).
 
-Cost. t(n): the median time of one verification forward of n tree tokens at the current context,
-measured once per model/device/dtype, plus the loop's own overhead per step, measured while
-generating.
-
-Hybrid drafts. The n-gram chain is grafted under the root; its nodes that are new (not merged into
-tree nodes) cost forward time like any node. For chain position j we count the steps whose chain
-had at least j new nodes (den) and those where at least j of them were accepted (num), so a chain
-cut to c nodes is expected to add sum_{j<=c} present * num_j / den_j tokens for about present * c
-nodes, where present is the share of steps that found a match.
-
-The choice: the tree size n and chain length c maximising
-expected_tokens(n, c) / (t(1 + n + present * c) + overhead).
+Cost. t(n): the median time of one verification forward of n tree tokens at a given context
+(:func:`measure_cost`); policy.StepCost follows it from step to step.
 """
 
 from __future__ import annotations
@@ -33,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .tree import RANK_PRIOR, DraftTree, best_subtree
+from .tree import RANK_PRIOR, DraftTree
 
 BUDGETS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128)
 COST_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
@@ -65,11 +55,14 @@ class CostModel:
     seconds: list[float] = field(default_factory=list)
     context: int = 0
 
-    def __call__(self, n: float) -> float:
-        if len(self.sizes) >= 2 and n > self.sizes[-1]:  # past the measured range: extend the last slope
+    def __call__(self, n):
+        """Seconds for n tokens (a number or an array); past the measured range the last slope goes on."""
+        n = np.asarray(n, dtype=np.float64)
+        inside = np.interp(n, self.sizes, self.seconds)
+        if len(self.sizes) >= 2:
             slope = (self.seconds[-1] - self.seconds[-2]) / (self.sizes[-1] - self.sizes[-2])
-            return self.seconds[-1] + slope * (n - self.sizes[-1])
-        return float(np.interp(n, self.sizes, self.seconds))
+            inside = np.where(n > self.sizes[-1], self.seconds[-1] + slope * (n - self.sizes[-1]), inside)
+        return float(inside) if np.ndim(inside) == 0 else inside
 
     @property
     def measured(self) -> bool:
@@ -79,8 +72,7 @@ class CostModel:
 class AutoTree:
     """Keeps acceptance statistics over a candidate tree and picks the tree to draft with."""
 
-    def __init__(self, topk: int, candidates: list[list[int]] | None = None, pseudo_count: float = 2.0,
-                 retune_every: int = 16, max_chain: int = 0):
+    def __init__(self, topk: int, candidates: list[list[int]] | None = None, pseudo_count: float = 2.0):
         self.topk = topk
         self.paths = candidates or candidate_paths(topk=topk)
         self._tree = DraftTree.from_paths(self.paths, topk)  # for its parents/ranks/depths arrays
@@ -93,19 +85,6 @@ class AutoTree:
         self.num = np.zeros(n, dtype=np.float64)
         self.den = np.zeros(n, dtype=np.float64)
         self.a = pseudo_count
-        self.cost = CostModel()
-        self.overhead = 0.0  # seconds per step outside the forward (EMA)
-        self.max_chain = max_chain  # the longest n-gram chain the loop may graft (0: no n-gram drafts)
-        self.chain_num = np.zeros(max_chain + 1, dtype=np.float64)  # [j]: steps with >= j chain tokens accepted
-        self.chain_den = np.zeros(max_chain + 1, dtype=np.float64)  # [j]: steps with >= j new chain nodes
-        self.chain_steps = 0.0  # steps observed for the chain
-        self.chain = max_chain  # chosen chain length
-        self.retune_every = retune_every
-        self.steps_since_tune = 0
-        self.tuned_steps = 0
-        self.budget = 0
-        self.expected_tokens = 1.0
-        self.predicted_speedup: float | None = None
 
     # ------------------------------------------------------------------ statistics
     def rates(self) -> np.ndarray:
@@ -131,80 +110,29 @@ class AutoTree:
             if not hit.any():
                 break
 
-    def observe_step(self, seconds_total: float, forwarded: int, chain_nodes: int, chain_accepted: int) -> None:
-        """One step: its wall time, nodes forwarded, new n-gram chain nodes and how many were accepted."""
-        if self.cost.measured:
-            over = max(seconds_total - self.cost(forwarded), 0.0)
-            self.overhead = over if self.tuned_steps == 0 else 0.9 * self.overhead + 0.1 * over
-        if self.max_chain:
-            self.chain_steps += 1
-            self.chain_den[1: min(chain_nodes, self.max_chain) + 1] += 1
-            self.chain_num[1: min(chain_accepted, self.max_chain) + 1] += 1
-        self.tuned_steps += 1
-        self.steps_since_tune += 1
-
     # ------------------------------------------------------------------ choice
-    def due(self) -> bool:
-        every = self.retune_every if self.tuned_steps < 256 else 4 * self.retune_every
-        return self.budget == 0 or self.steps_since_tune >= every
+    def best_order(self) -> tuple[list[list[int]], np.ndarray]:
+        """(candidate nodes best first, ancestors first: every prefix is the best tree of its size;
+        gains[n - 1] = expected accepted tokens of the first n, the root's bonus not counted)."""
+        # A node's rate never exceeds its parent's, so best-first by rate (ties: shallower first) is
+        # ancestors-first: tree.best_subtree's order, in O(n log n).
+        rate = self.rates()[1:]
+        idx = sorted(range(len(self.paths)), key=lambda i: (-rate[i], len(self.paths[i]), self.paths[i]))
+        return [self.paths[i] for i in idx], np.cumsum(rate[idx])
 
-    def choose(self, max_nodes: int | None = None) -> list[list[int]]:
-        """The best tree for the current statistics and cost model."""
-        self.steps_since_tune = 0
-        rate = self.rates()
-        order = best_subtree(self.paths, rate[1:].tolist(), len(self.paths), in_pick_order=True)
-        index = {tuple(p): i + 1 for i, p in enumerate(self.paths)}
-        gains = np.cumsum([rate[index[tuple(p)]] for p in order])
-        limit = min(len(order), max_nodes or len(order))
-        chain_gain, present = self.chain_gains()
-        best_n, best_c, best_value = 1, 0, -1.0
-        base = self.cost(1) + self.overhead if self.cost.measured else 1.0
-        for n in BUDGETS:
-            if n > limit:
-                break
-            for c in range(self.max_chain + 1):
-                expected = 1.0 + gains[n - 1] + chain_gain[c]
-                nodes = 1 + n + present * c
-                seconds = self.cost(nodes) + self.overhead if self.cost.measured else 1.0 + 0.01 * nodes
-                value = expected / seconds
-                if value > best_value:
-                    best_n, best_c, best_value, self.expected_tokens = n, c, value, expected
-        self.budget, self.chain = best_n, best_c
-        self.predicted_speedup = best_value * base
-        return order[:best_n]
-
-    def chain_gains(self) -> tuple[np.ndarray, float]:
-        """(expected accepted chain tokens for each chain length 0..max_chain, share of steps with a
-        match). Before any observation the chain is assumed to pay for itself about as well as a
-        second-rank tree node, so it is tried and then measured."""
-        if not self.max_chain:
-            return np.zeros(1), 0.0
-        present = self.chain_den[1] / self.chain_steps if self.chain_steps else 0.8
-        prior = np.array([0.0] + [0.3 * 0.7 ** j for j in range(self.max_chain)])
-        rate = (self.chain_num + self.a * prior) / (self.chain_den + self.a)
-        rate[0] = 0.0
-        return present * np.cumsum(rate), present
+    def choose(self, budget: int) -> list[list[int]]:
+        """The best tree of ``budget`` nodes under the root for the current statistics."""
+        return self.best_order()[0][:budget]
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict:
-        return {"paths": self.paths, "num": self.num.tolist(), "den": self.den.tolist(),
-                "cost": {"sizes": self.cost.sizes, "seconds": self.cost.seconds, "context": self.cost.context},
-                "overhead": self.overhead, "chain_num": self.chain_num.tolist(),
-                "chain_den": self.chain_den.tolist(), "chain_steps": self.chain_steps}
+        return {"paths": self.paths, "num": self.num.tolist(), "den": self.den.tolist()}
 
     def load_state(self, state: dict) -> None:
         if [list(p) for p in state.get("paths", [])] != self.paths:
             return  # statistics for another candidate tree: start fresh
         self.num = np.array(state["num"], dtype=np.float64)
         self.den = np.array(state["den"], dtype=np.float64)
-        c = state.get("cost") or {}
-        if c.get("sizes"):
-            self.cost = CostModel(list(c["sizes"]), list(c["seconds"]), int(c.get("context", 0)))
-        self.overhead = float(state.get("overhead", 0.0))
-        if len(state.get("chain_num", [])) == self.max_chain + 1:
-            self.chain_num = np.array(state["chain_num"], dtype=np.float64)
-            self.chain_den = np.array(state["chain_den"], dtype=np.float64)
-            self.chain_steps = float(state.get("chain_steps", 0.0))
 
 
 def measure_cost(forward_n, sizes=COST_SIZES, repeats: int = 3, context: int = 0) -> CostModel:

@@ -24,6 +24,33 @@ from .models import hardware
 
 METHODS = ("greedy", "pld", "paper", "ours")
 RECYCLERS = ("paper", "ours")  # "paper": the paper's method (its 80-node tree, no n-gram drafts)
+PRESET_PREFIX = "tr:"  # "tr:<tree>": Token Recycling with a fixed tree (+ the n-gram chain), e.g. tr:paper-8
+PRESET_ALIASES = {"chain": [[0]]}  # tr:chain: one matrix node + the n-gram chain
+
+
+def preset_tree(method: str):
+    """The fixed tree of a "tr:<tree>" method: a preset name, "chain" or a JSON list of rank paths."""
+    import json
+
+    from .tree import make_tree
+
+    if not method.startswith(PRESET_PREFIX):
+        raise ValueError(f"{method!r} is not a fixed-tree method (tr:<preset or rank paths>)")
+    text = method[len(PRESET_PREFIX):]
+    spec = PRESET_ALIASES.get(text, text)
+    if isinstance(spec, str) and spec.lstrip().startswith("["):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{method!r}: {text!r} is not valid JSON ({exc.msg})") from exc
+    if spec == "auto":
+        raise ValueError(f"{method!r}: tr: methods are fixed trees; the default (auto) is \"ours\"")
+    make_tree(spec, 8)  # validates
+    return spec
+
+
+def is_recycler(method: str) -> bool:
+    return method in RECYCLERS or method.startswith(PRESET_PREFIX)
 PLD_TOKENS = 10  # prompt_lookup_num_tokens, as in transformers' examples
 WARMUP_PROMPT = "Write three sentences about the history of the bicycle."
 FORMAT = 1  # results.json layout version
@@ -36,6 +63,7 @@ class BenchConfig:
     multi_turn: bool = False
     chat_template: bool = True
     warmup: bool = True
+    sampling: dict | None = None  # generate() keywords for every method (do_sample=True, ...); None: greedy
 
 
 def encode(tokenizer, messages: list[dict], chat_template: bool, device) -> dict:
@@ -77,14 +105,18 @@ def _recyclers(rec) -> dict:
     return rec if isinstance(rec, dict) else {"ours": rec}
 
 
-def run_method(method: str, model, rec, inputs: dict, max_new_tokens: int) -> tuple[list[int], dict]:
+def run_method(method: str, model, rec, inputs: dict, max_new_tokens: int,
+               sampling: dict | None = None) -> tuple[list[int], dict]:
     """(new tokens, record) of one method on one prompt; the record holds what results.json keeps.
-    ``rec``: the TokenRecycler of "ours", or a dict of recyclers by method name."""
+    ``rec``: the TokenRecycler of "ours", or a dict of recyclers by method name. ``sampling``
+    (do_sample=True, temperature, top_p) makes every method sample: "greedy" is then HF's plain
+    sampling and "pld" HF's prompt lookup with sampling."""
+    sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
     recs = _recyclers(rec)
     gen = model.generation_config
     eos = gen.eos_token_id
     pad = gen.pad_token_id if gen.pad_token_id is not None else eos
-    common = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    common = {**dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad), **sampling}
     device = inputs["input_ids"].device
     with torch.inference_mode(), count_forwards(model) as forwards:
         _sync(device)
@@ -93,16 +125,16 @@ def run_method(method: str, model, rec, inputs: dict, max_new_tokens: int) -> tu
             out = model.generate(**inputs, **common)
         elif method == "pld":
             out = model.generate(**inputs, **common, prompt_lookup_num_tokens=PLD_TOKENS)
-        elif method in RECYCLERS:
+        elif is_recycler(method):
             out = recs[method].generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                        max_new_tokens=max_new_tokens, eos_token_id=eos)
+                                        max_new_tokens=max_new_tokens, eos_token_id=eos, **sampling)
         else:
             raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
         _sync(device)
         seconds = time.perf_counter() - start
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
     record = {"new_tokens": len(new), "seconds": seconds, "forwards": forwards[0]}
-    if method in RECYCLERS:
+    if is_recycler(method):
         stats = recs[method].stats
         record["steps"] = stats.steps
         record["accept_lengths"] = list(stats.accept_lengths)
@@ -128,7 +160,7 @@ def run(model, tokenizer, rec, prompts: list[Prompt], cfg: BenchConfig, progress
     if cfg.warmup:
         warm = encode(tokenizer, [{"role": "user", "content": WARMUP_PROMPT}], cfg.chat_template, device)
         for method in cfg.methods:
-            run_method(method, model, rec, warm, min(cfg.max_new_tokens, 32))
+            run_method(method, model, rec, warm, min(cfg.max_new_tokens, 32), cfg.sampling)
 
     turns_total = sum(len(p.turns) if cfg.multi_turn else 1 for p in prompts)
     bar = tqdm(total=turns_total, desc="bench", unit="turn", file=sys.stderr, disable=not progress)
@@ -141,9 +173,10 @@ def run(model, tokenizer, rec, prompts: list[Prompt], cfg: BenchConfig, progress
             order = rotated(cfg.methods, len(samples))
             tokens, records = {}, {}
             for method in order:
-                tokens[method], records[method] = run_method(method, model, rec, inputs, cfg.max_new_tokens)
+                tokens[method], records[method] = run_method(method, model, rec, inputs, cfg.max_new_tokens,
+                                                             cfg.sampling)
             mismatch = {m: first_mismatch(tokens["greedy"], tokens[m]) for m in tokens if m != "greedy"} \
-                if "greedy" in tokens else {}
+                if "greedy" in tokens and not cfg.sampling else {}  # samples differ by design
             samples.append({"id": p.id, "category": p.category, "turn": turn,
                             "prompt_tokens": int(inputs["input_ids"].shape[1]), "order": order,
                             "methods": records, "mismatch": mismatch})

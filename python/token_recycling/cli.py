@@ -56,11 +56,33 @@ def parse_tree(text: str, topk: int):
 
 
 def parse_baselines(text: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in ("greedy", "pld", "paper")]
+    from .bench import PRESET_PREFIX, preset_tree
+
+    names = tuple(n.strip() for n in _split_baselines(text) if n.strip())
+    unknown = [n for n in names if n not in ("greedy", "pld", "paper") and not n.startswith(PRESET_PREFIX)]
     if unknown:
-        raise UsageError(f"--baselines: unknown {', '.join(unknown)}; choose from greedy,pld,paper (or '' for none)")
+        raise UsageError(f"--baselines: unknown {', '.join(unknown)}; choose from greedy,pld,paper,tr:<tree> "
+                         f"(or '' for none)")
+    for n in names:
+        if n.startswith(PRESET_PREFIX):
+            try:
+                preset_tree(n)
+            except ValueError as exc:
+                raise UsageError(f"--baselines: {exc}") from exc
     return tuple(dict.fromkeys(names))
+
+
+def _split_baselines(text: str) -> list[str]:
+    """Split at commas outside brackets (tr:[[0],[1]] is one name)."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return out + [cur]
 
 
 def _positive(text: str) -> int:
@@ -88,6 +110,13 @@ def _common(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", *models.DTYPES],
                    help="auto: bfloat16 on CUDA and on CPUs with AMX/AVX512-BF16, else float32")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    p.add_argument("--tp", action="store_true",
+                   help="tensor parallel under torchrun: the model split over the ranks with tp_plan='auto' "
+                        "(gloo on cpu, NCCL on cuda: one GPU per rank); output from rank 0 only")
+    p.add_argument("--do-sample", action="store_true",
+                   help="sample (lossless: the distribution of HF's do_sample=True) instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None, help="with --do-sample (default: the model's)")
+    p.add_argument("--top-p", type=float, default=None, help="with --do-sample (default: the model's)")
     p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                    help="feed the prompt as plain text even if the tokenizer has a chat template")
 
@@ -109,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{' or '.join(BUILTIN)}, or a JSONL file (Spec-Bench or HumanEval format)")
     b.add_argument("--limit", type=_positive, default=None, help="use only the first N prompts")
     b.add_argument("--baselines", default="greedy,pld",
-                   help="comma list from greedy,pld,paper (paper: the paper's tree without n-gram drafts); default greedy,pld")
+                   help="comma list from greedy,pld,paper,tr:<tree> (paper: the paper's tree without n-gram drafts; "
+                        "tr:paper-8, tr:chain (one node + n-gram chain), tr:[[0],[1]]: fixed trees with the "
+                        "n-gram chain, for the default's regret); default greedy,pld")
     b.add_argument("--out", default=None, help="output folder (default bench/out/<timestamp>)")
     b.add_argument("--multi-turn", action="store_true",
                    help="also run later turns, after the greedy answer to the earlier ones")
@@ -142,10 +173,23 @@ def _load(args):
     dtype = _dtype(args)
     _quiet_transformers()
     start = time.perf_counter()
-    loaded = models.load(args.model, dtype, args.device)
+    if args.tp:
+        from . import tp
+        loaded = tp.load(args.model, dtype, args.device)
+    else:
+        loaded = models.load(args.model, dtype, args.device)
     models.stderr_log(f"[token-recycling] model {args.model} from {loaded.folder} "
                       f"loaded in {time.perf_counter() - start:.1f} s")
     return loaded, dtype
+
+
+def _sampling(args) -> dict:
+    """generate() keywords for --do-sample (empty for greedy decoding)."""
+    if not args.do_sample:
+        if args.temperature is not None or args.top_p is not None:
+            raise UsageError("--temperature and --top-p need --do-sample")
+        return {}
+    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
 
 
 def _recycler(model, args, tree):
@@ -189,7 +233,7 @@ def cmd_generate(args) -> int:
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     start = time.perf_counter()
     out = rec.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                       max_new_tokens=args.max_new_tokens, streamer=streamer)
+                       max_new_tokens=args.max_new_tokens, streamer=streamer, **_sampling(args))
     seconds = time.perf_counter() - start  # (the streamer ends the text with a newline)
     new = out.shape[1] - inputs["input_ids"].shape[1]
     st = rec.stats
@@ -217,14 +261,18 @@ def cmd_bench(args) -> int:
     if "paper" in baselines:  # the paper's method side by side: its tree, no n-gram drafts
         from .recycler import TokenRecycler
         recs["paper"] = TokenRecycler(loaded.model, tree="paper", topk=args.topk, ngram=False)
+    for name in baselines:  # tr:<tree>: fixed trees (+ the n-gram chain), to measure the default's regret
+        if name.startswith(bench.PRESET_PREFIX):
+            from .recycler import TokenRecycler
+            recs[name] = TokenRecycler(loaded.model, tree=bench.preset_tree(name), topk=args.topk, ngram=args.ngram)
     cfg = bench.BenchConfig(max_new_tokens=args.max_new_tokens, methods=(*baselines, "ours"),
-                            multi_turn=args.multi_turn, chat_template=args.chat_template)
+                            multi_turn=args.multi_turn, chat_template=args.chat_template, sampling=_sampling(args))
     config = {
         "model": args.model, "model_folder": str(loaded.folder), "model_note": loaded.note,
         "dtype": models.dtype_name(dtype), "tree": tree, "tree_description": rec.describe(), "topk": args.topk,
         "ngram": args.ngram, "dataset": args.dataset, "dataset_file": str(data_path), "limit": args.limit,
         "max_new_tokens": args.max_new_tokens, "methods": list(cfg.methods), "multi_turn": args.multi_turn,
-        "chat_template": args.chat_template, "pld_tokens": bench.PLD_TOKENS,
+        "chat_template": args.chat_template, "pld_tokens": bench.PLD_TOKENS, "sampling": cfg.sampling,
     }
     env = bench.environment(loaded.model.device)  # (its timestamp is the start of the run)
     out.mkdir(parents=True, exist_ok=True)
@@ -283,6 +331,9 @@ def _sigterm_as_interrupt():
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.tp:
+            from . import tp
+            tp.setup_cli(args)
         return args.func(args)
     except (UsageError, models.ModelError, DatasetError) as exc:
         print(f"token-recycling: error: {exc}", file=sys.stderr)

@@ -2,28 +2,50 @@
 
 Protocol with the decode loop. In a verification forward the loop passes ``attention_mask`` as a
 4-D bool tensor ``[1, 1, N, N]`` (or ``[B, 1, N, N]`` expanded from one, stride 0 along the batch):
-the tree mask, ``mask[i, j]`` = node i may see node j. transformers hands a 4-D mask to the
-attention function untouched. The keys and values that function receives are the whole cache
-``[B, Hkv, P + N, D]`` with the N tree nodes last, so the prefix is ``P = key_len - N``, the same for
-every row. Every other call (prefill, plain decoding, padding masks) goes to transformers' sdpa
-function, and mask creation for this implementation is sdpa's.
+the tree mask, ``mask[i, j]`` = node i may see node j; and the keyword argument
+``tree_prefix_len`` (``PREFIX_KWARG``): the prefix length P, an int or a LongTensor ``[B]`` (on the
+CPU or on the model's device; a device tensor costs no host sync). transformers hands a 4-D mask and
+extra forward keywords to the attention function untouched. The keys and values that function
+receives are the cache ``[B, Hkv, S, D]`` with the prefix at ``[0, P)`` and the N tree nodes at
+``[P, P + N)``; anything after them (the unused tail of a static cache) is never attended to. A tree
+mask without ``tree_prefix_len`` is an error, never a guess (``S - N`` is wrong for a static cache).
+Every other call (prefill, plain decoding, padding masks) goes to transformers' sdpa function, and
+mask creation for this implementation is sdpa's.
 
 Sliding-window and soft-capped attention are not handled by the tree kernel: such calls take the
-sdpa path with the equivalent dense mask.
+dense path with the equivalent mask (window.dense_tree_mask: the window counted from each node's own
+position). The dense path is sdpa, or the model's own eager attention for soft-capped logits (Gemma 2),
+which sdpa cannot apply.
+
+Two paths for a tree forward (``choose_path``):
+  single    ops.tree_attention: one kernel over prefix and tree block.
+  two-part  the prefix (every node sees all of it: no mask) through a FlashAttention-class kernel
+            that returns the log-sum-exp, GQA folded into query rows (q ``[B, Hkv, G*N, D]`` against
+            k/v ``[B, Hkv, P, D]``: no repeat_kv); the N x N tree block through ops.tree_attention_lse;
+            the two merged by ops.merge_attention_states. On CUDA the prefix kernel is torch's flash
+            SDPA (fp16/bf16); on the CPU, torch's CPU flash SDPA.
+The rule: two-part when the prefix is a host int of at least ``TWO_PART_MIN_PREFIX`` keys, every op
+it needs exists on the device and (CUDA) the dtype is fp16/bf16. TWO_PART_MIN_PREFIX (env ``TOKEN_RECYCLING_TWO_PART_MIN_PREFIX``, default: never) is
+a placeholder until bench/attention_vs_sdpa.py has measured on a GPU where two-part wins.
 """
 
 from __future__ import annotations
+
+import os
+import sys
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import ops
+from . import ops, window
 from ._extension import WITH_CUDA
 
 NAME = "token_recycling"
+PREFIX_KWARG = "tree_prefix_len"
 
+TWO_PART_MIN_PREFIX = int(os.environ.get("TOKEN_RECYCLING_TWO_PART_MIN_PREFIX", str(2**62)))
 _CUDA_HEAD_DIMS = (64, 80, 96, 128, 256)
 _CUDA_MAX_NODES = 256
 
@@ -57,22 +79,125 @@ def tree_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
                            **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function: query ``[B, Hq, N, D]``, key/value ``[B, Hkv, S, D]``;
     returns ``([B, N, Hq, D], None)``."""
+    prefix = kwargs.pop(PREFIX_KWARG, None)
     tree = tree_mask_of(attention_mask, query, key)
     if tree is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    n, key_len = query.shape[2], key.shape[2]
-    prefix = key_len - n
+        return dense_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    batch, n, key_len = query.shape[0], query.shape[2], key.shape[2]
+    window_size = kwargs.get("sliding_window")
+    if window_size is not None:
+        # A sliding-window layer (window.WindowLayer) holds the window's end with the tree last, so its own
+        # prefix is key_len - N (not the model's); the dense path applies the window along each node's path.
+        dense = window.dense_tree_mask(tree.to(query.device), key_len, window_size)
+        return dense_attention(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
+    prefix_len = prefix_tensor(prefix, batch, n, key_len, query.device)
     if dropout > 0.0 or not _kernel_can_run(query, kwargs):
-        dense = torch.ones(1, 1, n, key_len, dtype=torch.bool, device=query.device)
-        dense[..., prefix:] = tree
-        return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
+        dense = dense_mask(tree.to(query.device), prefix_len, key_len)
+        return dense_attention(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    # prefix_len stays on the CPU: the op checks it there, without waiting for the GPU.
-    prefix_len = torch.full((query.shape[0],), prefix, dtype=torch.long)
-    out = ops.tree_attention(query, key, value, prefix_len, tree.to(query.device), float(scaling))
+    if choose_path(prefix, query) == "two-part":
+        out = two_part_attention(query, key, value, prefix, tree.to(query.device), float(scaling))
+    else:
+        out = ops.tree_attention(query, key, value, prefix_len, tree.to(query.device), float(scaling))
     return out.transpose(1, 2).contiguous(), None
+
+
+def dense_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    """sdpa, or for soft-capped logits (which sdpa refuses) the eager attention of the module's own
+    modeling file, with the mask made additive (None, sdpa's implied causal mask, made explicit)."""
+    if kwargs.get("softcap") is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(f"{type(module).__name__} soft-caps attention logits and its module has no "
+                                  f"eager_attention_forward to apply them")
+    q_len, k_len = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+        attention_mask = attention_mask.view(1, 1, q_len, k_len)
+    if attention_mask.dtype == torch.bool:
+        additive = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
+        attention_mask = additive.masked_fill_(~attention_mask, torch.finfo(query.dtype).min)
+    out, _ = eager(module, query, key, value, attention_mask, **kwargs)
+    return out, None
+
+
+def _has_kernel(op: str, device: torch.device) -> bool:
+    key = "CPU" if device.type == "cpu" else device.type.upper()
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"token_recycling::{op}", key)
+
+
+def choose_path(prefix, query: torch.Tensor) -> str:
+    """"two-part" or "single" (see the module doc)."""
+    if isinstance(prefix, torch.Tensor) or prefix < max(TWO_PART_MIN_PREFIX, 1):
+        return "single"
+    if not (_has_kernel("tree_attention_lse", query.device) and _has_kernel("merge_attention_states", query.device)):
+        return "single"
+    if query.device.type == "cuda" and query.dtype not in (torch.float16, torch.bfloat16):
+        return "single"  # torch's flash kernel takes 16-bit inputs only
+    return "two-part"
+
+
+def prefix_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """Unmasked attention with its log-sum-exp: q [B, H, L, D] over k, v [B, H, P, D] (P >= 1) ->
+    (out [B, H, L, D], lse [B, H, L] float32), through torch's flash SDPA kernels."""
+    if q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    return out, lse.float()
+
+
+def two_part_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix: int,
+                       tree: torch.Tensor, scale: float) -> torch.Tensor:
+    """Tree attention as prefix (flash, LSE) + tree block (ours, LSE), merged: [B, Hq, N, D]."""
+    batch, hq, n, d = query.shape
+    hkv = key.shape[1]
+    group = hq // hkv
+    # Query head h = hk * group + g reads kv head hk: fold the group into query rows.
+    folded = query.reshape(batch, hkv, group * n, d)
+    out_p, lse_p = prefix_attention_lse(folded, key[:, :, :prefix], value[:, :, :prefix], scale)
+    zero = torch.zeros(batch, dtype=torch.long)
+    out_t, lse_t = ops.tree_attention_lse(query, key[:, :, prefix:prefix + n], value[:, :, prefix:prefix + n],
+                                          zero, tree, scale)
+    out, _ = ops.merge_attention_states(out_p.reshape(batch, hq, n, d), lse_p.reshape(batch, hq, n), out_t, lse_t)
+    return out
+
+
+def prefix_tensor(prefix, batch: int, n: int, key_len: int, device: torch.device) -> torch.Tensor:
+    """``tree_prefix_len`` as the op's LongTensor [B]. An int is checked here and stays on the CPU (the
+    op checks it there, without waiting for the GPU); a tensor is passed as given (the op checks it)."""
+    if prefix is None:
+        raise ValueError(f"a tree-attention forward (a bool [1, 1, N, N] attention_mask) needs the keyword "
+                         f"argument {PREFIX_KWARG}= (the prefix length); the keys ({key_len}) may hold more than "
+                         f"prefix + N, e.g. a static cache's whole buffer. If it was passed, this model does not "
+                         f"forward keyword arguments to its attention function")
+    if isinstance(prefix, torch.Tensor):
+        if prefix.dtype != torch.long or prefix.dim() > 1 or prefix.numel() not in (1, batch):
+            raise ValueError(f"{PREFIX_KWARG} must be an int or a LongTensor [batch] or [1], got "
+                             f"{prefix.dtype} {tuple(prefix.shape)}")
+        if prefix.device.type not in ("cpu", device.type):
+            raise ValueError(f"{PREFIX_KWARG} must be on the CPU or on {device}, got {prefix.device}")
+        return prefix.reshape(-1).expand(batch)
+    if isinstance(prefix, bool) or not isinstance(prefix, int):
+        raise TypeError(f"{PREFIX_KWARG} must be an int or a LongTensor, got {type(prefix).__name__}")
+    if prefix < 0 or prefix + n > key_len:
+        raise ValueError(f"{PREFIX_KWARG}={prefix} does not fit: the {n} tree nodes must lie within the "
+                         f"{key_len} keys")
+    return torch.full((batch,), prefix, dtype=torch.long)
+
+
+def dense_mask(tree: torch.Tensor, prefix_len: torch.Tensor, key_len: int) -> torch.Tensor:
+    """The equivalent dense bool mask [B, 1, N, key_len], built on the device without a host sync:
+    key j is visible to node i when j < P, or P <= j < P + N and tree[i, j - P]."""
+    device = tree.device
+    n = tree.shape[0]
+    rel = torch.arange(key_len, device=device) - prefix_len.to(device).view(-1, 1)  # [B, key_len]
+    in_tree = (rel >= 0) & (rel < n)
+    from_tree = tree[:, rel.clamp(0, n - 1)].permute(1, 0, 2) & in_tree[:, None, :]  # [B, N, key_len]
+    return ((rel < 0)[:, None, :] | from_tree)[:, None]
 
 
 def register() -> None:

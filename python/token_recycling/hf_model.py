@@ -1,5 +1,5 @@
-"""Glue to a stock transformers 5.x causal LM: support checks, the verification forward (4-D tree
-mask + positions), and compaction of the model's own cache object in place."""
+"""Glue to a stock transformers 5.x causal LM: support checks, sizes and dtypes, and the verification
+forward (one model call over the whole tree: its mask and positions). The cache lives in cache.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import inspect
 
 import torch
 
-from . import ops
+from . import cache as kv
+from . import window
 
 # Attention implementations that take a custom 4-D additive mask as given.
 MASK_4D_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -42,8 +43,25 @@ def check_supported(model, extra_implementations: tuple[str, ...] = ()) -> None:
             f"{name} uses attn_implementation={impl!r}, which does not accept the custom 4-D tree attention "
             f"mask that verification needs. Load the model with attn_implementation='sdpa' or 'eager' "
             f"(or call model.set_attn_implementation('sdpa')).")
+    check_device_map(model)
     if model.get_output_embeddings() is None:
         raise ValueError(f"{name} has no output embeddings (LM head); TokenRecycler needs logits over the vocab")
+
+
+def check_device_map(model) -> None:
+    """A ``device_map`` that keeps execution on one device (everything on one GPU, or layers offloaded to
+    CPU RAM or disk and brought in by accelerate's hooks) works; one that runs layers on several
+    accelerators is refused: the KV cache would then live on several devices, which compaction does
+    not handle (tensor parallel under torchrun is the supported way to use several GPUs)."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    devices = {str(d) for d in device_map.values() if str(d) not in ("cpu", "disk", "meta")}
+    devices = {f"cuda:{d}" if d.isdigit() else d for d in devices}
+    if len(devices) > 1:
+        raise ValueError(
+            f"{type(model).__name__} was loaded with a device_map that runs its layers on {len(devices)} devices "
+            f"({', '.join(sorted(devices))}); TokenRecycler needs the whole KV cache on one device. Load it on one "
+            f"device (layers may be offloaded to 'cpu' or 'disk'), or split it over GPUs with tensor parallel: "
+            f"from_pretrained(..., tp_plan='auto') under torchrun.")
 
 
 def vocab_size(model) -> int:
@@ -60,67 +78,22 @@ def model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def cache_layers(cache) -> list:
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        raise ValueError(f"unsupported cache type {type(cache).__name__}: expected a transformers 5.x Cache")
-    return layers
+def forward_tree(model, draft, prefix: int, cache, tree_attention: bool, cache_kwarg: str) -> torch.Tensor:
+    """One forward of the whole draft: node i at position prefix + depth(i), seeing the prefix and
+    its ancestors. Returns logits [1, N, V].
 
-
-def check_cache(cache, forwarded: int) -> None:
-    """Refuse caches whose layers cannot be compacted in place (linear attention, full sliding windows)."""
-    for i, layer in enumerate(cache_layers(cache)):
-        if not getattr(layer, "is_initialized", True):
-            continue
-        if not hasattr(layer, "keys") or not isinstance(getattr(layer, "keys", None), torch.Tensor):
-            raise NotImplementedError(f"cache layer {i} ({type(layer).__name__}) has no key/value tensors to compact")
-        window = getattr(layer, "sliding_window", None)
-        if window is not None and layer.get_seq_length() + forwarded >= window:
-            raise NotImplementedError(
-                f"the context ({layer.get_seq_length()} + {forwarded} tree tokens) reaches the sliding window "
-                f"({window}) of cache layer {i}; TokenRecycler does not compact rolled sliding-window caches yet")
-
-
-def compact_cache(cache, prefix_len: torch.Tensor, accepted_nodes: torch.Tensor, accept_len: torch.Tensor,
-                  accepted: int, forwarded: int) -> None:
-    """Keep the accepted path right after the prefix (one compact_kv call for all layers), then drop
-    the rest of the forwarded tree from every layer."""
-    tensors = []
-    for layer in cache_layers(cache):
-        if getattr(layer, "is_initialized", True) and isinstance(getattr(layer, "keys", None), torch.Tensor):
-            tensors += [layer.keys, layer.values]
-    if tensors:
-        ops.compact_kv(tensors, prefix_len, accepted_nodes, accept_len)
-    cache.crop(-(forwarded - accepted))
-
-
-class TreeMask:
-    """The additive [1, 1, N, P + N] mask for a tree at prefix length P (prefix all visible)."""
-
-    def __init__(self, tree_mask: torch.Tensor, dtype: torch.dtype, device: torch.device):
-        self.n = tree_mask.shape[-1]
-        self.dtype, self.device = dtype, device
-        self.block = torch.zeros(tree_mask.shape, dtype=dtype, device=device)
-        self.block.masked_fill_(~tree_mask.to(device), torch.finfo(dtype).min)
-
-    def __call__(self, prefix_len: int, kv_len: int | None = None) -> torch.Tensor:
-        """kv_len: the key length attention will see, when it is more than prefix + N (a static
-        cache attends over its whole buffer: the unused tail is masked)."""
-        lead = self.block.shape[:-2]
-        prefix = torch.zeros(*lead, self.n, prefix_len, dtype=self.dtype, device=self.device)
-        parts = [prefix, self.block]
-        if kv_len is not None and kv_len > prefix_len + self.n:
-            parts.append(torch.full((*lead, self.n, kv_len - prefix_len - self.n), torch.finfo(self.dtype).min,
-                                    dtype=self.dtype, device=self.device))
-        full = torch.cat(parts, dim=-1)
-        return full.view(-1, 1, self.n, full.shape[-1])
-
-
-def static_capacity(cache) -> int | None:
-    """The fixed length of a static cache (None for a dynamic one)."""
-    lengths = {getattr(layer, "max_cache_len", None) for layer in cache_layers(cache)}
-    if None in lengths:
-        return None
-    if len(lengths) != 1:
-        raise NotImplementedError("static caches with layers of different lengths are not supported")
-    return lengths.pop()
+    With ``tree_attention`` the mask is the bare [1, 1, N, N] tree block and the prefix length goes
+    along as ``tree_prefix_len`` (the protocol of hf_attention.py; the window is taken from the layer);
+    otherwise a dense additive [1, 1, N, kv_len] mask, or one per layer type with sliding-window layers
+    (window.py). ``prefix`` is an int, or a LongTensor [1] on the device (no host sync)."""
+    extra = {}
+    if tree_attention:
+        from .hf_attention import PREFIX_KWARG
+        mask = draft.mask.view(1, 1, *draft.mask.shape[-2:])
+        extra[PREFIX_KWARG] = prefix
+    else:
+        mask = kv.TreeMask(draft.mask, model_dtype(model), draft.tokens.device)(int(prefix), kv.static_capacity(cache))
+        mask = window.attention_mask(model, cache, draft.mask, mask)  # per layer type, with window layers
+    out = model(input_ids=draft.tokens, attention_mask=mask, position_ids=(draft.depths + prefix).view(1, -1),
+                use_cache=True, **{cache_kwarg: cache}, **extra)
+    return out.logits

@@ -46,6 +46,23 @@ def verify_greedy(tokens: torch.Tensor, predictions: torch.Tensor,
     return _ops.verify_greedy(tokens, predictions, parents)
 
 
+def verify_sample(tokens: torch.Tensor, parents: torch.Tensor, probs: torch.Tensor,
+                  uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Walk the draft tree with the model's own samples (lossless speculative sampling).
+
+    At a node of depth d, draw a token from ``probs[b, node]`` by inverse CDF with ``uniforms[b, d]``; if a
+    child of the node holds it (the smallest index when several do), move there and draw again; else
+    stop: the drawn token is the bonus. tokens ``[B, N]`` int64, parents ``[N]`` (or ``[B, N]``) int32,
+    probs ``[B, N, V]`` float32 non-negative finite weights (need not sum to 1; V <= 2^20; only
+    visited rows are read), uniforms ``[B, N]`` float64 in ``[0, 1)`` (a row's walk uses its first
+    ``accept_len`` uniforms, whatever the tree: see :mod:`token_recycling.sample`). The draw is exact integer
+    arithmetic (see ``kernels/verify_sample.h``), so every backend and ``reference.verify_sample`` pick
+    the same token. Returns ``(accept_len [B], accepted_nodes [B, max_depth + 1] padded with -1,
+    bonus [B])`` as :func:`verify_greedy` does.
+    """
+    return _ops.verify_sample(tokens, parents, probs, uniforms)
+
+
 def compact_kv(caches: list[torch.Tensor], prefix_len: torch.Tensor, accepted_nodes: torch.Tensor,
                accept_len: torch.Tensor) -> None:
     """Move the accepted path's cache entries into place, for all layers in one call.
@@ -68,6 +85,30 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
     the device sync that checking it on the GPU costs.
     """
     return _ops.tree_attention(q, k, v, prefix_len, tree_mask, scale)
+
+
+def tree_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: torch.Tensor,
+                       tree_mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`tree_attention` that also returns each row's log-sum-exp: ``(out [B, Hq, N, D],
+    lse [B, Hq, N] float32)``, lse = natural log of the softmax denominator of the scaled scores
+    (``-inf`` for a row that sees no key). With ``prefix_len = 0`` and k, v the tree nodes' keys, it
+    is the tree-block half of two-part tree attention (see :func:`merge_attention_states`). CPU and
+    CUDA (the same limits as :func:`tree_attention`).
+    """
+    return _ops.tree_attention_lse(q, k, v, prefix_len, tree_mask, scale)
+
+
+def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                           lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two attentions of the same queries over disjoint key sets by their log-sum-exps.
+
+    out_a, out_b ``[B, H, N, D]`` (one dtype: fp32/fp16/bf16, any strides); lse_a, lse_b ``[B, H, N]``
+    float32 (natural log; ``-inf`` = saw no key). Returns ``(out [B, H, N, D] in out_a's dtype,
+    lse [B, H, N] float32)``: ``out = (w_a out_a + w_b out_b) / (w_a + w_b)`` with ``w_x = exp(lse_x
+    - m)``, ``m = max(lse_a, lse_b)``; rows where both are ``-inf`` get zeros and ``-inf``. CPU and CUDA
+    (no device sync: nothing is checked on the device).
+    """
+    return _ops.merge_attention_states(out_a, lse_a, out_b, lse_b)
 
 
 def ngram_index_append(table: torch.Tensor, history: torch.Tensor, old_len: torch.Tensor,
@@ -94,6 +135,20 @@ def ngram_lookup(table: torch.Tensor, history: torch.Tensor, length: torch.Tenso
     exactly ``history[b, :length[b]]`` (checked). CPU only.
     """
     return _ops.ngram_lookup(table, history, length, max_ngram, max_tokens)
+
+
+def ngram_candidates(table: torch.Tensor, history: torch.Tensor, length: torch.Tensor, max_ngram: int,
+                     max_tokens: int, max_candidates: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Up to ``max_candidates`` different continuations of the context's suffix, longest match first.
+
+    For ``n = max_ngram`` down to 1, each earlier occurrence ``e`` of ``h[-n:]``, most recent first,
+    gives ``h[e : e + max_tokens]``; it is kept unless it equals an earlier candidate over the
+    shorter of the two. Returns ``(tokens [B, K, max_tokens] int64 padded with
+    -1, count [B, K], ngram [B, K] (the matched suffix length n), start [B, K] (e))``, zeros for
+    unused candidates. Candidate 0 is :func:`ngram_lookup`'s answer. CPU only.
+    """
+    return _ops.ngram_candidates(table, history, length, max_ngram, max_tokens, max_candidates)
 
 
 def graft_chain(tree_tokens: torch.Tensor, parents: torch.Tensor, chain: torch.Tensor,
@@ -131,6 +186,13 @@ def _(tokens, predictions, parents):
     return tokens.new_empty((batch,)), tokens.new_empty((batch, width)), tokens.new_empty((batch,))
 
 
+@torch.library.register_fake("token_recycling::verify_sample")
+def _(tokens, parents, probs, uniforms):
+    width = torch.library.get_ctx().new_dynamic_size(min=1)  # tree depth + 1: data-dependent
+    batch = tokens.shape[0]
+    return tokens.new_empty((batch,)), tokens.new_empty((batch, width)), tokens.new_empty((batch,))
+
+
 @torch.library.register_fake("token_recycling::compact_kv")
 def _(caches, prefix_len, accepted_nodes, accept_len):
     return None
@@ -139,6 +201,17 @@ def _(caches, prefix_len, accepted_nodes, accept_len):
 @torch.library.register_fake("token_recycling::tree_attention")
 def _(q, k, v, prefix_len, tree_mask, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("token_recycling::tree_attention_lse")
+def _(q, k, v, prefix_len, tree_mask, scale):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(q.shape[:3], dtype=torch.float32))
+
+
+@torch.library.register_fake("token_recycling::merge_attention_states")
+def _(out_a, lse_a, out_b, lse_b):
+    return torch.empty_like(out_a, memory_format=torch.contiguous_format), torch.empty_like(lse_a)
 
 
 @torch.library.register_fake("token_recycling::ngram_index_append")
@@ -150,6 +223,13 @@ def _(table, history, old_len, new_len):
 def _(table, history, length, max_ngram, max_tokens):
     batch = history.shape[0]
     return history.new_empty((batch, max_tokens)), history.new_empty((batch,))
+
+
+@torch.library.register_fake("token_recycling::ngram_candidates")
+def _(table, history, length, max_ngram, max_tokens, max_candidates):
+    batch = history.shape[0]
+    return (history.new_empty((batch, max_candidates, max_tokens)), history.new_empty((batch, max_candidates)),
+            history.new_empty((batch, max_candidates)), history.new_empty((batch, max_candidates)))
 
 
 @torch.library.register_fake("token_recycling::graft_chain")

@@ -3,6 +3,8 @@ against. They take the same arguments as :mod:`token_recycling.ops` and never sh
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -58,6 +60,44 @@ def verify_greedy(tokens, predictions, parents):
     return as_t(lens), accepted, as_t(bonus)
 
 
+def _inverse_cdf(p, u):
+    """Exact integer inverse-CDF draw: weights ceil(p / max * 2^32) (0 stays 0), smallest v whose
+    running sum exceeds floor(u * total)."""
+    p = p.double()
+    q = torch.where(p > 0, torch.ceil(p / p.max() * 2.0 ** 32), torch.zeros_like(p)).long()
+    total = int(q.sum())
+    target = min(math.floor(u * float(total)), total - 1)
+    return int(torch.searchsorted(q.cumsum(0), torch.tensor(target), right=True))
+
+
+def verify_sample(tokens, parents, probs, uniforms):
+    batch, n = tokens.shape
+    per_row = parents.dim() == 2
+    lens, paths, bonus = [], [], []
+    width = 1
+    for b in range(batch):
+        par = (parents[b] if per_row else parents).tolist()
+        width = max(width, max(_depths(parents[b] if per_row else parents)) + 1)
+        children = {}
+        for i in range(1, n):
+            children.setdefault((par[i], int(tokens[b, i])), i)  # first child (index order) wins
+        node, path = 0, []
+        while True:
+            path.append(node)
+            drawn = _inverse_cdf(probs[b, node], float(uniforms[b, len(path) - 1]))  # the walk's d-th draw
+            if (node, drawn) not in children:
+                break
+            node = children[(node, drawn)]
+        paths.append(path)
+        lens.append(len(path))
+        bonus.append(drawn)
+    accepted = torch.full((batch, width), -1, dtype=torch.long, device=tokens.device)
+    for b, path in enumerate(paths):
+        accepted[b, : len(path)] = torch.tensor(path)
+    as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=tokens.device)  # noqa: E731
+    return as_t(lens), accepted, as_t(bonus)
+
+
 def compact_kv(caches, prefix_len, accepted_nodes, accept_len):
     for cache in caches:
         for b in range(cache.shape[0]):
@@ -84,6 +124,51 @@ def tree_attention(q, k, v, prefix_len, tree_mask, scale):
         weights = torch.nan_to_num(weights, nan=0.0).to(q.dtype)  # rows that see nothing -> 0
         out[b] = weights @ v[b]
     return out
+
+
+def attention_lse(q, k, v, visible, scale):
+    """Masked attention and its log-sum-exp in q's dtype's float accumulation (float64 stays
+    float64): q [B, H, N, D], k, v [B, H, S, D], visible [N, S] or [B, H, N, S] bool. Rows that see
+    nothing: zero output, lse -inf."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.nan_to_num(torch.exp(scores - lse.unsqueeze(-1)), nan=0.0)
+    return (weights @ v.to(acc)).to(q.dtype), lse.to(torch.float32 if acc == torch.float32 else acc)
+
+
+def tree_attention_lse(q, k, v, prefix_len, tree_mask, scale):
+    """tree_attention with the log-sum-exp of each row (see attention_lse)."""
+    batch, hq, n, _ = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(hq // hkv, dim=1)
+    v = v.repeat_interleave(hq // hkv, dim=1)
+    outs, lses = [], []
+    for b in range(batch):
+        p = int(prefix_len[b])
+        visible = torch.zeros(n, s, dtype=torch.bool, device=q.device)
+        visible[:, :p] = True
+        visible[:, p : p + n] = tree_mask
+        o, l = attention_lse(q[b : b + 1], k[b : b + 1], v[b : b + 1], visible, scale)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b):
+    """The obvious merge: weights softmax([lse_a, lse_b]) per row (float64 in, float64 out)."""
+    acc = torch.float64 if out_a.dtype == torch.float64 else torch.float32
+    la, lb = lse_a.to(acc), lse_b.to(acc)
+    m = torch.maximum(la, lb)
+    dead = m == float("-inf")
+    m = torch.where(dead, torch.zeros_like(m), m)
+    wa, wb = torch.exp(la - m), torch.exp(lb - m)
+    total = wa + wb
+    out = (wa.unsqueeze(-1) * out_a.to(acc) + wb.unsqueeze(-1) * out_b.to(acc)) / total.clamp_min(1e-300).unsqueeze(-1)
+    out = torch.where(dead.unsqueeze(-1), torch.zeros_like(out), out)
+    lse = torch.where(dead, torch.full_like(m, float("-inf")), m + torch.log(total))
+    return out.to(out_a.dtype), lse
 
 
 def ngram_lookup_reference(history, length, max_ngram, max_tokens):
@@ -149,3 +234,31 @@ def graft_chain(tree_tokens, parents, chain, chain_len):
                 j = par[j]
     return out_tokens, out_parents, out_depths, mask, num_nodes
 
+
+
+def ngram_candidates_reference(history, length, max_ngram, max_tokens, max_candidates):
+    """Brute force: for each n, longest first, every earlier occurrence of the suffix, most recent
+    first; its continuation unless it equals an earlier candidate over the shorter length."""
+    batch = history.shape[0]
+    tokens = torch.full((batch, max_candidates, max_tokens), -1, dtype=torch.long)
+    count, ngram, start = (torch.zeros(batch, max_candidates, dtype=torch.long) for _ in range(3))
+    for b in range(batch):
+        h = history[b, : int(length[b])].tolist()
+        taken: list[list[int]] = []
+        for n in range(min(max_ngram, len(h) - 1), 0, -1):
+            if len(taken) == max_candidates:
+                break
+            suffix = h[len(h) - n:]
+            for end in range(len(h) - 1, n - 1, -1):  # every earlier occurrence, most recent first
+                if len(taken) == max_candidates:
+                    break
+                if h[end - n: end] != suffix:
+                    continue
+                cont = h[end: end + max_tokens]
+                if any(cont[: min(len(cont), len(o))] == o[: min(len(cont), len(o))] for o in taken):
+                    continue
+                j = len(taken)
+                taken.append(cont)
+                tokens[b, j, : len(cont)] = torch.tensor(cont)
+                count[b, j], ngram[b, j], start[b, j] = len(cont), n, end
+    return tokens, count, ngram, start

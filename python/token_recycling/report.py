@@ -169,8 +169,45 @@ def markdown(results: dict, table: dict, counts: Counter) -> str:
         lines.append("Accepted tokens per step: " + ", ".join(
             f"{n}: {100 * counts[n] / steps:.1f}%" for n in sorted(counts)) + f" ({steps} steps).")
         lines.append("")
+    lines += regret_lines(table, methods) + choice_lines(results)
     lines += ["![speedup by category](speedup.png)", "", "![accepted lengths](accept_lengths.png)", ""]
     return "\n".join(lines)
+
+
+def regret_lines(table: dict, methods: list[str]) -> list[str]:
+    """The default ("ours") against the fixed-tree presets (tr:...) per category: each preset's
+    tok/s as a ratio of ours, and the regret (how much faster the best preset was, 0 if none)."""
+    presets = [m for m in methods if m.startswith("tr:")]
+    if "ours" not in methods or not presets:
+        return []
+    head = ["category", "ours tok/s"] + [f"{m} / ours" for m in presets] + ["regret"]
+    lines = ["Default (ours) vs fixed trees with the n-gram chain (tr:...): ratio of tokens/s, and regret = "
+             "best preset / ours - 1 (0 when ours is the fastest).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cat, row in table.items():
+        ours = row["tok_s"]["ours"]
+        ratios = [row["tok_s"][m] / ours if ours and row["tok_s"][m] else None for m in presets]
+        regret = max([0.0] + [r - 1 for r in ratios if r is not None])
+        lines.append("| " + " | ".join([f"**{cat}**" if cat == ALL else cat, _fmt(ours)]
+                                       + [_fmt(r, ".2f") for r in ratios] + [f"{100 * regret:.1f}%"]) + " |")
+    return lines + [""]
+
+
+def choice_lines(results: dict) -> list[str]:
+    """What the default drafted per step, pooled over the run (from each sample's stats)."""
+    stats = [s["methods"]["ours"].get("stats", {}) for s in results["samples"] if "ours" in s["methods"]]
+    steps = sum(st.get("steps", 0) for st in stats)
+    if not steps or not any(st.get("chain_tokens") for st in stats):
+        return []
+    total = lambda key: sum(sum(st.get(key) or []) for st in stats)  # noqa: E731
+    matched = sum(sum(1 for m in st.get("match") or [] if m) for st in stats)
+    seconds = sum(st.get("seconds", 0.0) for st in stats)
+    decide = sum(st.get("decision_seconds", 0.0) for st in stats)
+    return [f"Per step (default, {steps} steps): {total('tree_nodes') / steps:.1f} nodes forwarded, of which "
+            f"{total('matrix_nodes') / steps - 1:.1f} matrix-tree nodes and {total('chain_tokens') / steps:.1f} new "
+            f"n-gram chain nodes; the n-gram lookup matched on {100 * matched / steps:.0f}% of steps; accepted per "
+            f"step {total('accept_lengths') / steps:.2f} tokens ({total('ngram_accepted') / steps:.2f} from n-gram "
+            f"chains). Choosing the drafts took {100 * decide / seconds if seconds else 0:.2f}% of the time.", ""]
 
 
 def write(results: dict, out_dir: str | Path) -> dict[str, Path]:

@@ -7,18 +7,47 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class GenerationStats:
+    decoding: str = "greedy"           # "greedy" or "sample(...)" with the processors applied
     steps: int = 0                     # verification forwards (the prefill is not a step)
     new_tokens: int = 0                # tokens returned beyond the prompt
     accept_lengths: list[int] = field(default_factory=list)  # tokens emitted per step (accepted + bonus)
     node_matches: dict[str, int] = field(default_factory=dict)  # rank path "0,1" -> steps whose accepted path used it
     tree_nodes: list[int] = field(default_factory=list)      # nodes forwarded per step (root included)
+    matrix_nodes: list[int] = field(default_factory=list)    # per step: of those, matrix-tree nodes (root included)
+    chain_tokens: list[int] = field(default_factory=list)    # per step: of those, new n-gram chain nodes
+    ngram_accepted: list[int] = field(default_factory=list)  # per step: accepted tokens from the n-gram chains
+    match: list[int] = field(default_factory=list)           # per step (auto): matched suffix length, 0 = no match
+    expected: list[float] = field(default_factory=list)      # per step (auto): tokens the policy expected
+    decision_seconds: float = 0.0      # auto: time spent choosing the drafts (all steps)
     from_matrix: int = 0               # accepted draft tokens that came from the adjacency matrix
     from_ngram: int = 0                # accepted draft tokens that came from the context n-gram chain
     seconds: float = 0.0
     tree: str = ""                     # the tree in use at the end of the call
     tree_size: int = 0                 # its nodes under the root
-    predicted_speedup: float | None = None  # auto tree: what the cost model expected vs one token/step
-    measured_speedup: float | None = None   # auto tree: tokens/s vs the measured single-token step
+    predicted_speedup: float | None = None  # auto: the last step's expected tokens/s vs one token/step
+    measured_speedup: float | None = None   # auto: tokens/s vs the cost model's single-token step
+
+    def record_step(self, path: list[int], draft) -> None:
+        """One verification step: the accepted node indices (root first) and the Draft forwarded."""
+        tree_nodes, tree_paths = draft.tree_nodes, draft.tree.paths
+        from_chain = sum(1 for node in path if node >= tree_nodes)
+        self.steps += 1
+        self.accept_lengths.append(len(path))
+        self.tree_nodes.append(draft.size)
+        self.matrix_nodes.append(tree_nodes)
+        self.chain_tokens.append(draft.chain_tokens)
+        self.ngram_accepted.append(from_chain)
+        self.from_matrix += len(path) - 1 - from_chain
+        self.from_ngram += from_chain
+        plan = draft.plan
+        if plan is not None:
+            self.match.append(plan.match)
+            self.expected.append(round(plan.expected, 3))
+            self.decision_seconds += plan.decision_seconds
+        for node in path[1:]:
+            if node < tree_nodes:
+                key = ",".join(map(str, tree_paths[node - 1]))
+                self.node_matches[key] = self.node_matches.get(key, 0) + 1
 
     @property
     def mean_accepted(self) -> float:

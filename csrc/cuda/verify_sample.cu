@@ -1,0 +1,32 @@
+#include "../../kernels/cuda/verify_sample.cuh"
+
+#include "../ops.h"
+#include "launch.h"
+
+namespace token_recycling {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sample_cuda(const at::Tensor& tokens, const at::Tensor& parents,
+                                                                  const at::Tensor& probs, const at::Tensor& uniforms) {
+  check_verify_sample_inputs(tokens, parents, probs, uniforms);
+  const c10::cuda::CUDAGuard guard(tokens.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t B = tokens.size(0), N = tokens.size(1), V = probs.size(2);
+  const auto t = tokens.contiguous(), p = parents.contiguous(), pr = probs.contiguous(), u = uniforms.contiguous();
+  const auto depth = at::empty({std::max<int64_t>(B, 1), N}, parents.options());
+  auto accept_len = at::empty({B}, tokens.options());
+  auto bonus = at::empty({B}, tokens.options());
+  // The kernel writes paths N wide; the result is as wide as the deepest tree + 1 (known afterwards).
+  auto paths = at::empty({B, N}, tokens.options());
+  const auto record = device_error_record(tokens.device());
+  const cudaError_t e = kc::verify_sample(t.data_ptr<int64_t>(), p.data_ptr<int32_t>(), parents.dim() == 2 ? N : 0,
+                                          pr.data_ptr<float>(), u.data_ptr<double>(), B, N, V,
+                                          depth.data_ptr<int32_t>(), accept_len.data_ptr<int64_t>(),
+                                          paths.data_ptr<int64_t>(), bonus.data_ptr<int64_t>(),
+                                          as_error_record(record), stream);
+  const kc::DeviceError done = finish_checked(e, record, stream, kc::describe_verify_sample_error, "verify_sample");
+  const int64_t width = std::max<int64_t>(1, done.result + 1);
+  auto accepted = width <= N ? paths.narrow(1, 0, width).contiguous() : at::empty({B, width}, tokens.options());
+  return {accept_len, accepted, bonus};
+}
+
+}  // namespace token_recycling

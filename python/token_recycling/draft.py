@@ -1,0 +1,242 @@
+"""Drafting: what the model verifies at each step, and what drafting learns from each step.
+
+The draft is the matrix tree (``build_draft_tree`` over the adjacency matrix) with context n-gram
+continuations grafted under the root (``graft_chain``, once per candidate). With a fixed tree it
+is that tree and the first candidate cut to ``ngram_tokens``; with tree="auto" a :class:`Policy`
+chooses, per step, the tree size and each candidate's length (policy.py). A :class:`Drafter` owns
+what is shared by every request: the adjacency matrix (recycled after every verification), the
+tree choice and its statistics. What belongs to one sequence (its n-gram index, how its last
+continuation fared) lives in a :class:`DraftState`, one per request.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from . import distributed, ops
+from .adjacency import AdjacencyMatrix
+from .auto_tree import COST_SIZES, measure_cost
+from .ngram import NgramIndex
+from .policy import CANDIDATES, Plan, Policy
+from .tree import DraftTree, TreeSpec, make_tree
+
+
+@dataclass(frozen=True)
+class Draft:
+    """One step's draft: ``tokens [1, M]`` with node 0 the root; ``parents [M]`` (int32),
+    ``depths [M]``, ``mask [M, M]`` (node i sees node j). The first ``tree.num_nodes`` nodes are
+    the matrix tree, the rest the grafted n-gram chain's new nodes."""
+
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    depths: torch.Tensor
+    mask: torch.Tensor
+    tree: DraftTree
+    plan: Plan | None = None  # tree="auto": the step's choice and what it rested on
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def tree_nodes(self) -> int:
+        """Nodes of the matrix tree in this draft, root included (the rest came from the n-gram chain)."""
+        return min(self.tree.num_nodes, self.size)
+
+    @property
+    def chain_tokens(self) -> int:
+        """N-gram tokens forwarded as new nodes (not merged into the matrix tree)."""
+        return self.size - self.tree_nodes
+
+    def truncate(self, n: int) -> "Draft":
+        """The first n nodes (breadth-first order within the tree and chain, so still a tree)."""
+        return replace(self, tokens=self.tokens[:, :n], parents=self.parents[:n], depths=self.depths[:n],
+                       mask=self.mask[:n, :n])
+
+
+class DraftState:
+    """Per-request drafting state: the n-gram index over this sequence's tokens (None without
+    n-grams) and how many tokens of the last step's first candidate the model produced (``run``)."""
+
+    def __init__(self, seq: torch.Tensor, capacity: int, max_ngram: int | None):
+        self.max_ngram = max_ngram
+        self.index = self._new_index(seq, capacity) if max_ngram else None
+        self.run = 0
+
+    def _new_index(self, seq, capacity: int) -> NgramIndex:
+        index = NgramIndex(1, max(capacity, seq.shape[1] + 1), self.max_ngram)
+        index.extend(seq)
+        return index
+
+    def accept(self, seq: torch.Tensor, emitted: int) -> None:
+        """The sequence grew by its last ``emitted`` tokens."""
+        if self.index is None or emitted == 0:
+            return
+        if self.index.lengths[0] + emitted > self.index.capacity:  # ran past the planned length
+            self.index = self._new_index(seq, 2 * self.index.capacity)
+        else:
+            self.index.extend(seq[:, seq.shape[1] - emitted:])
+
+
+class Drafter:
+    """The adjacency matrix, the tree template (fixed or auto) and the n-gram settings.
+
+    Args mirror :class:`TokenRecycler`'s: ``tree`` ("auto", a preset, rank paths or a DraftTree),
+    ``topk``, ``ngram`` / ``max_ngram`` / ``ngram_tokens``.
+    """
+
+    def __init__(self, vocab_size: int, device: torch.device, tree: TreeSpec = "auto", topk: int = 8, *,
+                 ngram: bool = True, max_ngram: int = 4, ngram_tokens: int = 10):
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        if ngram and (max_ngram < 1 or ngram_tokens < 1):
+            raise ValueError(f"max_ngram and ngram_tokens must be >= 1, got {max_ngram}, {ngram_tokens}")
+        self.device = device
+        self.topk = topk
+        self.matrix = AdjacencyMatrix(vocab_size, topk, device)
+        self.tree_spec = tree
+        self.ngram, self.max_ngram, self.ngram_tokens = ngram, max_ngram, ngram_tokens
+        self.policy: Policy | None = None
+        if isinstance(tree, str) and tree == "auto":
+            self.policy = Policy(topk, max_chain=ngram_tokens if ngram else 0, max_ngram=max_ngram)
+            self.tree = make_tree(self.policy.auto.choose(1), topk).to(device)
+        else:
+            self.tree = make_tree(tree, topk).to(device)
+        self._trees: dict[tuple, DraftTree] = {}  # auto: trees by rank paths (a few sizes recur)
+
+    auto = property(lambda self: self.policy.auto if self.policy else None, doc="the AutoTree statistics (auto)")
+
+    # ------------------------------------------------------------------ per request
+    def start(self, seq: torch.Tensor, capacity: int) -> DraftState:
+        return DraftState(seq, capacity, self.max_ngram if self.ngram else None)
+
+    def draft(self, state: DraftState, root: torch.Tensor) -> Draft:
+        """The matrix tree under ``root`` [1], with n-gram continuations grafted under the root
+        (merged with matching tree nodes): the fixed tree and one chain, or the policy's choice."""
+        plan = None
+        if self.policy is None:
+            chains = self._fixed_chains(state)
+        else:
+            plan = self.policy.decide(self._candidates(state), state.run)
+            self.tree = self._tree_of(self.policy.tree_paths(plan.tree_nodes))
+            chains = plan.chains
+        tree = self.tree
+        tokens = ops.build_draft_tree(self.matrix.table, root, tree.parents, tree.ranks)
+        chains = [c for c in chains if c]
+        if not chains:
+            return Draft(tokens, tree.parents, tree.depths, tree.mask, tree, plan)
+        out, parents = tokens.cpu(), tree.parents.cpu()
+        for chain in chains:  # each graft appends the chain's new nodes after the nodes so far
+            c = torch.tensor([chain], dtype=torch.long)
+            out, parents, depths, mask, num = ops.graft_chain(out, parents, c, torch.tensor([len(chain)]))
+            m = int(num[0])
+            out, parents, depths, mask = out[:, :m], parents[0, :m], depths[0, :m], mask[0, :m, :m]
+        to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        return Draft(to(out), to(parents), to(depths), to(mask), tree, plan)
+
+    def _fixed_chains(self, state: DraftState) -> list[list[int]]:
+        if state.index is None:
+            return []
+        chain, count = state.index.lookup(self.ngram_tokens)
+        return [chain[0, : int(count[0])].tolist()]
+
+    def _candidates(self, state: DraftState) -> list[tuple[list[int], int]]:
+        """[(continuation, matched suffix length)], best first."""
+        if state.index is None or not self.policy.max_chain:
+            return []
+        index = state.index
+        tokens, count, ngram, _ = ops.ngram_candidates(index.table, index.history, index.lengths, index.max_ngram,
+                                                       self.ngram_tokens, CANDIDATES)
+        counts, ngrams = count[0].tolist(), ngram[0].tolist()
+        return [(tokens[0, j, : counts[j]].tolist(), ngrams[j]) for j in range(CANDIDATES) if counts[j]]
+
+    def _tree_of(self, paths: list[list[int]]) -> DraftTree:
+        key = tuple(map(tuple, paths))
+        tree = self._trees.get(key)
+        if tree is None:
+            if len(self._trees) > 256:
+                self._trees.clear()
+            tree = self._trees[key] = make_tree(paths, self.topk).to(self.device)
+        return tree
+
+    # ------------------------------------------------------------------ learning from a step
+    def observe(self, state: DraftState, draft: Draft, path: torch.Tensor, new_tokens: torch.Tensor) -> None:
+        """Before recycling: the matrix statistics score every candidate node against the accepted
+        tokens (using the draft-time matrix rows of the accepted path); the chain statistics score
+        every n-gram candidate, drafted or not."""
+        if self.policy is None:
+            return
+        actual = new_tokens.cpu()
+        rows = self.matrix.table[draft.tokens[0, path]]
+        self.policy.auto.observe(rows.cpu().numpy(), actual.numpy())
+        if draft.plan is not None:
+            state.run = self.policy.observe(draft.plan, actual.tolist())
+
+    def recycle(self, tokens: torch.Tensor, candidates: torch.Tensor) -> None:
+        """Every forwarded token's row := the model's top-k after it."""
+        ops.update_adjacency(self.matrix.table, tokens, candidates)
+
+    def step_done(self, seconds: float, forward_seconds: float, draft: Draft) -> None:
+        """After a step: its wall time and its forward's (they feed the cost model)."""
+        if self.policy is None:
+            return
+        seconds, forward_seconds = distributed.agree([seconds, forward_seconds])  # the same on every rank
+        self.policy.cost.observe(draft.size, forward_seconds, seconds)
+
+    # ------------------------------------------------------------------ the cost curve
+    def tune(self, time_forward: Callable[[int], None], prefix: int, capacity: int | None) -> None:
+        """Measure the forward cost curve (``time_forward(n)``: one verification-shaped forward of
+        n tokens, cache restored) when none is measured yet or the context outgrew it. Needs room
+        for 3+ sizes in a static cache."""
+        if self.policy is None or not self.policy.cost.needs_measuring(prefix):
+            return
+        sizes = [n for n in COST_SIZES if capacity is None or prefix + n <= capacity]
+        if len(sizes) >= 3:  # else: measured on a later call with more room
+            cost = measure_cost(time_forward, sizes=sizes, context=prefix)
+            cost.seconds = distributed.agree(cost.seconds)  # decisions must match on every rank
+            self.policy.cost.set_curve(cost)
+
+    # ------------------------------------------------------------------ state
+    def describe(self) -> str:
+        if self.policy is not None:
+            return (f"tree='auto': per-step policy (last step: {self.tree.num_nodes - 1} tree nodes), k={self.topk}, "
+                    + (f"ngram<={self.max_ngram}, up to {CANDIDATES}x{self.ngram_tokens} chain tokens"
+                       if self.ngram else "no ngram"))
+        ngram = f"ngram<={self.max_ngram}->{self.ngram_tokens}" if self.ngram else "no ngram"
+        return f"tree={self.tree_spec!r}: {self.tree.num_nodes - 1} nodes, k={self.topk}, {ngram}"
+
+    def reset(self) -> None:
+        """Cold start: forget what the matrix (and the policy's statistics) learned."""
+        self.matrix.reset()
+        if self.policy is not None:
+            cost = self.policy.cost
+            self.policy = Policy(self.topk, max_chain=self.policy.max_chain, max_ngram=self.max_ngram)
+            self.policy.cost = cost  # the hardware did not change
+            self.tree = make_tree(self.policy.auto.choose(1), self.topk).to(self.device)
+
+    def extra_state(self) -> dict:
+        """What save() stores beside the matrix: the tree (and the policy's statistics)."""
+        extra = {"tree": [list(p) for p in self.tree.paths]}
+        if self.policy is not None:
+            extra["auto"] = self.policy.state()
+        return extra
+
+    def load_extra_state(self, extra: dict) -> None:
+        if self.policy is not None and extra.get("auto"):
+            self.policy.load_state(extra["auto"])
+            saved = [list(p) for p in extra.get("tree", [])]
+            self.tree = make_tree(saved or self.policy.auto.choose(1), self.topk).to(self.device)
+
+    def predicted_speedup(self) -> float | None:
+        return self.policy.predicted_speedup() if self.policy is not None else None
+
+    def single_step_seconds(self) -> float | None:
+        """The cost model's time of a plain one-token step (auto, once measured)."""
+        if self.policy is None or not self.policy.cost.measured:
+            return None
+        value = float(self.policy.cost(1))
+        return value if math.isfinite(value) else None

@@ -1,0 +1,243 @@
+"""tree="auto": what to draft, decided per step from what that step knows.
+
+Each step the drafter knows (1) the context's n-gram candidates: the continuations of the longest
+earlier match of the context's suffix, and of older or shorter matches that continue differently
+(``ops.ngram_candidates``), with the matched suffix length n of each; (2) how the continuation fared
+on the last step (how many of its tokens the model then produced: a copy run keeps going); (3) the
+matrix tree's per-node acceptance rates (:class:`auto_tree.AutoTree`); (4) the forward cost curve
+t(m) at the current context (:class:`StepCost`). It chooses the matrix tree size N, the first
+candidate's chain length C1 and the second's C2 maximising
+
+    expected tokens / seconds = (1 + E1(C1) + E2(C2) + (1 - p1 - p2) * tree(N)) / (t(1 + N + C1 + C2) + overhead)
+
+where E_i(C) is the expected accepted prefix of candidate i cut to C tokens and p_i the chance that
+candidate i's first token is accepted (0 when C_i = 0): the candidates differ, so they are right on
+different steps, and the matrix tree pays on the steps where neither is.
+
+Chain statistics (:class:`ChainStats`). Like SuffixDecoding, which grows its speculation length
+with the match length and with how often a continuation was seen, the trust in a candidate depends
+on a *bucket*: its rank (first or second candidate), its matched suffix length n and the last
+step's run (0, 1-3 or 4+ of the last candidate's tokens were what the model produced). For every
+bucket and chain position j we count how often position j was correct given 1..j-1 were. Every
+candidate is scored against the accepted tokens whether or not it was drafted, and as far as the
+accepted tokens (bonus included) reach, so no exploration is needed: a chain not drafted is still
+measured at position 1. A bucket's rates shrink towards its candidate rank's pooled rates, which
+shrink towards a prior, so a rare bucket borrows strength and a common one speaks for itself.
+
+Cost (:class:`StepCost`). t(m) is measured once (``measure_cost``) at the first context, and then
+followed: every step's forward time is divided by the curve's prediction, and the median of the
+last 32 such ratios scales the curve (it follows the context length and the machine's load, and
+one noisy step cannot move it). ``overhead`` is the median time of a step outside the forward (the
+drafting, the decision, verification, cache compaction). When a prompt's context is twice the one
+measured (and 256 tokens longer), the curve is measured again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .auto_tree import BUDGETS, AutoTree, CostModel
+
+RUNS = (0, 1, 4)  # last step's run buckets: 0, 1-3, 4+ tokens of the continuation were right
+CANDIDATES = 2  # n-gram candidates per step (the first, and the most recent different one)
+
+
+def run_bucket(run: int) -> int:
+    return sum(run >= r for r in RUNS) - 1
+
+
+@dataclass
+class Plan:
+    """One step's choice and what it rested on (kept for the step's observation and the stats)."""
+
+    tree_nodes: int  # matrix tree nodes under the root
+    chains: list[list[int]]  # the candidates' tokens to graft (each cut to its chosen length)
+    candidates: list[list[int]] = field(default_factory=list)  # full candidates (for observation)
+    buckets: list[int] = field(default_factory=list)  # each candidate's ChainStats bucket
+    match: int = 0  # matched suffix length of the first candidate (0: no match)
+    expected: float = 1.0  # expected tokens this step
+    seconds: float = 0.0  # predicted step time
+    decision_seconds: float = 0.0  # time to make the choice (measured)
+
+    @property
+    def chain_tokens(self) -> int:
+        return sum(len(c) for c in self.chains)
+
+
+class ChainStats:
+    """Per-position acceptance of n-gram candidates, by bucket (see the module docstring)."""
+
+    def __init__(self, max_ngram: int, length: int, pseudo_count: float = 4.0):
+        self.max_ngram, self.length, self.a = max_ngram, length, pseudo_count
+        self.per_rank = max_ngram * len(RUNS)
+        buckets = CANDIDATES * self.per_rank
+        self.num = np.zeros((buckets, length + 1))  # [b, j]: position j right (given 1..j-1 were)
+        self.den = np.zeros((buckets, length + 1))  # [b, j]: position j observed with 1..j-1 right
+        # Before any data: the first position is right a third of the time, later ones more often
+        # (a continuation that started right tends to go on).
+        self.prior = np.array([0.0, 0.35] + [0.7] * (length - 1))
+
+    def bucket(self, rank: int, ngram: int, run: int) -> int:
+        return rank * self.per_rank + (min(ngram, self.max_ngram) - 1) * len(RUNS) + run_bucket(run)
+
+    def observe(self, bucket: int, candidate: list[int], actual: list[int]) -> int:
+        """Scores a candidate against the tokens the model produced; returns its correct prefix length."""
+        right = 0
+        for j in range(min(len(candidate), len(actual), self.length)):
+            self.den[bucket, j + 1] += 1
+            if candidate[j] != actual[j]:
+                break
+            self.num[bucket, j + 1] += 1
+            right += 1
+        return right
+
+    def expected(self, bucket: int) -> np.ndarray:
+        """[length + 1]: expected correct tokens of the candidate cut to 0..length tokens."""
+        rank = bucket // self.per_rank
+        lo, hi = rank * self.per_rank, (rank + 1) * self.per_rank
+        pooled = (self.num[lo:hi].sum(0) + self.a * self.prior) / (self.den[lo:hi].sum(0) + self.a)
+        q = (self.num[bucket] + self.a * pooled) / (self.den[bucket] + self.a)
+        q[0] = 1.0
+        survive = np.cumprod(q)
+        survive[0] = 0.0
+        return np.cumsum(survive)
+
+    def state(self) -> dict:
+        return {"num": self.num.tolist(), "den": self.den.tolist()}
+
+    def load_state(self, state: dict) -> None:
+        num, den = np.array(state.get("num", [])), np.array(state.get("den", []))
+        if num.shape == self.num.shape and den.shape == self.den.shape:
+            self.num, self.den = num, den
+
+
+class StepCost:
+    """Seconds of a step that forwards m tokens at the current context (see the module docstring)."""
+
+    def __init__(self, window: int = 32):
+        self.curve = CostModel()
+        self.ratios: deque[float] = deque(maxlen=window)
+        self.overheads: deque[float] = deque(maxlen=window)
+        self.scale, self.overhead = 1.0, 0.0
+
+    @property
+    def measured(self) -> bool:
+        return self.curve.measured
+
+    def needs_measuring(self, context: int) -> bool:
+        return not self.curve.measured or context >= 2 * self.curve.context + 256
+
+    def set_curve(self, curve: CostModel) -> None:
+        self.curve = curve
+        self.ratios.clear()
+        self.scale = 1.0
+
+    def observe(self, forwarded: int, forward_seconds: float, step_seconds: float) -> None:
+        if not self.curve.measured:
+            return
+        self.ratios.append(forward_seconds / max(self.curve(forwarded), 1e-9))
+        self.overheads.append(max(step_seconds - forward_seconds, 0.0))
+        self.scale = float(np.median(self.ratios))
+        self.overhead = float(np.median(self.overheads))
+
+    def forward(self, m) -> np.ndarray:
+        return self.scale * np.asarray(self.curve(m)) if self.curve.measured else 1.0 + 0.01 * np.asarray(m)
+
+    def __call__(self, m) -> np.ndarray:
+        """Seconds of a whole step (forward + overhead) for m forwarded tokens (array or scalar)."""
+        return self.forward(m) + (self.overhead if self.curve.measured else 0.0)
+
+    def state(self) -> dict:
+        c = self.curve
+        return {"sizes": c.sizes, "seconds": c.seconds, "context": c.context, "overhead": self.overhead}
+
+    def load_state(self, state: dict) -> None:
+        if state.get("sizes"):
+            self.set_curve(CostModel(list(state["sizes"]), list(state["seconds"]), int(state.get("context", 0))))
+            self.overhead = float(state.get("overhead", 0.0))
+
+
+class Policy:
+    """Per-step draft choice for tree="auto": the matrix statistics (AutoTree), the chain statistics,
+    the cost, and the decision."""
+
+    def __init__(self, topk: int, max_chain: int, max_ngram: int, retune_every: int = 16):
+        self.auto = AutoTree(topk)
+        self.max_chain = max_chain
+        self.chain = ChainStats(max_ngram, max(max_chain, 1))
+        self.cost = StepCost()
+        self.retune_every = retune_every
+        self.steps_since = retune_every  # refresh the tree gains on the first step
+        self.order: list[list[int]] = []
+        self.budgets = np.array([1])
+        self.tree_gain = np.zeros(1)
+        self.last_value = 1.0
+
+    # ------------------------------------------------------------------ matrix tree gains
+    def refresh(self) -> None:
+        """Recompute the best tree of every budget from the node statistics (every few steps)."""
+        self.order, gains = self.auto.best_order()
+        budgets = [n for n in BUDGETS if n <= len(self.order)]
+        self.budgets = np.array(budgets)
+        self.tree_gain = np.array([gains[n - 1] for n in budgets])
+        self.steps_since = 0
+
+    def tree_paths(self, nodes: int) -> list[list[int]]:
+        return self.order[:nodes]
+
+    # ------------------------------------------------------------------ the decision
+    def decide(self, candidates: list[tuple[list[int], int]], run: int) -> Plan:
+        """candidates: [(tokens, matched n)], best first (at most CANDIDATES used); run: how many
+        tokens of the last step's first candidate the model produced."""
+        start = time.perf_counter()
+        if self.steps_since >= self.retune_every:
+            self.refresh()
+        self.steps_since += 1
+        cands = [(t, n) for t, n in candidates[:CANDIDATES] if t and self.max_chain]
+        buckets = [self.chain.bucket(i, n, run) for i, (_, n) in enumerate(cands)]
+        e = [self.chain.expected(b)[: min(len(t), self.max_chain) + 1] for b, (t, _) in zip(buckets, cands)]
+        e1 = e[0] if e else np.zeros(1)
+        e2 = e[1] if len(e) > 1 else np.zeros(1)
+        # First-token chances (0 when not drafted): the candidates differ, so where their first
+        # tokens differ they are right on disjoint steps, and the tree pays where neither is.
+        p1 = np.where(np.arange(len(e1)) > 0, e1[min(1, len(e1) - 1)], 0.0)  # [c1]
+        p2 = np.where(np.arange(len(e2)) > 0, e2[min(1, len(e2) - 1)], 0.0)  # [c2]
+        # value[n, c1, c2] = expected / seconds over the whole grid.
+        n = self.budgets[:, None, None]
+        c1 = np.arange(len(e1))[None, :, None]
+        c2 = np.arange(len(e2))[None, None, :]
+        neither = np.clip(1.0 - p1[None, :, None] - p2[None, None, :], 0.0, 1.0)
+        expected = 1.0 + e1[None, :, None] + e2[None, None, :] + neither * self.tree_gain[:, None, None]
+        seconds = self.cost(1 + n + c1 + c2)
+        value = expected / seconds
+        i, j, k = np.unravel_index(int(np.argmax(value)), value.shape)
+        self.last_value = float(value[i, j, k])
+        chains = [t[:length] for (t, _), length in zip(cands, (j, k))]
+        plan = Plan(int(self.budgets[i]), chains, [t for t, _ in cands], buckets, cands[0][1] if cands else 0,
+                    float(expected[i, j, k]), float(seconds[i, j, k]))
+        plan.decision_seconds = time.perf_counter() - start
+        return plan
+
+    # ------------------------------------------------------------------ learning
+    def observe(self, plan: Plan, actual: list[int]) -> int:
+        """Scores the plan's candidates against the produced tokens; returns the first one's run."""
+        runs = [self.chain.observe(b, t, actual) for b, t in zip(plan.buckets, plan.candidates)]
+        return runs[0] if runs else 0
+
+    def predicted_speedup(self) -> float | None:
+        if not self.cost.measured:
+            return None
+        return self.last_value * float(self.cost(1))
+
+    def state(self) -> dict:
+        return {"auto": self.auto.state(), "chain": self.chain.state(), "cost": self.cost.state()}
+
+    def load_state(self, state: dict) -> None:
+        self.auto.load_state(state.get("auto", {}))
+        self.chain.load_state(state.get("chain", {}))
+        self.cost.load_state(state.get("cost", {}))
+        self.steps_since = self.retune_every

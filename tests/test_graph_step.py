@@ -1,0 +1,59 @@
+"""graph_step.py: the graph-ready verification forward (bucketed, padded, device-side prefix over a
+static cache) runs uncaptured on the CPU and is lossless (fp32 == greedy generate)."""
+
+import copy
+
+import pytest
+import torch
+from models import tiny_model
+
+from token_recycling import TokenRecycler, graph_step
+
+
+def test_bucket_for():
+    assert graph_step.bucket_for(1) == 8 and graph_step.bucket_for(8) == 8 and graph_step.bucket_for(9) == 16
+    assert graph_step.bucket_for(81) == 128 and graph_step.bucket_for(200) == 128
+    assert graph_step.bucket_for(81, room=70) == 64  # the draft is cut to 64 nodes
+    assert graph_step.bucket_for(5, room=7) is None
+
+
+def test_padded_mask_hides_padding():
+    mask = torch.rand(5, 5, generator=torch.Generator().manual_seed(0)) > 0.5
+    out = graph_step.padded_mask(mask, 8)
+    assert torch.equal(out[:5, :5], mask)
+    assert not out[:5, 5:].any() and not out[5:, :5].any()
+    assert torch.equal(out[5:, 5:], torch.eye(3, dtype=torch.bool))
+
+
+def graph_copy(arch):
+    reference = tiny_model(arch)
+    model = type(reference)._from_config(copy.deepcopy(reference.config), attn_implementation="sdpa").eval()
+    model.load_state_dict(reference.state_dict())
+    model.generation_config = reference.generation_config
+    return reference, model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_graph_ready_step_is_lossless(arch):
+    reference, model = graph_copy(arch)
+    rec = TokenRecycler(model, tree="paper-16", cuda_graphs=True)
+    assert rec.tree_attention and rec.graph is not None and not rec.graph.captured
+    ids = torch.randint(3, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(4))
+    want = reference.generate(ids, max_new_tokens=32, do_sample=False)
+    assert torch.equal(rec.generate(ids, max_new_tokens=32), want)
+    assert rec.stats.mean_accepted > 1.0
+    got = model.generate(ids, max_new_tokens=32, do_sample=False, custom_generate=rec, cache_implementation="static")
+    assert torch.equal(got, want)
+    # Bucket sizes, except near the static cache's end (less room than the smallest bucket: exact).
+    used = rec.graph.buckets_used
+    assert used & set(graph_step.BUCKETS) and rec.graph.padded_forwards > 0
+    assert all(s in graph_step.BUCKETS or s < graph_step.BUCKETS[0] for s in used), used
+
+
+def test_graph_ready_step_needs_a_static_cache():
+    _, model = graph_copy("llama")
+    rec = TokenRecycler(model, tree="paper-16", cuda_graphs=True)
+    with pytest.raises(ValueError, match="static cache"):
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=8, do_sample=False, custom_generate=rec)
+    with pytest.raises(ValueError, match="tree_attention"):
+        TokenRecycler(model, cuda_graphs=True, tree_attention=False)

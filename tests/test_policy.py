@@ -1,0 +1,120 @@
+"""The per-step draft policy (policy.py): chain statistics, the context-following cost, several
+n-gram candidates in one draft, and losslessness on every decision path."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from models import tiny_model
+
+from token_recycling import TokenRecycler
+from token_recycling.auto_tree import CostModel
+from token_recycling.policy import ChainStats, Plan, StepCost
+
+
+def test_chain_stats_count_positions_until_the_first_miss():
+    stats = ChainStats(max_ngram=4, length=6)
+    b = stats.bucket(0, 3, run=2)
+    assert stats.observe(b, [5, 6, 7, 8], [5, 6, 9, 8, 1]) == 2  # positions 1, 2 right, 3 wrong, 4 not observed
+    assert stats.den[b, 1:5].tolist() == [1, 1, 1, 0] and stats.num[b, 1:5].tolist() == [1, 1, 0, 0]
+    assert stats.observe(b, [5, 6], [5]) == 1  # only as far as the produced tokens reach
+    assert stats.den[b, 2] == 1
+    e = stats.expected(b)
+    assert e[0] == 0 and np.all(np.diff(e) >= 0) and e[1] <= 1.0
+
+
+def test_chain_buckets_are_distinct():
+    stats = ChainStats(max_ngram=4, length=4)
+    keys = {stats.bucket(r, n, run) for r in range(2) for n in range(1, 5) for run in (0, 1, 3, 4, 9)}
+    assert len(keys) == 2 * 4 * 3  # rank x matched length x run bucket (0, 1-3, 4+)
+
+
+def test_step_cost_ignores_one_outlier_and_follows_a_drift():
+    cost = StepCost(window=9)
+    cost.set_curve(CostModel([1, 64], [1.0, 2.0], context=100))
+    for _ in range(8):
+        cost.observe(1, 1.0, 1.2)
+    cost.observe(1, 50.0, 51.0)  # one step hit by a noisy neighbour
+    assert cost.scale == pytest.approx(1.0) and cost.overhead == pytest.approx(0.2)
+    for _ in range(9):  # the context grew: every forward now takes 1.5x
+        cost.observe(64, 3.0, 3.2)
+    assert cost.scale == pytest.approx(1.5) and float(cost(64)) == pytest.approx(3.2)
+    assert cost.needs_measuring(100 * 2 + 256) and not cost.needs_measuring(300)
+
+
+def _draft_roots(draft):
+    """Every root-to-leaf token path of a draft (as tuples, root excluded)."""
+    tokens, parents = draft.tokens[0].tolist(), draft.parents.tolist()
+    paths = []
+    for i in range(1, len(tokens)):
+        path, j = [], i
+        while j > 0:
+            path.append(tokens[j])
+            j = parents[j]
+        paths.append(tuple(reversed(path)))
+    return set(paths)
+
+
+def test_two_different_continuations_are_both_grafted():
+    model = tiny_model("llama")
+    rec = TokenRecycler(model)
+    drafter = rec.drafter
+    drafter.policy.cost.set_curve(CostModel([1, 128], [1.0, 1.01], context=10**6))  # extra tokens nearly free
+    drafter.policy.chain.prior[:] = 0.95  # trust every candidate
+    seq = torch.tensor([[9, 10, 11, 30, 31, 9, 10, 11, 40, 41, 42, 9, 10, 11]])
+    state = drafter.start(seq, 64)
+    draft = drafter.draft(state, torch.tensor([11]))
+    paths = _draft_roots(draft)
+    assert (40, 41, 42, 9, 10, 11) in paths and (30, 31, 9, 10, 11, 40) in paths
+    assert draft.plan.match == 3 and len(draft.plan.chains) == 2
+    assert draft.chain_tokens == draft.size - draft.tree_nodes > 0
+
+
+class RandomPlans:
+    """Replaces the policy's decision by forced ones, cycling through every kind (tree only, one
+    chain, two chains; one node or a larger tree) with random sizes, keeping the rest of the
+    machinery (statistics, observation, stats) as is."""
+
+    KINDS = [(1, 0), (1, 1), (1, 2), (8, 0), (8, 1), (8, 2), (40, 2), (2, 1)]  # (tree nodes, chains)
+
+    def __init__(self, policy, seed):
+        self.policy, self.rng, self.decide = policy, random.Random(seed), policy.decide
+        self.kinds, self.step = set(), 0
+
+    def __call__(self, candidates, run):
+        plan = self.decide(candidates, run)  # a real decision (refreshes the tree order)
+        nodes, want = self.KINDS[self.step % len(self.KINDS)]
+        self.step += 1
+        chains = [t[: self.rng.randint(1, len(t))] if i < want else [] for i, (t, _) in enumerate(candidates[:2])]
+        self.kinds.add((nodes > 1, sum(1 for c in chains if c)))
+        return Plan(nodes, chains, plan.candidates, plan.buckets, plan.match, plan.expected, plan.seconds)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_every_decision_path_is_lossless(arch):
+    model = tiny_model(arch)
+    rec = TokenRecycler(model)  # the defaults: tree="auto", n-gram candidates
+    rec.drafter.policy.cost.set_curve(CostModel([1, 128], [1.0, 2.0], context=10**6))  # skip measuring (speed)
+    plans = RandomPlans(rec.drafter.policy, seed=1)
+    rec.drafter.policy.decide = plans
+    prompts = [[50, 51, 52, 50, 51], [7, 8, 9, 7, 8, 10, 7, 8, 9, 7, 8], list(range(20, 40)) * 2]
+    for ids in prompts:
+        ids = torch.tensor([ids])
+        want = model.generate(ids, max_new_tokens=48, do_sample=False)
+        assert torch.equal(rec.generate(ids, max_new_tokens=48), want)
+    assert {(False, 0), (True, 0), (False, 1), (True, 1)} <= plans.kinds  # tree-only, chain-only, both
+    assert any(k[1] == 2 for k in plans.kinds)  # two chains grafted
+
+
+def test_policy_decisions_are_lossless_with_a_trusting_and_a_distrusting_policy():
+    model = tiny_model("llama")
+    ids = torch.tensor([[7, 8, 9, 7, 8, 10, 7, 8, 9, 7, 8]])
+    want = model.generate(ids, max_new_tokens=40, do_sample=False)
+    for prior, cost in ((0.95, [1.0, 1.01]), (0.01, [1.0, 64.0])):
+        rec = TokenRecycler(model)
+        rec.drafter.policy.chain.prior[:] = prior
+        rec.drafter.policy.cost.set_curve(CostModel([1, 128], cost, context=10**6))
+        assert torch.equal(rec.generate(ids, max_new_tokens=40), want)
+        if prior > 0.5:
+            assert sum(rec.stats.chain_tokens) > 0

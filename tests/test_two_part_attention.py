@@ -1,0 +1,180 @@
+"""Two-part tree attention: the prefix through torch's flash SDPA with its log-sum-exp (GQA folded
+into query rows), the tree block through ops.tree_attention_lse, merged by ops.merge_attention_states.
+Each op against an fp64 reference within the test rule (error <= 2x a same-precision torch
+reference's + eps); the whole decomposition against fp64; and the decode loop through it lossless."""
+
+import copy
+
+import pytest
+import torch
+from conftest import ancestor_mask, random_tree
+from models import tiny_model
+
+from token_recycling import TokenRecycler, hf_attention, ops, reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LOOSE = {torch.float32: 1e-4, torch.float16: 0.02, torch.bfloat16: 0.05}
+
+
+def within_rule(ours, same_precision, exact, what):
+    our_err = (ours.double() - exact).abs().max().item()
+    torch_err = (same_precision.double() - exact).abs().max().item()
+    assert our_err <= 2 * torch_err + 1e-6, (what, our_err, torch_err)
+
+
+def poisoned_lse(gen, shape, dead_fraction=0.2):
+    lse = torch.randn(shape, generator=gen, dtype=torch.float64) * 4
+    lse[torch.rand(shape, generator=gen) < dead_fraction] = float("-inf")
+    return lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 8), (2, 4, 17, 64), (1, 3, 81, 32)])
+def test_merge_attention_states_vs_fp64(gen, dtype, shape):
+    a64 = torch.randn(shape, generator=gen, dtype=torch.float64)
+    b64 = torch.randn(shape, generator=gen, dtype=torch.float64)
+    la, lb = poisoned_lse(gen, shape[:3]), poisoned_lse(gen, shape[:3])
+    a, b = a64.to(dtype), b64.to(dtype)
+    la32, lb32 = la.float(), lb.float()
+    out, lse = ops.merge_attention_states(a, la32, b.transpose(2, 3).contiguous().transpose(2, 3), lb32)  # strides
+    exact, exact_lse = reference.merge_attention_states(a.double(), la32.double(), b.double(), lb32.double())
+    same, _ = reference.merge_attention_states(a, la32, b, lb32)
+    assert out.dtype == dtype and out.shape == a.shape and lse.dtype == torch.float32
+    within_rule(out, same, exact, "out")
+    dead = (la32 == float("-inf")) & (lb32 == float("-inf"))
+    assert torch.equal(out[dead], torch.zeros_like(out[dead]))
+    assert bool((lse[dead] == float("-inf")).all())
+    torch.testing.assert_close(lse[~dead].double(), exact_lse[~dead], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,hq,hkv,n,prefix_max,d", [(1, 4, 4, 1, 0, 16), (2, 8, 2, 17, 40, 64)])
+def test_tree_attention_lse_vs_fp64(gen, dtype, batch, hq, hkv, n, prefix_max, d):
+    seq = prefix_max + n + 3
+    q64 = torch.randn(batch, hq, n, d, generator=gen, dtype=torch.float64)
+    k64 = torch.randn(batch, hkv, seq, d, generator=gen, dtype=torch.float64)
+    v64 = torch.randn(batch, hkv, seq, d, generator=gen, dtype=torch.float64)
+    prefix = torch.randint(0, prefix_max + 1, (batch,), generator=gen)
+    mask = ancestor_mask(random_tree(n, gen, chain_bias=0.5)[0])
+    q, k, v = (t.to(dtype) for t in (q64, k64, v64))
+    scale = d ** -0.5
+    out, lse = ops.tree_attention_lse(q, k, v, prefix, mask, scale)
+    exact, exact_lse = reference.tree_attention_lse(q.double(), k.double(), v.double(), prefix, mask, scale)
+    same, _ = reference.tree_attention_lse(q, k, v, prefix, mask, scale)
+    within_rule(out, same, exact, "out")
+    assert torch.equal(out, ops.tree_attention(q, k, v, prefix, mask, scale))  # the same kernel
+    torch.testing.assert_close(lse.double(), exact_lse, rtol=1e-5, atol=1e-4)
+
+
+def test_lse_of_a_row_that_sees_nothing_is_minus_inf():
+    q, k = torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8)
+    mask = torch.tensor([[True, False], [False, False]])
+    out, lse = ops.tree_attention_lse(q, k, k.clone(), torch.tensor([0]), mask, 0.3)
+    assert torch.equal(out[0, :, 1], torch.zeros(2, 8)) and bool((lse[0, :, 1] == float("-inf")).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,n,prefix,d", [(4, 4, 1, 1, 16), (8, 2, 17, 40, 64), (6, 3, 81, 130, 32)])
+def test_two_part_attention_vs_fp64(gen, dtype, hq, hkv, n, prefix, d):
+    """The whole decomposition (prefix flash + tree block + merge) against fp64 single-pass attention;
+    the keys run past prefix + N (a static cache's unused tail must not be seen)."""
+    seq = prefix + n + 5
+    q64 = torch.randn(1, hq, n, d, generator=gen, dtype=torch.float64)
+    k64 = torch.randn(1, hkv, seq, d, generator=gen, dtype=torch.float64)
+    v64 = torch.randn(1, hkv, seq, d, generator=gen, dtype=torch.float64)
+    mask = ancestor_mask(random_tree(n, gen, chain_bias=0.5)[0])
+    q, k, v = (t.to(dtype) for t in (q64, k64, v64))
+    scale = d ** -0.5
+    ours = hf_attention.two_part_attention(q, k, v, prefix, mask, scale)
+    p = torch.tensor([prefix])
+    exact = reference.tree_attention(q.double(), k.double(), v.double(), p, mask, scale)
+    same = reference.tree_attention(q, k, v, p, mask, scale)
+    assert ours.dtype == dtype and ours.shape == q.shape
+    within_rule(ours, same, exact, "two-part")
+
+
+def test_ops_opcheck(gen):
+    q = torch.randn(1, 4, 5, 16, generator=gen)
+    k = torch.randn(1, 2, 9, 16, generator=gen)
+    mask = ancestor_mask(random_tree(5, gen)[0])
+    torch.library.opcheck(torch.ops.token_recycling.tree_attention_lse.default,
+                          (q, k, k.clone(), torch.tensor([3]), mask, 0.25))
+    lse = torch.randn(1, 4, 5, generator=gen)
+    torch.library.opcheck(torch.ops.token_recycling.merge_attention_states.default, (q, lse, q.clone() + 1, -lse))
+
+
+def test_merge_attention_states_rejects_bad_input():
+    a, lse = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3)
+    with pytest.raises(TypeError, match="lse_a"):
+        ops.merge_attention_states(a, lse.double(), a, lse)
+    with pytest.raises(TypeError, match="out_b"):
+        ops.merge_attention_states(a, lse, a.half(), lse)
+    with pytest.raises(ValueError, match="lse_b"):
+        ops.merge_attention_states(a, lse, a, lse[:, :, :2])
+    with pytest.raises(ValueError, match="out_b"):
+        ops.merge_attention_states(a, lse, a[:, :1], lse)
+
+
+def test_choose_path(monkeypatch):
+    q = torch.randn(1, 4, 5, 16)
+    monkeypatch.setattr(hf_attention, "TWO_PART_MIN_PREFIX", 100)
+    assert hf_attention.choose_path(99, q) == "single"
+    assert hf_attention.choose_path(100, q) == "two-part"
+    assert hf_attention.choose_path(torch.tensor([500]), q) == "single"  # a device-side prefix cannot slice
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_two_part_decode_is_lossless(arch, monkeypatch):
+    """Every verification forward with a prefix takes the two-part path: fp32 output == greedy."""
+    reference_model = tiny_model(arch)
+    model = type(reference_model)._from_config(copy.deepcopy(reference_model.config), attn_implementation="sdpa").eval()
+    model.load_state_dict(reference_model.state_dict())
+    model.generation_config = reference_model.generation_config
+    monkeypatch.setattr(hf_attention, "TWO_PART_MIN_PREFIX", 1)
+    paths = []
+    real = hf_attention.two_part_attention
+    monkeypatch.setattr(hf_attention, "two_part_attention", lambda *a: paths.append(1) or real(*a))
+    rec = TokenRecycler(model, tree="paper-16", tree_attention=True)
+    ids = torch.randint(3, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5))
+    want = reference_model.generate(ids, max_new_tokens=32, do_sample=False)
+    assert torch.equal(rec.generate(ids, max_new_tokens=32), want)
+    got = model.generate(ids, max_new_tokens=32, do_sample=False, custom_generate=rec, cache_implementation="static")
+    assert torch.equal(got, want)
+    assert paths and rec.stats.mean_accepted > 1.0
+
+
+CUDA = torch.cuda.is_available() and __import__("token_recycling").WITH_CUDA
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_attention_states_cuda_equals_cpu(gen, dtype):
+    a, b = (torch.randn(2, 8, 81, 128, generator=gen).to(dtype) for _ in range(2))
+    la, lb = poisoned_lse(gen, (2, 8, 81)).float(), poisoned_lse(gen, (2, 8, 81)).float()
+    want, want_lse = ops.merge_attention_states(a, la, b, lb)
+    got, got_lse = ops.merge_attention_states(a.cuda(), la.cuda(), b.cuda().transpose(2, 3).contiguous().transpose(2, 3),
+                                              lb.cuda())
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3 if dtype == torch.float32 else 1e-2)
+    torch.testing.assert_close(got_lse.cpu(), want_lse, rtol=1e-5, atol=1e-4)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,prefix", [(32, 8, 1000), (32, 32, 300), (8, 1, 5000)])
+def test_two_part_attention_cuda_vs_fp64(gen, dtype, hq, hkv, prefix):
+    n, d = 81, 128
+    q64 = torch.randn(1, hq, n, d, generator=gen, dtype=torch.float64)
+    k64 = torch.randn(1, hkv, prefix + n + 7, d, generator=gen, dtype=torch.float64)
+    v64 = torch.randn(1, hkv, prefix + n + 7, d, generator=gen, dtype=torch.float64)
+    mask = ancestor_mask(random_tree(n, gen, chain_bias=0.5)[0])
+    q, k, v = (t.to(dtype) for t in (q64, k64, v64))
+    scale = d ** -0.5
+    ours = hf_attention.two_part_attention(q.cuda(), k.cuda(), v.cuda(), prefix, mask.cuda(), scale).cpu()
+    lse_out, lse = ops.tree_attention_lse(q.cuda(), k.cuda(), v.cuda(), torch.tensor([prefix]), mask.cuda(), scale)
+    p = torch.tensor([prefix])
+    exact, exact_lse = reference.tree_attention_lse(q.double(), k.double(), v.double(), p, mask, scale)
+    same = reference.tree_attention(q, k, v, p, mask, scale)
+    within_rule(ours, same, exact, "two-part on CUDA")
+    within_rule(lse_out.cpu(), same, exact, "tree_attention_lse on CUDA")
+    torch.testing.assert_close(lse.cpu().double(), exact_lse, rtol=1e-4, atol=1e-3)
