@@ -220,7 +220,7 @@ class TokenRecyclingProposer:
             budget = min(k, self.max_model_len - r.length - 1)
             if budget <= 0:
                 continue
-            chain, match = r.state.continuation()
+            chain, match = r.state.continuation(budget)
             chain = chain[:budget] if match >= opts.min_match else []
             pending.append((i, chain, budget))
         if not pending:

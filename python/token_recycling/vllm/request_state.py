@@ -74,29 +74,28 @@ class RequestState:
         new = torch.from_numpy(np.ascontiguousarray(tokens[old:length], dtype=np.int64)).view(1, -1)
         self.index.extend(new)
 
-    def continuation(self) -> tuple[list[int], int]:
-        """(tokens that followed the most recent earlier occurrence of the context's longest
-        suffix of up to max_ngram tokens, how many tokens that occurrence matches the context's end
-        by, counted back up to MATCH_CAP); ([], 0) when the last token never occurred before."""
+    def continuation(self, max_tokens: int) -> tuple[list[int], int]:
+        """(up to max_tokens tokens that followed the most recent earlier occurrence of the
+        context's longest suffix of up to max_ngram tokens, how many tokens that occurrence
+        matches the context's end by, counted back up to MATCH_CAP); ([], 0) when the last token
+        never occurred before."""
         index = self.index
         held = int(index.lengths[0])
         if held < 2:
             return [], 0
-        # max_tokens = the capacity: the continuation then runs to the end of the context, which
-        # tells where the occurrence ended (end = held - count) without a second op.
-        chain, count = ops.ngram_lookup(index.table, index.history, index.lengths, self.max_ngram,
-                                        index.capacity)
-        c = int(count[0])
+        chain, count, _, start = ops.ngram_candidates(index.table, index.history, index.lengths, self.max_ngram,
+                                                      max_tokens, 1)
+        c = int(count[0, 0])
         if c == 0:
             return [], 0
-        end = held - c
+        end = int(start[0, 0])  # the occurrence ends where its continuation starts
         hist = index.history[0].numpy()
         span = min(end, MATCH_CAP)
         earlier = hist[end - span:end][::-1]
         latest = hist[held - span:held][::-1]
         differ = np.flatnonzero(earlier != latest)
         match = int(differ[0]) if differ.size else span
-        return chain[0, :c].tolist(), match
+        return chain[0, 0, :c].tolist(), match
 
     def _rebuild(self, tokens: np.ndarray, length: int) -> None:
         keep = length if length <= self.window else self.window // 2
