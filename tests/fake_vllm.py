@@ -98,7 +98,9 @@ class FakeEngine:
         self.paused.remove(req)
         self.running.append(req)
 
-    def step(self, shuffle: bool = False, cut_drafts: float = 0.0) -> None:
+    def step(self, shuffle: bool = False, cut_drafts: float = 0.0, skip_propose: bool = False) -> None:
+        """One engine step. skip_propose: vLLM skips the proposer for a step when a request is
+        within K tokens of max_model_len (``_input_fits_in_drafter``); the next step has no drafts."""
         batch = [r for r in self.running if not r.done]
         if shuffle:
             batch = [batch[i] for i in self.rng.permutation(len(batch))]
@@ -147,6 +149,11 @@ class FakeEngine:
             ctx = req.context
             self.token_ids[b, : len(ctx)] = ctx
             self.num_tokens[b] = len(ctx)
+        if skip_propose:
+            for req in batch:
+                req.drafts = []
+            self.running = [r for r in self.running if not r.done]
+            return
         drafts = self.proposer.propose(sampled, self.num_tokens[: len(batch)].copy(), self.token_ids)
         assert len(drafts) == len(batch)
         for req, d, s in zip(batch, drafts, sampled):

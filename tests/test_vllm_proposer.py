@@ -112,6 +112,24 @@ def test_cut_drafts_are_detected_and_fall_back_to_accepted_tokens():
     assert proposer.stats.unmapped_steps > 0 and proposer.stats.recycled_accepted > 0
 
 
+def test_a_step_without_propose_leaves_its_capture_behind_unused():
+    proposer, model = make()
+    rng = np.random.default_rng(13)
+    engine = FakeEngine(proposer, model)
+    reqs = [Request(i, p, 40) for i, p in enumerate(prompts(rng, 2))]
+    for r in reqs:
+        engine.add(r)
+    skipped = {4, 9, 10}
+    step = 0
+    while engine.running:
+        engine.step(skip_propose=step in skipped)
+        step += 1
+    assert all(r.output == model.greedy(r.prompt, 40) for r in reqs)
+    assert proposer.stats.unmapped_steps == 0
+    log = [entry if i not in skipped else [] for i, entry in enumerate(engine.log)]
+    assert torch.equal(proposer.matrix.table, oracle_matrix(log, proposer.options.topk))
+
+
 def test_accepted_mode_learns_every_transition():
     proposer, model = make(recycle="accepted")
     rng = np.random.default_rng(7)

@@ -123,7 +123,7 @@ class TokenRecyclingProposer:
         accepted drafts and the bonus token; empty for a partial prefill);
         ``token_ids_cpu[i, :num_tokens_no_spec[i]]``: its whole context, those tokens included."""
         self.stats.steps += 1
-        captured = self._capture.take() if self._capture is not None else None
+        captured = self._capture.take() if self._capture is not None else []
         first, self._warm = not self._warm, True
         keys = [state_key(token_ids_cpu[i], int(num_tokens_no_spec[i]) - len(sampled)) if sampled else None
                 for i, sampled in enumerate(sampled_token_ids)]
@@ -178,23 +178,23 @@ class TokenRecyclingProposer:
         s.accepted_ngram += from_ngram
         s.accepted_matrix += accepted - from_ngram
 
-    def _recycle(self, rows: list[_Row], captured: torch.Tensor | None) -> None:
+    def _recycle(self, rows: list[_Row], captured: list[torch.Tensor]) -> None:
         table = self.matrix.table
-        if captured is not None:
-            counts = [r.logit_rows for r in rows]
-            if None not in counts and sum(counts) == captured.shape[0]:
-                fed, at, start = [], [], 0
-                for r in rows:
-                    if r.fed is not None:
-                        fed.extend(r.fed)
-                        at.extend(range(start, start + len(r.fed)))
-                    start += r.logit_rows
-                if fed:
-                    recycle_topk(table, torch.tensor(fed, dtype=torch.long), captured[torch.tensor(at)])
-                    self.stats.recycled_topk += len(fed)
-                return
-            self.stats.unmapped_steps += 1
-        elif self.options.recycle == "topk" and self._capture is not None and rows:
+        counts = [r.logit_rows for r in rows]
+        total = None if None in counts else sum(counts)
+        fits = [c for c in captured if c.shape[0] == total]
+        if fits:
+            fed, at, start = [], [], 0
+            for r in rows:
+                if r.fed is not None:
+                    fed.extend(r.fed)
+                    at.extend(range(start, start + len(r.fed)))
+                start += r.logit_rows
+            if fed:
+                recycle_topk(table, torch.tensor(fed, dtype=torch.long), fits[0][torch.tensor(at)])
+                self.stats.recycled_topk += len(fed)
+            return
+        if self._capture is not None and rows:  # topk mode, but this step's rows cannot be mapped
             self.stats.unmapped_steps += 1
         prev, nxt = [], []
         for r in rows:

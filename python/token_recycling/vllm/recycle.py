@@ -20,6 +20,8 @@ import torch
 
 from .. import ops
 
+MAX_CALLS = 8  # captures kept between two propose() calls
+
 
 class TopkCapture:
     """Keeps the top-k ids of every ``compute_logits`` call since the last ``take()``."""
@@ -34,6 +36,7 @@ class TopkCapture:
             if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[0] > 0:
                 k = min(self.topk, logits.shape[-1])
                 self.calls.append(logits.topk(k, dim=-1).indices)
+                del self.calls[:-MAX_CALLS]  # bounded even if the proposer is not called for a while
             return logits  # None on tensor-parallel ranks that do not gather the logits
 
         model.compute_logits = compute_logits  # the runner calls self.model.compute_logits(...)
@@ -44,16 +47,19 @@ class TopkCapture:
             return None
         return cls(model, topk, vocab_size)
 
-    def take(self) -> torch.Tensor | None:
-        """The first capture since the last take (the step's sampling logits: the runner computes
-        them before any prompt-logprob logits), as int64 [rows, k] on the CPU; None if none."""
+    def take(self) -> list[torch.Tensor]:
+        """The captures since the last take, oldest first, as int64 [rows, k] on the CPU. Normally
+        the first is the step's sampling logits (the runner computes them before any prompt-logprob
+        logits); a step that skipped the proposer (vLLM does near max_model_len) leaves an older
+        one in front, so the caller picks the capture whose row count fits."""
         calls, self.calls = self.calls, []
-        if not calls:
-            return None
-        ids = calls[0].to("cpu", torch.long)
-        if ids.shape[1] < self.topk:  # a tiny vocabulary: pad with token 0 (never accepted by luck)
-            ids = torch.cat([ids, ids.new_zeros(ids.shape[0], self.topk - ids.shape[1])], dim=1)
-        return ids.masked_fill_(ids >= self.vocab_size, 0)  # padded vocab rows
+        out = []
+        for ids in calls[-MAX_CALLS:]:
+            ids = ids.to("cpu", torch.long)
+            if ids.shape[1] < self.topk:  # a tiny vocabulary: pad with token 0 (never accepted by luck)
+                ids = torch.cat([ids, ids.new_zeros(ids.shape[0], self.topk - ids.shape[1])], dim=1)
+            out.append(ids.masked_fill_(ids >= self.vocab_size, 0))  # padded vocab rows
+        return out
 
 
 def recycle_topk(table: torch.Tensor, fed: torch.Tensor, candidates: torch.Tensor) -> None:
