@@ -44,7 +44,8 @@ namespace token_recycling {
 void check_compact_kv_inputs(at::TensorList caches, const at::Tensor& prefix_len, const at::Tensor& accepted_nodes,
                              const at::Tensor& accept_len);
 void check_tree_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& prefix_len, const at::Tensor& tree_mask);
+                                 const at::Tensor& prefix_len, const at::Tensor& tree_mask,
+                                 const char* op = "tree_attention");  // the op named in errors
 void check_build_draft_tree_inputs(const at::Tensor& matrix, const at::Tensor& roots, const at::Tensor& parents,
                                    const at::Tensor& ranks);
 void check_verify_greedy_inputs(const at::Tensor& tokens, const at::Tensor& predictions, const at::Tensor& parents);

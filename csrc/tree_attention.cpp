@@ -5,10 +5,9 @@
 
 namespace token_recycling {
 
-// Shared by the CPU and CUDA adapters.
+// Shared by the CPU and CUDA adapters of tree_attention and tree_attention_lse (op: the one called).
 void check_tree_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& prefix_len, const at::Tensor& tree_mask) {
-  constexpr const char* op = "tree_attention";
+                                 const at::Tensor& prefix_len, const at::Tensor& tree_mask, const char* op) {
   check_dtype(q, {at::kFloat, at::kHalf, at::kBFloat16}, op, "q");
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
                    ": q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
@@ -78,7 +77,7 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
 std::tuple<at::Tensor, at::Tensor> tree_attention_lse_cpu(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, const at::Tensor& prefix_len,
                                                           const at::Tensor& tree_mask, double scale) {
-  check_tree_attention_inputs(q, k, v, prefix_len, tree_mask);
+  check_tree_attention_inputs(q, k, v, prefix_len, tree_mask, "tree_attention_lse");
   auto out = at::empty(q.sizes(), q.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   run_cpu(q, k, v, prefix_len, tree_mask, scale, out, lse.data_ptr<float>(), "tree_attention_lse");

@@ -36,7 +36,7 @@ namespace {
 // Writes out [B, Hq, N, D] and, when lse is given, lse [B, Hq, N] (float, contiguous).
 void tree_attention_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_len,
                          const at::Tensor& tree_mask, double scale, at::Tensor& out, float* lse, const char* op) {
-  check_tree_attention_inputs(q, k, v, prefix_len, tree_mask);
+  check_tree_attention_inputs(q, k, v, prefix_len, tree_mask, op);
   const int64_t N = q.size(2), D = q.size(3);
   TORCH_CHECK_VALUE(N <= kc::kTreeAttentionMaxNodes, op, ": at most ", kc::kTreeAttentionMaxNodes,
                     " tree nodes on CUDA, got ", N);

@@ -153,6 +153,8 @@ def tree_attention_lse(q, k, v, prefix_len, tree_mask, scale):
         o, l = attention_lse(q[b : b + 1], k[b : b + 1], v[b : b + 1], visible, scale)
         outs.append(o)
         lses.append(l)
+    if not outs:  # no rows
+        return torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     return torch.cat(outs), torch.cat(lses)
 
 
