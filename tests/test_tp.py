@@ -16,10 +16,14 @@ import pytest
 import torch
 
 import cli_fixtures
+import token_recycling
 from models import tiny_model
 
 HERE = Path(__file__).resolve().parent
-PACKAGE = HERE.parent / "python"
+# The package the test process imported (the installed one in CI, python/ in a dev tree): the ranks
+# must import the same one, never the source tree's python/ (it holds no built extension after a
+# non-editable install).
+PACKAGE = Path(token_recycling.__file__).resolve().parents[1]
 LAUNCH_TIMEOUT_S = 150  # a launch that takes longer is hung: fail it
 COLLECTIVE_TIMEOUT_S = 60
 MAX_NEW_TOKENS = 48  # as in tp_worker.py
