@@ -1,10 +1,12 @@
 """Batch > 1 (left padding): every row == HF batched greedy generate() and == the row run alone (fp32)."""
 
+import copy
+
 import pytest
 import torch
 from models import tiny_model
 
-from token_recycling import TokenRecycler
+from token_recycling import TokenRecycler, hf_attention
 
 PAD = 0
 
@@ -120,6 +122,31 @@ def test_a_row_finishing_at_step_one():
     assert torch.equal(got, want) and rec.stats.rows[b].steps == 0
     assert torch.equal(rec.generate(ids, attention_mask=mask, max_new_tokens=1),
                        model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_tree_attention_backend(arch, monkeypatch):
+    """The kernel with one tree per row and the common tree slot (per-row prefixes), on the CPU."""
+    reference = tiny_model(arch)
+    model = type(reference)._from_config(copy.deepcopy(reference.config), attn_implementation="sdpa").eval()
+    model.load_state_dict(reference.state_dict())
+    model.generation_config = reference.generation_config
+    calls, real = [], hf_attention.ops.tree_attention
+
+    def counting(q, k, v, prefix_len, tree_mask, scale, tree_start=-1):
+        calls.append((tuple(tree_mask.shape), tree_start, prefix_len.tolist()))
+        return real(q, k, v, prefix_len, tree_mask, scale, tree_start)
+
+    monkeypatch.setattr(hf_attention.ops, "tree_attention", counting)
+    prompts = _prompts(reference.config.vocab_size, [2, 19, 8], seed=11)
+    ids, mask = _batch(prompts)
+    rec = TokenRecycler(model, tree="paper-16", tree_attention=True)
+    want = reference.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
+    assert torch.equal(rec.generate(ids, attention_mask=mask, max_new_tokens=30), want)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=30, custom_generate=rec), want)
+    batched = [c for c in calls if len(c[0]) == 3]
+    assert batched and all(start >= max(p) for _, start, p in batched)
+    assert any(len(set(p)) > 1 for _, _, p in batched), "rows of one length: per-row prefixes not exercised"
 
 
 def test_sampling_with_top_k_1_is_greedy_per_row():
