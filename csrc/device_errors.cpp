@@ -11,20 +11,25 @@ std::atomic<DeferredErrorBackend*> backend{nullptr};
 
 void register_deferred_error_backend(DeferredErrorBackend* b) { backend.store(b); }
 
+namespace {
+// The backend for a device that is not the CPU; raises for devices without deferred checks.
+DeferredErrorBackend* backend_for(const c10::Device& device, const char* op) {
+  TORCH_CHECK_VALUE(device.is_cuda(), op, ": device ", device, " has no deferred checks (CPU or CUDA only)");
+  DeferredErrorBackend* b = backend.load();
+  TORCH_CHECK_VALUE(b != nullptr, op, ": device ", device,
+                    " has no deferred checks in this build (token-recycling was built without CUDA)");
+  return b;
+}
+}  // namespace
+
 bool set_deferred_device_errors(c10::Device device, bool enable) {
   if (device.is_cpu()) return false;  // CPU ops raise at once: nothing to defer
-  DeferredErrorBackend* b = backend.load();
-  TORCH_CHECK_VALUE(b != nullptr, "set_deferred_device_errors: device ", device,
-                    " has no deferred checks in this build (token-recycling was built without CUDA)");
-  return b->set_deferred(device, enable);
+  return backend_for(device, "set_deferred_device_errors")->set_deferred(device, enable);
 }
 
 at::Tensor take_device_errors(c10::Device device) {
-  DeferredErrorBackend* b = backend.load();
-  if (device.is_cpu() || b == nullptr) {
-    return at::zeros({kDeviceErrorWords}, at::TensorOptions().dtype(at::kLong).device(device));
-  }
-  return b->take(device);
+  if (device.is_cpu()) return at::zeros({kDeviceErrorWords}, at::TensorOptions().dtype(at::kLong));
+  return backend_for(device, "take_device_errors")->take(device);
 }
 
 void raise_device_errors(const at::Tensor& record) {
@@ -39,9 +44,10 @@ void raise_device_errors(const at::Tensor& record) {
   DeferredErrorBackend* b = backend.load();
   const std::string message = b != nullptr ? b->describe(r) : std::string();
   TORCH_CHECK_VALUE(false, message.empty() ? std::string("a device check failed (code ") +
-                                                 std::to_string(static_cast<int32_t>(r[0] & 0xffffffff)) + ")"
+                                                 std::to_string(static_cast<int32_t>(r[0] & 0xffffffff)) +
+                                                 "; no op in this process reported it)"
                                            : message,
-                    " (found by a deferred device check)");
+                    " (found by a deferred device check, read by raise_device_errors)");
 }
 
 }  // namespace token_recycling
