@@ -51,7 +51,7 @@ __global__ void merge_error_kernel(Record* into, const Record* from, int32_t op)
 }
 
 inline cudaError_t merge_error(DeviceError* into, const DeviceError* from, int32_t op, cudaStream_t stream) {
-  return launch(merge_error_kernel<DeviceError>, dim3(1), dim3(1), 0, stream, into, from, op);
+  return launch(merge_error_kernel<DeviceError>, dim3(1), dim3(32), 0, stream, into, from, op);  // one warp; thread 0 works
 }
 
 // Waits for the stream and copies the record to the host.
