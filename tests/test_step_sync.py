@@ -147,6 +147,22 @@ def test_one_sync_per_step(case, monkeypatch):
     assert mode.reads == [], "device values read outside the step's sync:\n" + "\n".join(mode.reads)
 
 
+def test_sampling_one_sync_per_step(monkeypatch):
+    """The sampling walk goes through the same point (its uniforms consumed once the count is back):
+    same output as an untracked run with the same seed, one sync per step, no other read."""
+    _, model = sdpa_copy()
+    ids = torch.randint(3, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=32, do_sample=True, temperature=0.7, top_p=0.9)
+    want = TokenRecycler(model, tree="paper-16").generate(ids, generator=torch.Generator().manual_seed(5), **kwargs)
+    rec = TokenRecycler(model, tree="paper-16")
+    before = step_sync.SYNCS
+    with tracked(model, ids, monkeypatch) as mode:
+        got = rec.generate(ids, generator=torch.Generator().manual_seed(5), **kwargs)
+    assert torch.equal(got, want)
+    assert step_sync.SYNCS - before == rec.stats.steps > 1
+    assert mode.reads == [], "device values read outside the step's sync:\n" + "\n".join(mode.reads)
+
+
 def test_the_tracker_catches_a_read(monkeypatch):
     """Negative control: a verifier that looks at the logits on the host (as the old tie check did)."""
     _, model = sdpa_copy()
