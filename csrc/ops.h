@@ -18,10 +18,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sample_cpu(const at::Tenso
 void compact_kv_cpu(at::TensorList caches, const at::Tensor& prefix_len, const at::Tensor& accepted_nodes,
                     const at::Tensor& accept_len);
 at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              const at::Tensor& prefix_len, const at::Tensor& tree_mask, double scale);
+                              const at::Tensor& prefix_len, const at::Tensor& tree_mask, double scale,
+                              int64_t tree_start);
 std::tuple<at::Tensor, at::Tensor> tree_attention_lse_cpu(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, const at::Tensor& prefix_len,
-                                                          const at::Tensor& tree_mask, double scale);
+                                                          const at::Tensor& tree_mask, double scale, int64_t tree_start);
 std::tuple<at::Tensor, at::Tensor> merge_attention_states_cpu(const at::Tensor& out_a, const at::Tensor& lse_a,
                                                               const at::Tensor& out_b, const at::Tensor& lse_b);
 
@@ -45,7 +46,8 @@ void check_compact_kv_inputs(at::TensorList caches, const at::Tensor& prefix_len
                              const at::Tensor& accept_len);
 void check_tree_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& prefix_len, const at::Tensor& tree_mask,
-                                 const char* op = "tree_attention");  // the op named in errors
+                                 const char* op = "tree_attention",  // the op named in errors
+                                 int64_t tree_start = -1);
 void check_build_draft_tree_inputs(const at::Tensor& matrix, const at::Tensor& roots, const at::Tensor& parents,
                                    const at::Tensor& ranks);
 void check_verify_greedy_inputs(const at::Tensor& tokens, const at::Tensor& predictions, const at::Tensor& parents);
@@ -69,10 +71,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sample_cuda(const at::Tens
 void compact_kv_cuda(at::TensorList caches, const at::Tensor& prefix_len, const at::Tensor& accepted_nodes,
                      const at::Tensor& accept_len);
 at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const at::Tensor& prefix_len, const at::Tensor& tree_mask, double scale);
+                               const at::Tensor& prefix_len, const at::Tensor& tree_mask, double scale,
+                               int64_t tree_start);
 std::tuple<at::Tensor, at::Tensor> tree_attention_lse_cuda(const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, const at::Tensor& prefix_len,
-                                                           const at::Tensor& tree_mask, double scale);
+                                                           const at::Tensor& tree_mask, double scale, int64_t tree_start);
 std::tuple<at::Tensor, at::Tensor> merge_attention_states_cuda(const at::Tensor& out_a, const at::Tensor& lse_a,
                                                                const at::Tensor& out_b, const at::Tensor& lse_b);
 }  // namespace token_recycling

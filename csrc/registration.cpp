@@ -11,9 +11,10 @@ TORCH_LIBRARY(token_recycling, m) {
   m.def("verify_greedy(Tensor tokens, Tensor predictions, Tensor parents) -> (Tensor, Tensor, Tensor)");
   m.def("verify_sample(Tensor tokens, Tensor parents, Tensor probs, Tensor uniforms) -> (Tensor, Tensor, Tensor)");
   m.def("compact_kv(Tensor(a!)[] caches, Tensor prefix_len, Tensor accepted_nodes, Tensor accept_len) -> ()");
-  m.def("tree_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_len, Tensor tree_mask, float scale) -> Tensor");
-  m.def("tree_attention_lse(Tensor q, Tensor k, Tensor v, Tensor prefix_len, Tensor tree_mask, float scale) -> "
-        "(Tensor, Tensor)");
+  m.def("tree_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_len, Tensor tree_mask, float scale, "
+        "int tree_start=-1) -> Tensor");
+  m.def("tree_attention_lse(Tensor q, Tensor k, Tensor v, Tensor prefix_len, Tensor tree_mask, float scale, "
+        "int tree_start=-1) -> (Tensor, Tensor)");
   m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)");
   m.def("ngram_index_append(Tensor(a!) table, Tensor history, Tensor old_len, Tensor new_len) -> ()");
   m.def("ngram_lookup(Tensor table, Tensor history, Tensor length, int max_ngram, int max_tokens) -> (Tensor, Tensor)");

@@ -226,6 +226,25 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path, tiny_folder):
     assert (out / "accept_lengths.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_bench_batch_sizes_on_a_tiny_model(tmp_path, tiny_folder, capsys):
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question_id": i, "category": "c", "turns": [t]} for i, t in enumerate(
+        ["Say hi.", "Write a function that returns the sum of two numbers.", "Name three colors.", "Count to five."])])
+    out = tmp_path / "out"
+    rc = main(["bench", "--model", str(tiny_folder), "--dataset", str(data), "--max-new-tokens", "12",
+               "--dtype", "float32", "--batch-size", "1,2,4", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [s["batch_size"] for s in results["samples"]] == [1, 1, 1, 1, 2, 2, 4]
+    for s in results["samples"]:
+        assert s["mismatched_rows"] == []  # float32: every row equals HF batched greedy
+        assert s["methods"]["ours"]["new_tokens"] == s["methods"]["greedy"]["new_tokens"] > 0
+    assert [r["batch_size"] for r in results["summary"]] == [1, 2, 4]
+    text = (out / "report.md").read_text()
+    assert "| 4 | 1 |" in text and "HF greedy tok/s" in text
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", str(tiny_folder), "--dataset", str(data), "--batch-size", "0,2"])
+
+
 def test_bench_without_matplotlib_writes_results_and_report_and_exits_0(tmp_path, tiny_folder, no_matplotlib, capsys):
     data = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "category": "c", "turns": ["Say hi."]}])
     out = tmp_path / "out"

@@ -369,12 +369,18 @@ def make_tree_attention(rng, gen, lse=False):
     k = torch.randn(B, Hkv, S, D, generator=gen).to(dtype)
     v = torch.randn(B, Hkv, S, D, generator=gen).to(dtype)
     prefix = torch.tensor([rng.randrange(S - N + 1) for _ in range(B)], dtype=torch.long)
-    mask = torch.rand(N, N, generator=gen) < 0.5
+    # one tree for every row, or one per row; the tree after each prefix, or at one slot for every row
+    mask = torch.rand(*([B] if rng.random() < 0.3 else []), N, N, generator=gen) < 0.5
+    start = -1
+    if rng.random() < 0.3:
+        start = rng.randrange(S - N + 1)
+        prefix = torch.tensor([rng.randrange(start + 1) for _ in range(B)], dtype=torch.long)
     scale = rng.choice([0.1, 0.35, 1.0])
     fault = rng.choice([None] * 8 + ["q dtype", "kv dtype", "index dtype", "rank", "k != v", "batch", "head_dim",
-                                     "heads", "no kv heads", "prefix size", "mask shape", "prefix", "python"])
+                                     "heads", "no kv heads", "prefix size", "mask shape", "prefix", "python",
+                                     "tree_start"])
     raises = (ValueError,)
-    args = [q, k, v, prefix, mask, scale]
+    args = [q, k, v, prefix, mask, scale, start]
     if fault == "q dtype":
         args[:3] = [t.double() for t in args[:3]]
         raises = (TypeError,)
@@ -387,7 +393,7 @@ def make_tree_attention(rng, gen, lse=False):
         raises = (TypeError,)
     elif fault == "rank":
         i = rng.randrange(5)
-        args[i] = args[i].unsqueeze(0)
+        args[i] = args[i].unsqueeze(0).unsqueeze(0) if i == 4 else args[i].unsqueeze(0)  # (masks may be 3-D)
     elif fault == "k != v":
         args[2] = torch.randn(B, Hkv, S + 1, D, generator=gen).to(dtype)
     elif fault == "batch":
@@ -401,10 +407,15 @@ def make_tree_attention(rng, gen, lse=False):
     elif fault == "prefix size":
         args[3] = torch.zeros(B + 1, dtype=torch.long)
     elif fault == "mask shape":
-        args[4] = torch.ones(N, N + 1, dtype=torch.bool)
+        args[4] = torch.ones(*([B + 1] if rng.random() < 0.5 else []), N, N + 1, dtype=torch.bool)
+    elif fault == "tree_start":  # past the keys, below -1, or before a row's prefix
+        bad = [S - N + 1 + rng.randrange(4), -2 - rng.randrange(3)]
+        if B and int(prefix.max()) > 0:
+            bad.append(int(prefix.max()) - 1)
+        args[6] = rng.choice(bad)
     elif fault == "prefix":
         if B:
-            prefix[rng.randrange(B)] = bad_id(rng, S - N + 1)
+            prefix[rng.randrange(B)] = bad_id(rng, S - N + 1 if start < 0 else start + 1)
         else:
             fault = None
     elif fault == "python":
@@ -412,8 +423,8 @@ def make_tree_attention(rng, gen, lse=False):
         raises = (RuntimeError,)
     case = Case(args, fault, raises)
     if case.fault is None:
-        case.args = [q, scramble(k, rng), scramble(v, rng), scramble(prefix, rng), scramble(mask, rng), scale]
-        want, want_lse = reference.tree_attention_lse(q.double(), k.double(), v.double(), prefix, mask, scale)
+        case.args = [q, scramble(k, rng), scramble(v, rng), scramble(prefix, rng), scramble(mask, rng), scale, start]
+        want, want_lse = reference.tree_attention_lse(q.double(), k.double(), v.double(), prefix, mask, scale, start)
 
         def check(result):
             out, got_lse = result if lse else (result, None)

@@ -156,8 +156,8 @@ def test_bad_input():
         rec.generate(torch.tensor([[1, 320]]))
     with pytest.raises(TypeError):
         rec.generate(torch.tensor([[1.0, 2.0]]))
-    with pytest.raises(NotImplementedError, match="batch size 1"):
-        rec.generate(torch.tensor([[1, 2], [3, 4]]))
+    with pytest.raises(ValueError, match="attention_mask.*left-padded"):  # batches: test_batch.py
+        rec.generate(torch.tensor([[1, 2], [3, 4]]), attention_mask=torch.tensor([[1, 1], [1, 0]]))
 
 
 def test_matrix_file_for_another_model_is_refused(tmp_path):

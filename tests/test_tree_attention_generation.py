@@ -26,9 +26,9 @@ def kernel_calls(monkeypatch):
     calls = []
     real = hf_attention.ops.tree_attention
 
-    def counting(q, k, v, prefix_len, tree_mask, scale):
+    def counting(q, k, v, prefix_len, tree_mask, scale, *tree_start):
         calls.append((q.shape[2], k.shape[2], int(prefix_len[0])))
-        return real(q, k, v, prefix_len, tree_mask, scale)
+        return real(q, k, v, prefix_len, tree_mask, scale, *tree_start)
 
     monkeypatch.setattr(hf_attention.ops, "tree_attention", counting)
     return calls

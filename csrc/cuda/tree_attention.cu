@@ -11,16 +11,19 @@ namespace {
 template <typename T>
 cudaError_t run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                 const kernels::TreeAttentionShape& shape, const int64_t* prefix, int64_t uniform_prefix,
-                const at::Tensor& mask, float scale, float* lse, kc::DeviceError* err, cudaStream_t stream) {
+                int64_t tree_start, const at::Tensor& mask, float scale, float* lse, kc::DeviceError* err,
+                cudaStream_t stream) {
   kc::TreeAttentionArgs<T> a{static_cast<const T*>(q.data_ptr()), static_cast<const T*>(k.data_ptr()),
                              static_cast<const T*>(v.data_ptr()), static_cast<T*>(out.data_ptr()),
                              q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                              v.stride(0), v.stride(1), v.stride(2), shape, prefix, uniform_prefix,
-                             reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()), scale, lse};
+                             reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()), scale, lse, tree_start,
+                             mask.dim() == 3 ? mask.size(1) * mask.size(2) : 0};
   int device = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t key_len = prefix == nullptr ? uniform_prefix + shape.num_nodes : shape.seq;
+  const int64_t key_len = tree_start >= 0 ? tree_start + shape.num_nodes
+                         : prefix == nullptr ? uniform_prefix + shape.num_nodes : shape.seq;
   const kc::TreeAttentionPlan plan = kc::plan_tree_attention<T>(shape, key_len, sms);
   at::Tensor workspace;
   if (plan.workspace_bytes > 0) {
@@ -35,8 +38,9 @@ cudaError_t run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
 namespace {
 // Writes out [B, Hq, N, D] and, when lse is given, lse [B, Hq, N] (float, contiguous).
 void tree_attention_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_len,
-                         const at::Tensor& tree_mask, double scale, at::Tensor& out, float* lse, const char* op) {
-  check_tree_attention_inputs(q, k, v, prefix_len, tree_mask, op);
+                         const at::Tensor& tree_mask, double scale, int64_t tree_start, at::Tensor& out, float* lse,
+                         const char* op) {
+  check_tree_attention_inputs(q, k, v, prefix_len, tree_mask, op, tree_start);
   const int64_t N = q.size(2), D = q.size(3);
   TORCH_CHECK_VALUE(N <= kc::kTreeAttentionMaxNodes, op, ": at most ", kc::kTreeAttentionMaxNodes,
                     " tree nodes on CUDA, got ", N);
@@ -57,7 +61,7 @@ void tree_attention_into(const at::Tensor& q, const at::Tensor& k, const at::Ten
   if (prefix_len.is_cpu()) {
     prefix = prefix_len.contiguous();
     const int64_t* pp = prefix.data_ptr<int64_t>();
-    throw_if_error(kernels::CheckTreeAttentionShape(shape, pp), op);
+    throw_if_error(kernels::CheckTreeAttentionShape(shape, pp, tree_start), op);
     uniform = pp[0];
     if (std::any_of(pp, pp + shape.batch, [&](int64_t x) { return x != uniform; })) {
       prefix = prefix.pin_memory().to(q.device(), /*non_blocking=*/true);
@@ -71,9 +75,9 @@ void tree_attention_into(const at::Tensor& q, const at::Tensor& k, const at::Ten
   const float sc = static_cast<float>(scale);
   cudaError_t e;
   switch (q.scalar_type()) {
-    case at::kFloat: e = run<float>(q_rows, k_rows, v_rows, out, shape, device_prefix, uniform, mask, sc, lse, as_error_record(record), stream); break;
-    case at::kHalf: e = run<kernels::float16>(q_rows, k_rows, v_rows, out, shape, device_prefix, uniform, mask, sc, lse, as_error_record(record), stream); break;
-    default: e = run<kernels::bfloat16>(q_rows, k_rows, v_rows, out, shape, device_prefix, uniform, mask, sc, lse, as_error_record(record), stream); break;
+    case at::kFloat: e = run<float>(q_rows, k_rows, v_rows, out, shape, device_prefix, uniform, tree_start, mask, sc, lse, as_error_record(record), stream); break;
+    case at::kHalf: e = run<kernels::float16>(q_rows, k_rows, v_rows, out, shape, device_prefix, uniform, tree_start, mask, sc, lse, as_error_record(record), stream); break;
+    default: e = run<kernels::bfloat16>(q_rows, k_rows, v_rows, out, shape, device_prefix, uniform, tree_start, mask, sc, lse, as_error_record(record), stream); break;
   }
   if (prefix_len.is_cpu()) {
     C10_CUDA_CHECK(e);  // every value the kernel could object to was checked above
@@ -84,18 +88,20 @@ void tree_attention_into(const at::Tensor& q, const at::Tensor& k, const at::Ten
 }  // namespace
 
 at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const at::Tensor& prefix_len, const at::Tensor& tree_mask, double scale) {
+                               const at::Tensor& prefix_len, const at::Tensor& tree_mask, double scale,
+                               int64_t tree_start) {
   auto out = at::empty(q.sizes(), q.options());
-  tree_attention_into(q, k, v, prefix_len, tree_mask, scale, out, nullptr, "tree_attention");
+  tree_attention_into(q, k, v, prefix_len, tree_mask, scale, tree_start, out, nullptr, "tree_attention");
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> tree_attention_lse_cuda(const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, const at::Tensor& prefix_len,
-                                                           const at::Tensor& tree_mask, double scale) {
+                                                           const at::Tensor& tree_mask, double scale,
+                                                           int64_t tree_start) {
   auto out = at::empty(q.sizes(), q.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  tree_attention_into(q, k, v, prefix_len, tree_mask, scale, out, lse.data_ptr<float>(), "tree_attention_lse");
+  tree_attention_into(q, k, v, prefix_len, tree_mask, scale, tree_start, out, lse.data_ptr<float>(), "tree_attention_lse");
   return {out, lse};
 }
 

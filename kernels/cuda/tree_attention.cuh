@@ -4,7 +4,8 @@
 //
 // For one (b, kv head) the G = q_heads / kv_heads query heads share K and V, so their G * N rows are
 // one matrix of query rows. A block takes a tile of those rows and a chunk of key positions
-// [0, prefix + N) (the tree sits right after the prefix in the cache); within the chunk it walks key
+// [0, tree_at + N) (the tree sits at tree_at: right after the prefix, or at tree_start for every row,
+// the keys between the prefix and tree_start then being skipped by the mask); within the chunk it walks key
 // tiles with an online softmax (flash-attention style). With several chunks (long prefixes,
 // flash-decoding style) each block leaves an unnormalised partial (O, max, sum) and a second launch
 // merges them by log-sum-exp. 16-bit inputs use tensor cores (wmma, P rounded to the input type as
@@ -38,9 +39,11 @@ struct TreeAttentionArgs {
   TreeAttentionShape shape;   // batch, q_heads, kv_heads, num_nodes, seq (k/v length), head_dim
   const int64_t* prefix_len;  // device [batch], or null: every row has uniform_prefix (checked by the caller)
   int64_t uniform_prefix;
-  const uint8_t* tree_mask;   // device [N, N] bytes, non-zero = visible
+  const uint8_t* tree_mask;   // device [N, N] bytes, non-zero = visible (row b's at tree_mask + b * mask_stride_b)
   float scale;
   float* lse = nullptr;       // optional device [B, Hq, N]: log of each row's softmax denominator (-inf: no key)
+  int64_t tree_start = -1;    // >= 0: tree node 0 of every row at this slot (prefix_len[b] <= tree_start); -1: at prefix_len[b]
+  int64_t mask_stride_b = 0;  // 0: one tree for every row; N * N: one per row
 };
 
 // Tile sizes for one element type and head_dim.
@@ -83,7 +86,7 @@ struct TreeAttentionPlan {
 inline int tree_attention_rows_per_block(bool is_float) { return is_float ? 32 : 64; }
 inline int tree_attention_keys_per_tile(bool is_float, int64_t d) { return (!is_float && d <= 128) ? 64 : 32; }
 
-// key_len: an upper bound of prefix_len + N over the batch (the kv length, or the uniform prefix + N).
+// key_len: an upper bound of the tree's end over the batch (the kv length, or the uniform prefix / tree_start + N).
 template <typename T>
 TreeAttentionPlan plan_tree_attention(const TreeAttentionShape& s, int64_t key_len, int num_sms) {
   constexpr bool is_float = std::is_same_v<T, float>;
@@ -173,11 +176,13 @@ __global__ void __launch_bounds__(128)
   const int64_t bh = blockIdx.x / tiles / chunks;
   const int64_t b = bh / s.kv_heads, hk = bh % s.kv_heads;
   const int64_t prefix = a.prefix_len != nullptr ? a.prefix_len[b] : a.uniform_prefix;
-  if (prefix < 0 || prefix > s.seq - N) {  // (prefix + N could overflow)
+  const int64_t tree_at = a.tree_start >= 0 ? a.tree_start : prefix;  // slot of tree node 0 (checked by the caller)
+  if (prefix < 0 || prefix > s.seq - N || prefix > tree_at) {  // (prefix + N could overflow)
     if (tile == 0 && chunk == 0 && threadIdx.x == 0) report(err, kAttnPrefix, b, prefix, N, s.seq);
     return;
   }
-  const int64_t key_end_all = prefix + N;
+  const int64_t key_end_all = tree_at + N;
+  const uint8_t* tree_mask = a.tree_mask + b * a.mask_stride_b;
   const int64_t key_begin = chunk * chunk_len;
   const int64_t key_end = key_begin + chunk_len < key_end_all ? key_begin + chunk_len : key_end_all;
   const int64_t row0 = tile * C::kRows;
@@ -209,13 +214,13 @@ __global__ void __launch_bounds__(128)
     row_sum[r] = 0.f;
   }
   // The tree-mask rows of this tile's nodes, as bits: warp w fills its own rows.
-  if (key_end > prefix) {
+  if (key_end > tree_at) {
     for (int rr = 0; rr < C::kRowsPerWarp; ++rr) {
       const int64_t row = row0 + wrow0 + rr;
       const int64_t node = row % N;
       for (int64_t word = 0; word < (N + 31) / 32; ++word) {
         const int64_t j = word * 32 + lane;
-        const bool bit = row < rows_total && j < N && a.tree_mask[node * N + j] != 0;
+        const bool bit = row < rows_total && j < N && tree_mask[node * N + j] != 0;
         const unsigned bits = __ballot_sync(0xffffffffu, bit);
         if (lane == 0) mask_bits[(wrow0 + rr) * C::kMaskWords + word] = bits;
       }
@@ -277,9 +282,11 @@ __global__ void __launch_bounds__(128)
         const int col = lane + 32 * c;
         const int64_t pos = key0 + col;
         bool visible = pos < key_end;
-        if (visible && pos >= prefix) {
-          const int64_t j = pos - prefix;  // tree node, < N
+        if (visible && pos >= tree_at) {
+          const int64_t j = pos - tree_at;  // tree node, < N
           visible = (mask_bits[r * C::kMaskWords + j / 32] >> (j % 32)) & 1u;
+        } else if (visible && pos >= prefix) {
+          visible = false;  // between the row's prefix and the common tree slot
         }
         score[c] = visible ? S[r * C::kLdS + col] * a.scale : -INFINITY;
         tile_max = fmaxf(tile_max, score[c]);
@@ -437,7 +444,7 @@ inline Status describe_tree_attention_error(const DeviceError& e) {
     case kAttnPrefix:
       return Status::Error("prefix_len[" + std::to_string(e.index) + "] = " + std::to_string(e.value) +
                            " does not fit: need 0 <= prefix_len and prefix_len + num_nodes (" + std::to_string(e.lo) +
-                           ") <= kv length (" + std::to_string(e.hi) + ")");
+                           ") <= kv length (" + std::to_string(e.hi) + "), and prefix_len <= tree_start when given");
     default: return Status::Error("unknown device error code " + std::to_string(e.code));
   }
 }

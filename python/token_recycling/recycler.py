@@ -16,6 +16,7 @@ from . import cache as kv
 from . import distributed, hf_model, sample, verify, window
 from .adjacency import AdjacencyMatrix
 from .auto_tree import sync
+from .batch import check_left_padded
 from .draft import Draft, Drafter
 from .emit import Emitter
 from .graph_step import BUCKETS, GraphStep
@@ -63,6 +64,7 @@ class TokenRecycler:
             raise ValueError("cuda_graphs=True needs tree_attention (the device-side prefix length goes to it)")
         self.tree_attention = self._setup_tree_attention(True if cuda_graphs else tree_attention)
         self.graph = GraphStep(model, self._cache_kwarg) if cuda_graphs else None
+        self._batch = None  # batch.BatchDecoder, made on the first batched call
 
     # The drafter's shared state, as attributes of the recycler.
     matrix = property(lambda self: self.drafter.matrix, doc="the AdjacencyMatrix (shared by every call)")
@@ -107,13 +109,15 @@ class TokenRecycler:
         (temperature, top_k, top_p, min_p, repetition_penalty: None takes the model's
         generation_config value, as HF does; `generator` seeds the draws, else torch's default).
 
-        Returns a LongTensor [1, prompt + new]. Stops at `max_new_tokens` or at an EOS token
-        (default: the model's generation_config.eos_token_id), which is included.
+        Returns a LongTensor [B, prompt + new]. Stops at `max_new_tokens` or at an EOS token
+        (default: the model's generation_config.eos_token_id), which is included. A batch (B > 1)
+        or a padded row must be left-padded with `attention_mask` (batch.py); rows that stop early
+        are filled with the model's pad_token_id (else the first EOS id), as generate() does.
         """
         from transformers.generation.stopping_criteria import (EosTokenCriteria, MaxLengthCriteria,
                                                                StoppingCriteriaList)
 
-        input_ids = self._check_input(input_ids, attention_mask)
+        input_ids, pads = self._check_input(input_ids, attention_mask)
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         if eos_token_id is None:
@@ -121,7 +125,7 @@ class TokenRecycler:
         criteria = StoppingCriteriaList([MaxLengthCriteria(max_length=input_ids.shape[1] + max_new_tokens)])
         if eos_token_id is not None:
             criteria.append(EosTokenCriteria(eos_token_id=eos_token_id))
-        if streamer is not None:
+        if streamer is not None and pads is None:  # (a batch refuses a streamer below)
             streamer.put(input_ids.cpu())
         if do_sample:
             processors = sample.sampling_processors(self.model.generation_config, temperature, top_k, top_p, min_p,
@@ -130,6 +134,11 @@ class TokenRecycler:
         else:
             verifier = verify.GreedyVerifier(None, self.topk)
         capacity = input_ids.shape[1] + max_new_tokens + 1
+        if pads is not None:
+            eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+            pad = getattr(self.model.generation_config, "pad_token_id", None)
+            return self._decode_batch(input_ids, pads, kv.new_cache(self.model), criteria, verifier, streamer,
+                                      capacity, pad if pad is not None else (eos[0] if eos else 0))
         # Graph steps: room for the largest bucket at the end, so no step's draft is cut for room.
         cache = kv.new_cache(self.model, capacity + BUCKETS[-1] if self.graph else None)
         return self._decode(input_ids, cache, criteria, verifier, streamer, capacity)
@@ -146,7 +155,7 @@ class TokenRecycler:
         if generation_config is not None:
             if (generation_config.num_beams or 1) > 1:
                 raise NotImplementedError("TokenRecycler does not do beam search (num_beams must be 1)")
-        input_ids = self._check_input(input_ids, model_kwargs.get("attention_mask"))
+        input_ids, pads = self._check_input(input_ids, model_kwargs.get("attention_mask"))
         cache = model_kwargs.get("cache", model_kwargs.get("past_key_values")) or kv.new_cache(self.model)
         if cache.get_seq_length() != 0:
             raise NotImplementedError("TokenRecycler starts from an empty cache; a pre-filled cache was given")
@@ -156,7 +165,13 @@ class TokenRecycler:
             verifier = sample.SamplingVerifier(processors, self.topk, generator)
         else:
             verifier = verify.GreedyVerifier(processors, self.topk)
-        sequences = self._decode(input_ids, cache, stopping_criteria, verifier, streamer, max_length + 1)
+        if pads is not None:
+            pad = getattr(generation_config, "pad_token_id", None)
+            pad = pad if pad is not None else getattr(self.model.generation_config, "pad_token_id", None)
+            sequences = self._decode_batch(input_ids, pads, cache, stopping_criteria, verifier, streamer,
+                                           max_length + 1, _first_eos(generation_config) if pad is None else pad)
+        else:
+            sequences = self._decode(input_ids, cache, stopping_criteria, verifier, streamer, max_length + 1)
         if generation_config is not None and generation_config.return_dict_in_generate:
             from transformers.generation.utils import GenerateDecoderOnlyOutput
             return GenerateDecoderOnlyOutput(sequences=sequences, past_key_values=cache)
@@ -213,6 +228,25 @@ class TokenRecycler:
             stats.measured_speedup = stats.mean_accepted * base / (stats.seconds / stats.steps)
         return seq
 
+    def _decode_batch(self, input_ids, pads, cache, stopping, verifier, streamer, capacity: int,
+                      pad_token_id: int) -> torch.Tensor:
+        """Several rows, or one left-padded row: batch.py's loop (the rows' own trees, one forward)."""
+        if streamer is not None:
+            raise ValueError("streamer works with one unpadded sequence only (batch size 1, no padding in "
+                             "attention_mask); got a batch or a padded row")
+        if self.graph is not None:
+            raise NotImplementedError("cuda_graphs=True supports batch size 1 only")
+        if kv.static_capacity(cache) is not None:
+            raise NotImplementedError("cache_implementation='static' is not supported with batch size > 1 or "
+                                      "padding yet; use the default dynamic cache")
+        if window.SLIDING in window._layer_types(self.model):
+            raise NotImplementedError("sliding-window models are supported with batch size 1 only (no padding)")
+        if self._batch is None:
+            from .batch import BatchDecoder
+            self._batch = BatchDecoder(self)
+        distributed.check_prompt(input_ids)
+        return self._batch.decode(input_ids, pads, cache, stopping, verifier, pad_token_id, capacity)
+
     def _prefill(self, input_ids, cache, verifier, emitter: Emitter):
         keep_all = self.seed_from_prompt
         out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=0 if keep_all else 1,
@@ -266,23 +300,29 @@ class TokenRecycler:
                              f"AttentionInterface, so tree_attention=True cannot apply")
         return True
 
-    def _check_input(self, input_ids, attention_mask) -> torch.Tensor:
+    def _check_input(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(input_ids [B, S] on the device, the pad count of every row, or None for one unpadded row)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError("input_ids must be an integer torch.Tensor [batch, seq]")
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got shape {tuple(input_ids.shape)}")
-        if input_ids.shape[0] != 1:
-            raise NotImplementedError(
-                f"TokenRecycler generates one sequence at a time for now (batch size 1); got batch "
-                f"{input_ids.shape[0]}. Call it per sequence.")
-        if attention_mask is not None and not bool((attention_mask == 1).all()):
-            raise NotImplementedError("padding (attention_mask with zeros) is not supported with batch size 1")
+        pads = check_left_padded(input_ids, attention_mask)
         v = self.matrix.vocab_size
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= v:
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= v:  # padding too: the prefill embeds it
             raise ValueError(f"input_ids hold token ids outside [0, {v})")
-        return input_ids.to(self.device, torch.long)
+        if input_ids.shape[0] == 1 and int(pads[0]) == 0:
+            pads = None  # the batch-1 loop
+        return input_ids.to(self.device, torch.long), pads
+
+
+def _first_eos(generation_config) -> int:
+    eos = getattr(generation_config, "eos_token_id", None)
+    if isinstance(eos, torch.Tensor):
+        eos = eos.view(-1).tolist()
+    eos = [eos] if isinstance(eos, int) else list(eos or [0])
+    return int(eos[0])
 
 
 def _prefix_tensor(prefix: int, device) -> torch.Tensor:

@@ -106,7 +106,18 @@ def compact_kv(caches, prefix_len, accepted_nodes, accept_len):
             cache[b, :, p : p + n] = cache[b, :, src].clone()
 
 
-def tree_attention(q, k, v, prefix_len, tree_mask, scale):
+def tree_visible(prefix_len, tree_mask, b: int, n: int, s: int, tree_start: int = -1, device=None):
+    """[N, S] bool: what row b's nodes see: keys [0, prefix_len[b]) and the tree block (its own
+    [N, N] mask, or tree_mask[b] when it is [B, N, N]) at tree_start, or right after the prefix."""
+    p = int(prefix_len[b])
+    at = p if tree_start < 0 else tree_start
+    visible = torch.zeros(n, s, dtype=torch.bool, device=device)
+    visible[:, :p] = True
+    visible[:, at : at + n] = tree_mask[b] if tree_mask.dim() == 3 else tree_mask
+    return visible
+
+
+def tree_attention(q, k, v, prefix_len, tree_mask, scale, tree_start=-1):
     """Dense masked attention in q's dtype (or float64 if q is float64)."""
     batch, hq, n, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
@@ -114,10 +125,7 @@ def tree_attention(q, k, v, prefix_len, tree_mask, scale):
     v = v.repeat_interleave(hq // hkv, dim=1)
     out = torch.empty_like(q)
     for b in range(batch):
-        p = int(prefix_len[b])
-        visible = torch.zeros(n, s, dtype=torch.bool, device=q.device)
-        visible[:, :p] = True
-        visible[:, p : p + n] = tree_mask
+        visible = tree_visible(prefix_len, tree_mask, b, n, s, tree_start, q.device)
         scores = (q[b] @ k[b].transpose(-1, -2)) * scale
         scores = scores.masked_fill(~visible, float("-inf"))
         weights = torch.softmax(scores.float() if q.dtype != torch.float64 else scores, dim=-1)
@@ -138,7 +146,7 @@ def attention_lse(q, k, v, visible, scale):
     return (weights @ v.to(acc)).to(q.dtype), lse.to(torch.float32 if acc == torch.float32 else acc)
 
 
-def tree_attention_lse(q, k, v, prefix_len, tree_mask, scale):
+def tree_attention_lse(q, k, v, prefix_len, tree_mask, scale, tree_start=-1):
     """tree_attention with the log-sum-exp of each row (see attention_lse)."""
     batch, hq, n, _ = q.shape
     hkv, s = k.shape[1], k.shape[2]
@@ -146,10 +154,7 @@ def tree_attention_lse(q, k, v, prefix_len, tree_mask, scale):
     v = v.repeat_interleave(hq // hkv, dim=1)
     outs, lses = [], []
     for b in range(batch):
-        p = int(prefix_len[b])
-        visible = torch.zeros(n, s, dtype=torch.bool, device=q.device)
-        visible[:, :p] = True
-        visible[:, p : p + n] = tree_mask
+        visible = tree_visible(prefix_len, tree_mask, b, n, s, tree_start, q.device)
         o, l = attention_lse(q[b : b + 1], k[b : b + 1], v[b : b + 1], visible, scale)
         outs.append(o)
         lses.append(l)

@@ -26,6 +26,7 @@ class GenerationStats:
     tree_size: int = 0                 # its nodes under the root
     predicted_speedup: float | None = None  # auto: the last step's expected tokens/s vs one token/step
     measured_speedup: float | None = None   # auto: tokens/s vs the cost model's single-token step
+    rows: list = field(default_factory=list)  # batch > 1: each row's own GenerationStats (this one sums them)
 
     def record_step(self, path: list[int], draft) -> None:
         """One verification step: the accepted node indices (root first) and the Draft forwarded."""
