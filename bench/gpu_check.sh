@@ -5,7 +5,8 @@
 #      torch.cuda.is_available() false or a CPU torch, no nvcc;
 #   1. build the extension with CUDA forced on (TOKEN_RECYCLING_CUDA=ON: the build fails, not falls back,
 #      without CUDA) and check token_recycling.WITH_CUDA; bench/cpp with CUDA beside it;
-#   2. the CUDA op tests and the transformers backend tests; any skipped test is a failure;
+#   2. the CUDA op tests, the transformers backend tests and the one-sync / CUDA-graph step tests
+#      (test_step_sync.py: no sync between step syncs, captured == uncaptured == greedy); any skip fails;
 #   3. tr_cuda_check (every CUDA kernel against its CPU kernel), plain, then under compute-sanitizer
 #      memcheck and racecheck (--quick shapes);
 #   4. tr_bench: C++ benchmarks (CPU and GPU), Llama-7B shapes;
@@ -89,7 +90,7 @@ if [ "$with_cuda" = "True" ]; then record with_cuda 1 "WITH_CUDA True"; else rec
 # Tests: every skip is a failure here (a CUDA test that skips on a GPU machine tested nothing).
 step tests 240 "$PYTHON" -m pytest -q -rs -p no:cacheprovider --junitxml="$logs/tests.xml" \
   tests/test_ops_cuda.py tests/test_hf_attention.py tests/test_tree_attention_generation.py \
-  tests/test_two_part_attention.py tests/test_graph_step.py tests/test_emit.py
+  tests/test_two_part_attention.py tests/test_graph_step.py tests/test_emit.py tests/test_step_sync.py
 skips=$("$PYTHON" -c '
 import sys, xml.etree.ElementTree as E
 r = E.parse(sys.argv[1]).getroot()

@@ -9,7 +9,8 @@ additive mask) it runs --steps decode steps and reports per step (medians):
   other ms    step - forward: drafting, verification, recycling, compaction, emitting, launches
   syncs       blocking host syncs per step, counted by torch.cuda.set_sync_debug_mode("warn")
 Random weights give random text, so few drafts are accepted: this measures the cost of a step,
-not the speedup. CUDA graphs are not implemented yet (no "with graphs" rows).
+not the speedup. "tree+graphs" rows: cuda_graphs=True (static cache, the 81-node tree padded to the
+128-node bucket, its forward captured as a CUDA graph in the call's first step and replayed after).
 
     python bench/step_breakdown.py [--layers 2] [--steps 12] [--json out.json]
     python bench/step_breakdown.py --device cpu --quick     # tiny smoke run without a GPU
@@ -41,10 +42,10 @@ def build_model(device: str, layers: int, quick: bool):
     return model.eval()
 
 
-def measure(model, prefix: int, tree_attention: bool, steps: int, device: str) -> dict:
+def measure(model, prefix: int, tree_attention: bool, steps: int, device: str, graphs: bool = False) -> dict:
     from token_recycling import TokenRecycler
     model.set_attn_implementation("sdpa")
-    rec = TokenRecycler(model, tree="paper", ngram=False, tree_attention=tree_attention)
+    rec = TokenRecycler(model, tree="paper", ngram=False, tree_attention=tree_attention, cuda_graphs=graphs)
     prompt = torch.randint(3, model.config.vocab_size, (1, prefix), generator=torch.Generator().manual_seed(prefix))
     prompt = prompt.to(device)
     rec.generate(prompt, max_new_tokens=2, eos_token_id=-1)  # warm-up
@@ -89,7 +90,8 @@ def measure(model, prefix: int, tree_attention: bool, steps: int, device: str) -
         forward = events
     syncs = [b - a for a, b in zip(sync_marks, sync_marks[1:])]  # steps after the first (which has the prefill)
     fwd, step = statistics.median(forward), statistics.median(step_seconds)
-    return {"prefix": prefix, "attention": "tree" if tree_attention else "dense", "steps": len(step_seconds),
+    name = ("tree+graphs" if rec.graph.captures else "tree+uncapt") if graphs else "tree" if tree_attention else "dense"
+    return {"prefix": prefix, "attention": name, "steps": len(step_seconds),
             "forward_ms": fwd * 1e3, "step_ms": step * 1e3, "other_ms": (step - fwd) * 1e3,
             "syncs_per_step": statistics.median(syncs) if syncs and device == "cuda" else None,
             "mean_accepted": rec.stats.mean_accepted}
@@ -111,16 +113,16 @@ def main() -> None:
     if args.device == "cuda":
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, token_recycling WITH_CUDA={WITH_CUDA}")
     print(f"# random-weight Llama-shaped model, {args.layers} layers, {next(model.parameters()).dtype}, "
-          f"paper tree (81 nodes), medians over {args.steps} steps; no CUDA-graph rows (not implemented)")
-    print(f"{'prefix':>7} {'attention':>9} {'forward ms':>10} {'step ms':>8} {'other ms':>8} {'other %':>7} "
+          f"paper tree (81 nodes), medians over {args.steps} steps")
+    print(f"{'prefix':>7} {'attention':>11} {'forward ms':>10} {'step ms':>8} {'other ms':>8} {'other %':>7} "
           f"{'syncs':>5}")
     rows = []
     for prefix in prefixes:
-        for tree_attention in (True, False):
-            r = measure(model, prefix, tree_attention, args.steps, args.device)
+        for tree_attention, graphs in ((True, False), (True, True), (False, False)):
+            r = measure(model, prefix, tree_attention, args.steps, args.device, graphs)
             rows.append(r)
             syncs = "-" if r["syncs_per_step"] is None else f"{r['syncs_per_step']:.0f}"
-            print(f"{prefix:>7} {r['attention']:>9} {r['forward_ms']:>10.2f} {r['step_ms']:>8.2f} "
+            print(f"{prefix:>7} {r['attention']:>11} {r['forward_ms']:>10.2f} {r['step_ms']:>8.2f} "
                   f"{r['other_ms']:>8.2f} {100 * r['other_ms'] / r['step_ms']:>7.0f} {syncs:>5}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

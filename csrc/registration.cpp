@@ -2,6 +2,7 @@
 // implementation. CUDA implementations register in cuda/registration_cuda.cpp when built.
 #include <torch/library.h>
 
+#include "device_errors.h"
 #include "ops.h"
 
 TORCH_LIBRARY(token_recycling, m) {
@@ -21,6 +22,10 @@ TORCH_LIBRARY(token_recycling, m) {
         "int max_candidates) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("graft_chain(Tensor tree_tokens, Tensor parents, Tensor chain, Tensor chain_len) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Deferred device-error checks (device_errors.h): no tensor to dispatch on, one kernel for every backend.
+  m.def("set_deferred_device_errors(Device device, bool enable) -> bool", &token_recycling::set_deferred_device_errors);
+  m.def("take_device_errors(Device device) -> Tensor", &token_recycling::take_device_errors);
+  m.def("raise_device_errors(Tensor record) -> ()", &token_recycling::raise_device_errors);
 }
 
 TORCH_LIBRARY_IMPL(token_recycling, CPU, m) {

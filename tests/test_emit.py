@@ -65,3 +65,19 @@ def test_streamer_gets_the_emitted_tokens():
     e = emit.Emitter(criteria(100, 9), s)
     e.emit(torch.tensor([[1]]), torch.tensor([4, 9, 6]))
     assert s.chunks == [[4, 9]]
+
+
+@pytest.mark.parametrize("trial", range(40))
+def test_host_tokens_cut_where_the_device_copy_does(trial):
+    """The decode loop passes the tokens its step sync copied (step_sync.py): no copy of the
+    emitter's own, and the same cut as the one-copy path."""
+    g = torch.Generator().manual_seed(100 + trial)
+    seq = torch.randint(0, 12, (1, int(torch.randint(1, 6, (1,), generator=g))), generator=g)
+    new = torch.randint(0, 12, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g)
+    eos = [None, 3, [3, 7]][trial % 3]
+    stopping = criteria(seq.shape[1] + int(torch.randint(1, 10, (1,), generator=g)), eos)
+    before = emit.HOST_COPIES
+    got = emit.Emitter(stopping).emit(seq, new, new.tolist())
+    assert emit.HOST_COPIES == before
+    want = emit.Emitter(stopping).emit(seq, new)
+    assert torch.equal(got[0], want[0]) and got[1:] == want[1:]

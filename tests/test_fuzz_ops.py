@@ -772,6 +772,66 @@ def test_fuzz_ngram_candidates():
     drive("ngram_candidates", make_ngram_lookup(NgramState(), candidates=True))
 
 
+# ---------------------------------------------------------------------------- deferred device checks
+# (the CPU side: the CUDA side is tested in test_step_sync.py and test_ops_cuda.py on a GPU)
+
+NO_DEFERRED = [torch.device("meta")] + ([] if token_recycling.WITH_CUDA else [torch.device("cuda")])
+
+
+def make_raise_device_errors(rng, gen):
+    record = torch.zeros(6, dtype=torch.long)
+    for w in rng.sample(range(1, 6), rng.randrange(0, 6)):  # the other words do not matter without a code
+        record[w] = rng.choice([1, -1, I64_MIN, I64_MAX, rng.randrange(1000)])
+    record[0] = rng.randrange(0, 50) << 32  # DeviceError::op in the high half; code (low half) 0
+    case = Case([scramble(record, rng)], check=lambda out: None)
+    if rng.random() < 0.5:
+        fault = rng.randrange(4)
+        if fault == 0:
+            case.args[0] = record.clone()
+            case.args[0][0] = (record[0] | rng.choice([1, 3, 17, I32_MAX]))  # a code: an error to raise
+            case.fault = "error recorded"
+        elif fault == 1:
+            case.args[0], case.fault, case.raises = wrong_dtype(rng, record, [torch.long]), "dtype", (TypeError,)
+        elif fault == 2:
+            case.args[0] = rng.choice([torch.zeros(rng.choice([0, 5, 7, 12]), dtype=torch.long),
+                                       torch.zeros(2, 3, dtype=torch.long), torch.zeros((), dtype=torch.long)])
+            case.fault = "shape"
+        else:
+            python_value_fault(rng, case)
+    return case
+
+
+def make_take_device_errors(rng, gen):
+    case = Case([torch.device("cpu")], check=lambda out: equal(out, torch.zeros(6, dtype=torch.long),
+                                                               "take_device_errors"))
+    if rng.random() < 0.5:
+        case.args[0], case.fault = rng.choice(NO_DEFERRED), "device without deferred checks"
+    return case
+
+
+def make_set_deferred_device_errors(rng, gen):
+    case = Case([torch.device("cpu"), rng.random() < 0.5], check=lambda out: assert_false(out))
+    if rng.random() < 0.5:
+        case.args[0], case.fault = rng.choice(NO_DEFERRED), "device without deferred checks"
+    return case
+
+
+def assert_false(out):
+    assert out is False, out
+
+
+def test_fuzz_raise_device_errors():
+    drive("raise_device_errors", make_raise_device_errors)
+
+
+def test_fuzz_take_device_errors():
+    drive("take_device_errors", make_take_device_errors)
+
+
+def test_fuzz_set_deferred_device_errors():
+    drive("set_deferred_device_errors", make_set_deferred_device_errors)
+
+
 # --------------------------------------------------------------------------------------- coverage
 
 def test_every_op_is_fuzzed():

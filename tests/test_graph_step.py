@@ -57,3 +57,34 @@ def test_graph_ready_step_needs_a_static_cache():
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=8, do_sample=False, custom_generate=rec)
     with pytest.raises(ValueError, match="tree_attention"):
         TokenRecycler(model, cuda_graphs=True, tree_attention=False)
+
+
+def test_graph_step_reuses_static_buffers_per_bucket(monkeypatch):
+    """Every forward of one bucket runs on the same input buffers (what a captured graph reads), and
+    on the CPU the forward runs uncaptured, saying why."""
+    reference, model = graph_copy("llama")
+    seen: dict[int, set] = {}
+    load = graph_step.Bucket.load
+
+    def spy(self, draft, prefix_len):
+        seen.setdefault(self.size, set()).add((self.tokens.data_ptr(), self.depths.data_ptr(), self.mask.data_ptr(),
+                                               self.prefix_len.data_ptr()))
+        return load(self, draft, prefix_len)
+
+    monkeypatch.setattr(graph_step.Bucket, "load", spy)
+    rec = TokenRecycler(model, tree="paper-16", cuda_graphs=True)
+    ids = torch.randint(3, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(9))
+    got = model.generate(ids, max_new_tokens=24, do_sample=False, custom_generate=rec, cache_implementation="static")
+    assert torch.equal(got, reference.generate(ids, max_new_tokens=24, do_sample=False))
+    assert seen and all(len(ptrs) == 1 for ptrs in seen.values()), seen
+    assert rec.stats.steps > len(seen)  # buckets were reused
+    assert not rec.graph.captured and rec.graph.captures == 0
+    assert rec.graph.uncaptured_reason == "not on a CUDA device"
+    assert not rec.graph._buckets  # released at the end of the call
+
+
+def test_capture_blocker_names_the_reason():
+    _, model = graph_copy("llama")
+    from token_recycling import cache as kv
+    cache = kv.new_cache(model, 64)
+    assert graph_step.capture_blocker(model, cache) == "not on a CUDA device"

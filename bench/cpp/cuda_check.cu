@@ -487,6 +487,44 @@ void check_tree_attention(const std::string& type, bool quick) {
 
 }  // namespace
 
+// ------------------------------------------------------------------------ deferred checks (merge_error)
+// An op's record ORed into an accumulated one: a clean record changes nothing, the first error wins
+// and keeps its op tag and fields, and the accumulated record describes as the op's own would.
+void check_deferred_errors() {
+  const std::string label = "merge_error";
+  const bench::Section section(label);
+  DeviceBuffer<kc::DeviceError> acc(std::vector<kc::DeviceError>(1, kc::DeviceError{}));
+  DeviceBuffer<kc::DeviceError> clean(std::vector<kc::DeviceError>(1, kc::DeviceError{}));
+  bench::cuda_ok(kc::merge_error(acc.get(), clean.get(), 1, nullptr), "merge_error");
+  expect(acc.download()[0].code == 0, label + ": a clean record set an error");
+
+  // A first failing op: build_draft_tree with a root outside the vocab.
+  DraftInput bad{10, 2, {12}, {-1, 0}, {0, 1}};
+  std::vector<int32_t> matrix(bad.vocab * bad.k, 0);
+  DeviceBuffer<int32_t> d_matrix(matrix);
+  DeviceBuffer<int64_t> d_roots(bad.roots), d_tokens(std::vector<int64_t>(2, -7));
+  DeviceBuffer<int32_t> d_parents(bad.parents), d_ranks(bad.ranks);
+  DeviceBuffer<kc::DeviceError> first(1);
+  bench::cuda_ok(kc::build_draft_tree(d_matrix.get(), bad.vocab, bad.k, d_roots.get(), 1, d_parents.get(),
+                                      d_ranks.get(), 2, d_tokens.get(), first.get(), nullptr), "build_draft_tree");
+  bench::cuda_ok(kc::merge_error(acc.get(), first.get(), 7, nullptr), "merge_error");
+  // A second failing op (another record with another code) must not overwrite it.
+  kc::DeviceError other{};
+  other.code = kc::kTreeOrder;
+  other.index = 5;
+  DeviceBuffer<kc::DeviceError> second(std::vector<kc::DeviceError>(1, other));
+  bench::cuda_ok(kc::merge_error(acc.get(), second.get(), 9, nullptr), "merge_error");
+  bench::cuda_ok(kc::merge_error(acc.get(), clean.get(), 11, nullptr), "merge_error");
+  const kc::DeviceError got = acc.download()[0], want = first.download()[0];
+  expect(want.code != 0, label + ": the bad root was not reported");
+  expect(got.code == want.code && got.op == 7 && got.index == want.index && got.value == want.value &&
+             got.lo == want.lo && got.hi == want.hi,
+         label + ": the first error did not win intact");
+  const Status cpu = k::build_draft_tree(matrix.data(), bad.vocab, bad.k, bad.roots.data(), 1, bad.parents.data(),
+                                         bad.ranks.data(), 2, std::vector<int64_t>(2).data());
+  same_status(label, cpu, kc::describe_draft_tree_error(got));
+}
+
 int main(int argc, char** argv) {
   const bench::Options opt = bench::parse_options(argc, argv);
   bench::seed(opt.seed);
@@ -502,6 +540,7 @@ int main(int argc, char** argv) {
     check_draft_tree<int32_t>("int32");
     check_draft_tree<int64_t>("int64");
   }
+  if (bench::selected(opt, "merge_error")) check_deferred_errors();
   if (bench::selected(opt, "verify_greedy")) check_verify_greedy();
   if (bench::selected(opt, "verify_sample")) check_verify_sample();
   if (bench::selected(opt, "update_adjacency")) {

@@ -23,9 +23,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sample_cuda(const at::Tens
                                           depth.data_ptr<int32_t>(), accept_len.data_ptr<int64_t>(),
                                           paths.data_ptr<int64_t>(), bonus.data_ptr<int64_t>(),
                                           as_error_record(record), stream);
-  const kc::DeviceError done = finish_checked(e, record, stream, kc::describe_verify_sample_error, "verify_sample");
-  const int64_t width = std::max<int64_t>(1, done.result + 1);
-  auto accepted = width <= N ? paths.narrow(1, 0, width).contiguous() : at::empty({B, width}, tokens.options());
+  const std::optional<kc::DeviceError> done = finish_checked(e, record, stream, kc::describe_verify_sample_error, "verify_sample");
+  // Deferred checks: the depth is not read back, so the result keeps all N columns (-1 past each path).
+  const int64_t width = std::max<int64_t>(1, done ? done->result + 1 : N);
+  auto accepted = width <= N ? paths.narrow(1, 0, width).contiguous() : at::full({B, width}, -1, tokens.options());
   return {accept_len, accepted, bonus};
 }
 

@@ -15,7 +15,7 @@ namespace token_recycling::kernels::cuda {
 
 struct DeviceError {
   int32_t code;  // 0: no error; otherwise the op's reason code
-  int32_t unused;
+  int32_t op;    // in an accumulated record (merge_error): which op reported it (the adapter's op id)
   int64_t index, value, lo, hi;
   int64_t result;  // a value the host needs back with the record (verify_greedy: the deepest tree depth)
 };
@@ -32,6 +32,26 @@ __device__ __forceinline__ void report(DeviceError* e, int32_t code, int64_t ind
 
 inline cudaError_t clear_error(DeviceError* e, cudaStream_t stream) {
   return cudaMemsetAsync(e, 0, sizeof(DeviceError), stream);
+}
+
+// Deferred checks (csrc/device_errors.h): an op's record ORed into a record accumulated over many ops,
+// without waiting for the GPU. The first error merged wins; `op` tags which op reported it.
+// (A template only so that every translation unit may include this header.)
+template <typename Record>
+__global__ void merge_error_kernel(Record* into, const Record* from, int32_t op) {
+  if (threadIdx.x != 0 || blockIdx.x != 0 || from->code == 0) return;
+  if (atomicCAS(&into->code, 0, from->code) == 0) {
+    into->op = op;
+    into->index = from->index;
+    into->value = from->value;
+    into->lo = from->lo;
+    into->hi = from->hi;
+    into->result = from->result;
+  }
+}
+
+inline cudaError_t merge_error(DeviceError* into, const DeviceError* from, int32_t op, cudaStream_t stream) {
+  return launch(merge_error_kernel<DeviceError>, dim3(1), dim3(32), 0, stream, into, from, op);  // one warp; thread 0 works
 }
 
 // Waits for the stream and copies the record to the host.

@@ -150,7 +150,8 @@ class BatchDecoder:
             t_forward = time.perf_counter() - t_forward
             verdicts = []
             for b, (row, draft) in enumerate(zip(active, drafts)):
-                verdict, candidates = row.verifier.verify(row.seq, draft, logits[b: b + 1, : draft.size])
+                pending, candidates = row.verifier.verify(row.seq, draft, logits[b: b + 1, : draft.size])
+                verdict = pending.resolve_here()  # (this loop reads back per row, not once per step)
                 drafter.observe(row.state, draft, verdict.path, verdict.new_tokens)
                 drafter.recycle(draft.tokens, candidates)
                 verdicts.append(verdict)

@@ -5,7 +5,10 @@ continuations grafted under the root (``graft_chain``, once per candidate). With
 is that tree and the first candidate cut to ``ngram_tokens``; with tree="auto" a :class:`Policy`
 chooses, per step, the tree size and each candidate's length (policy.py). A :class:`Drafter` owns
 what is shared by every request: the adjacency matrix (recycled after every verification), the
-tree choice and its statistics. What belongs to one sequence (its n-gram index, how its last
+tree choice and its statistics. Drafting is host work: the matrix, the trees and the n-gram index
+live on the CPU, and a draft is built there and sent to the model's device without waiting for it
+(its host copy stays with it, ``Draft.host``), so a step reads nothing back for drafting
+(step_sync.py). What belongs to one sequence (its n-gram index, how its last
 continuation fared) lives in a :class:`DraftState`, one per request.
 """
 
@@ -37,6 +40,12 @@ class Draft:
     mask: torch.Tensor
     tree: DraftTree
     plan: Plan | None = None  # tree="auto": the step's choice and what it rested on
+    host: "Draft | None" = None  # the same draft on the CPU, when this one lives on a device
+
+    @property
+    def on_host(self) -> "Draft":
+        """This draft's tensors on the CPU (itself when it is there)."""
+        return self.host if self.host is not None else self
 
     @property
     def size(self) -> int:
@@ -55,7 +64,15 @@ class Draft:
     def truncate(self, n: int) -> "Draft":
         """The first n nodes (breadth-first order within the tree and chain, so still a tree)."""
         return replace(self, tokens=self.tokens[:, :n], parents=self.parents[:n], depths=self.depths[:n],
-                       mask=self.mask[:n, :n])
+                       mask=self.mask[:n, :n], host=self.host.truncate(n) if self.host is not None else None)
+
+    def to(self, device: torch.device) -> "Draft":
+        """This host draft on ``device``: pinned copies, sent without waiting for the device."""
+        if device.type == "cpu":
+            return self
+        send = lambda t: t.contiguous().pin_memory().to(device, non_blocking=True)  # noqa: E731
+        return replace(self, tokens=send(self.tokens), parents=send(self.parents), depths=send(self.depths),
+                       mask=send(self.mask), host=self)
 
 
 class DraftState:
@@ -72,14 +89,15 @@ class DraftState:
         index.extend(seq)
         return index
 
-    def accept(self, seq: torch.Tensor, emitted: int) -> None:
-        """The sequence grew by its last ``emitted`` tokens."""
+    def accept(self, seq: torch.Tensor, emitted: int, host_tokens: torch.Tensor | None = None) -> None:
+        """The sequence grew by its last ``emitted`` tokens (``host_tokens``: those tokens on the host)."""
         if self.index is None or emitted == 0:
             return
         if self.index.lengths[0] + emitted > self.index.capacity:  # ran past the planned length
             self.index = self._new_index(seq, 2 * self.index.capacity)
         else:
-            self.index.extend(seq[:, seq.shape[1] - emitted:])
+            new = host_tokens[:emitted].view(1, -1) if host_tokens is not None else seq[:, seq.shape[1] - emitted:]
+            self.index.extend(new)
 
 
 class Drafter:
@@ -95,17 +113,18 @@ class Drafter:
             raise ValueError(f"topk must be >= 1, got {topk}")
         if ngram and (max_ngram < 1 or ngram_tokens < 1):
             raise ValueError(f"max_ngram and ngram_tokens must be >= 1, got {max_ngram}, {ngram_tokens}")
-        self.device = device
+        self.device = device  # the model's: where drafts go
+        self.host = torch.device("cpu")  # where drafting happens (module doc)
         self.topk = topk
-        self.matrix = AdjacencyMatrix(vocab_size, topk, device)
+        self.matrix = AdjacencyMatrix(vocab_size, topk, self.host)
         self.tree_spec = tree
         self.ngram, self.max_ngram, self.ngram_tokens = ngram, max_ngram, ngram_tokens
         self.policy: Policy | None = None
         if isinstance(tree, str) and tree == "auto":
             self.policy = Policy(topk, max_chain=ngram_tokens if ngram else 0, max_ngram=max_ngram)
-            self.tree = make_tree(self.policy.auto.choose(1), topk).to(device)
+            self.tree = make_tree(self.policy.auto.choose(1), topk)
         else:
-            self.tree = make_tree(tree, topk).to(device)
+            self.tree = make_tree(tree, topk)
         self._trees: dict[tuple, DraftTree] = {}  # auto: trees by rank paths (a few sizes recur)
 
     auto = property(lambda self: self.policy.auto if self.policy else None, doc="the AutoTree statistics (auto)")
@@ -115,8 +134,12 @@ class Drafter:
         return DraftState(seq, capacity, self.max_ngram if self.ngram else None)
 
     def draft(self, state: DraftState, root: torch.Tensor) -> Draft:
-        """The matrix tree under ``root`` [1], with n-gram continuations grafted under the root
-        (merged with matching tree nodes): the fixed tree and one chain, or the policy's choice."""
+        """The matrix tree under ``root`` [1] (a host tensor), with n-gram continuations grafted under
+        the root (merged with matching tree nodes): the fixed tree and one chain, or the policy's
+        choice. Built on the host, returned on the model's device (its host copy in ``.host``)."""
+        return self._draft_on_host(state, root).to(self.device)
+
+    def _draft_on_host(self, state: DraftState, root: torch.Tensor) -> Draft:
         plan = None
         if self.policy is None:
             chains = self._fixed_chains(state)
@@ -125,18 +148,17 @@ class Drafter:
             self.tree = self._tree_of(self.policy.tree_paths(plan.tree_nodes))
             chains = plan.chains
         tree = self.tree
-        tokens = ops.build_draft_tree(self.matrix.table, root, tree.parents, tree.ranks)
+        tokens = ops.build_draft_tree(self.matrix.table, root.to(self.host), tree.parents, tree.ranks)
         chains = [c for c in chains if c]
         if not chains:
             return Draft(tokens, tree.parents, tree.depths, tree.mask, tree, plan)
-        out, parents = tokens.cpu(), tree.parents.cpu()
+        out, parents = tokens, tree.parents
         for chain in chains:  # each graft appends the chain's new nodes after the nodes so far
             c = torch.tensor([chain], dtype=torch.long)
             out, parents, depths, mask, num = ops.graft_chain(out, parents, c, torch.tensor([len(chain)]))
             m = int(num[0])
             out, parents, depths, mask = out[:, :m], parents[0, :m], depths[0, :m], mask[0, :m, :m]
-        to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
-        return Draft(to(out), to(parents), to(depths), to(mask), tree, plan)
+        return Draft(out, parents, depths, mask, tree, plan)
 
     def _fixed_chains(self, state: DraftState) -> list[list[int]]:
         if state.index is None:
@@ -160,25 +182,26 @@ class Drafter:
         if tree is None:
             if len(self._trees) > 256:
                 self._trees.clear()
-            tree = self._trees[key] = make_tree(paths, self.topk).to(self.device)
+            tree = self._trees[key] = make_tree(paths, self.topk)
         return tree
 
     # ------------------------------------------------------------------ learning from a step
     def observe(self, state: DraftState, draft: Draft, path: torch.Tensor, new_tokens: torch.Tensor) -> None:
         """Before recycling: the matrix statistics score every candidate node against the accepted
         tokens (using the draft-time matrix rows of the accepted path); the chain statistics score
-        every n-gram candidate, drafted or not."""
+        every n-gram candidate, drafted or not. ``path`` and ``new_tokens``: host tensors."""
         if self.policy is None:
             return
         actual = new_tokens.cpu()
-        rows = self.matrix.table[draft.tokens[0, path]]
-        self.policy.auto.observe(rows.cpu().numpy(), actual.numpy())
+        rows = self.matrix.table[draft.on_host.tokens[0, path.cpu()]]
+        self.policy.auto.observe(rows.numpy(), actual.numpy())
         if draft.plan is not None:
             state.run = self.policy.observe(draft.plan, actual.tolist())
 
     def recycle(self, tokens: torch.Tensor, candidates: torch.Tensor) -> None:
-        """Every forwarded token's row := the model's top-k after it."""
-        ops.update_adjacency(self.matrix.table, tokens, candidates)
+        """Every forwarded token's row := the model's top-k after it (host tensors; device ones are
+        copied, which waits for the device: the decode loop passes its step sync's copies)."""
+        ops.update_adjacency(self.matrix.table, tokens.to(self.host), candidates.to(self.host))
 
     def step_done(self, seconds: float, forward_seconds: float, draft: Draft) -> None:
         """After a step: its wall time and its forward's (they feed the cost model)."""
@@ -216,7 +239,7 @@ class Drafter:
             cost = self.policy.cost
             self.policy = Policy(self.topk, max_chain=self.policy.max_chain, max_ngram=self.max_ngram)
             self.policy.cost = cost  # the hardware did not change
-            self.tree = make_tree(self.policy.auto.choose(1), self.topk).to(self.device)
+            self.tree = make_tree(self.policy.auto.choose(1), self.topk)
 
     def extra_state(self) -> dict:
         """What save() stores beside the matrix: the tree (and the policy's statistics)."""
@@ -229,7 +252,7 @@ class Drafter:
         if self.policy is not None and extra.get("auto"):
             self.policy.load_state(extra["auto"])
             saved = [list(p) for p in extra.get("tree", [])]
-            self.tree = make_tree(saved or self.policy.auto.choose(1), self.topk).to(self.device)
+            self.tree = make_tree(saved or self.policy.auto.choose(1), self.topk)
 
     def predicted_speedup(self) -> float | None:
         return self.policy.predicted_speedup() if self.policy is not None else None

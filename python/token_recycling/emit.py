@@ -3,7 +3,8 @@ accepted path, and the streamer fed once per step.
 
 The criteria transformers builds by default (MaxLengthCriteria, EosTokenCriteria) are evaluated once
 per step over all the accepted tokens, with one device->host copy (``to_host``, which also brings
-the tokens for the streamer); any other criterion (stop strings, user criteria) is called token by
+the tokens for the streamer), or none when the caller already holds the tokens on the host (the
+decode loop passes the copy its step sync made, step_sync.py); any other criterion (stop strings, user criteria) is called token by
 token, as generate() does, which costs one host sync per token.
 """
 
@@ -26,6 +27,11 @@ def _known(stopping) -> bool:
     return all(type(c) in (MaxLengthCriteria, EosTokenCriteria) for c in stopping or ())
 
 
+def _eos_ids(stopping) -> set[int]:
+    from transformers.generation.stopping_criteria import EosTokenCriteria
+    return {t for c in stopping or () if type(c) is EosTokenCriteria for t in c.eos_token_id.reshape(-1).tolist()}
+
+
 class Emitter:
     """Appends accepted tokens to the sequence, stopping exactly where ``stopping`` says (an HF
     ``StoppingCriteriaList``), and streams what was appended."""
@@ -33,15 +39,21 @@ class Emitter:
     def __init__(self, stopping, streamer=None):
         self.stopping, self.streamer = stopping, streamer
         self.vectorized = _known(stopping)
+        self._eos = _eos_ids(stopping) if self.vectorized else set()  # on the host, read once, before any step
 
     def prompt(self, input_ids: torch.Tensor) -> None:
         if self.streamer is not None:
             self.streamer.put(input_ids.cpu())
 
-    def emit(self, seq: torch.Tensor, new_tokens: torch.Tensor) -> tuple[torch.Tensor, bool, int]:
-        """(the longer sequence, whether generation is done, how many tokens were appended)."""
+    def emit(self, seq: torch.Tensor, new_tokens: torch.Tensor,
+             host_tokens: list[int] | None = None) -> tuple[torch.Tensor, bool, int]:
+        """(the longer sequence, whether generation is done, how many tokens were appended).
+        ``host_tokens``: the same tokens already on the host (then the default criteria read nothing back)."""
         new = new_tokens.view(-1)
-        if self.vectorized:
+        if self.vectorized and host_tokens is not None:
+            count, done = self._cut_host(seq.shape[1], host_tokens)
+            host = host_tokens
+        elif self.vectorized:
             count, done, host = self._cut(seq.shape[1], new)
         else:
             count, done, host = self._cut_token_by_token(seq, new)
@@ -70,6 +82,16 @@ class Emitter:
             host = to_host(new)
         count = min(stop_at, n)
         return count, stop_at <= n, host
+
+    def _cut_host(self, length: int, host: list[int]) -> tuple[int, bool]:
+        """_cut over tokens already on the host: no copy."""
+        from transformers.generation.stopping_criteria import MaxLengthCriteria
+        n = len(host)
+        stop_at = next((i + 1 for i, t in enumerate(host) if t in self._eos), n + 1)
+        for c in self.stopping or ():
+            if type(c) is MaxLengthCriteria:
+                stop_at = min(stop_at, max(c.max_length - length, 1))
+        return min(stop_at, n), stop_at <= n
 
     def _cut_token_by_token(self, seq: torch.Tensor, new: torch.Tensor) -> tuple[int, bool, list]:
         for count in range(1, new.numel() + 1):

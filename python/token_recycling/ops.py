@@ -8,6 +8,8 @@ and ``ranks`` (the matrix column each node takes from its parent's row).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _extension  # noqa: F401  (loads the native library)
@@ -176,6 +178,43 @@ def graft_chain(tree_tokens: torch.Tensor, parents: torch.Tensor, chain: torch.T
 @torch.library.register_fake("token_recycling::build_draft_tree")
 def _(matrix, roots, parents, ranks):
     return roots.new_empty((roots.shape[0], parents.shape[0]))
+
+
+# ----------------------------------------------------------------------------------- deferred device checks
+def set_deferred_device_errors(device: torch.device | str, enable: bool) -> bool:
+    """Defer the device-side input checks of the CUDA ops on ``device`` (see :func:`deferred_device_errors`);
+    returns whether they were deferred before. A no-op (False) for the CPU, whose ops check at once."""
+    return _ops.set_deferred_device_errors(torch.device(device), bool(enable))
+
+
+def take_device_errors(device: torch.device | str) -> torch.Tensor:
+    """The device's accumulated error record, int64 ``[6]`` on that device, and the record cleared.
+    Waits for nothing: copy it to the host with the step's other results and pass the copy to
+    :func:`raise_device_errors`. Always zeros on the CPU."""
+    return _ops.take_device_errors(torch.device(device))
+
+
+def raise_device_errors(record: torch.Tensor) -> None:
+    """Raise the reporting op's ValueError (its own message, as an immediate check would give) when the
+    host copy of a record from :func:`take_device_errors` holds an error."""
+    _ops.raise_device_errors(record)
+
+
+@contextlib.contextmanager
+def deferred_device_errors(device: torch.device | str):
+    """Within the block, the CUDA ops on ``device`` do not wait for the GPU to check the values only
+    it holds (token ids, tree order, device-side prefix lengths): each ORs its kernels' error report
+    into the device's accumulated record, and the caller reads it once (:func:`take_device_errors` in
+    its one copy to the host, then :func:`raise_device_errors`). Outside such a block every op checks
+    and raises at once. Under deferral ``verify_greedy``/``verify_sample`` return ``accepted_nodes``
+    ``[B, N]`` (all N columns, -1 past each path), since the tree depth is not read back. On exit
+    the previous setting is restored; errors still accumulated are left for the next take."""
+    device = torch.device(device)
+    previous = set_deferred_device_errors(device, True)
+    try:
+        yield
+    finally:
+        set_deferred_device_errors(device, previous)
 
 
 @torch.library.register_fake("token_recycling::update_adjacency")

@@ -19,8 +19,9 @@ from .auto_tree import sync
 from .batch import check_left_padded
 from .draft import Draft, Drafter
 from .emit import Emitter
-from .graph_step import GraphStep
+from .graph_step import BUCKETS, GraphStep
 from .stats import GenerationStats
+from .step_sync import ForwardTimer, StepSync
 from .tree import TreeSpec
 
 
@@ -42,8 +43,9 @@ class TokenRecycler:
             model goes to sdpa) instead of a dense [N, prefix + N] additive mask. None (default):
             on CUDA builds for sdpa models. The model's attn_implementation is switched in place.
         cuda_graphs: verification forwards padded to bucket sizes over a static cache with a
-            device-side prefix length (graph_step.py); implies tree_attention. Capture itself is not
-            enabled yet: the same graph-ready forward runs uncaptured.
+            device-side prefix length (graph_step.py); implies tree_attention. On CUDA each bucket's
+            forward is captured once per generate() call and replayed; elsewhere, or where capture is
+            impossible (``rec.graph.uncaptured_reason``), the same forward runs uncaptured.
     """
 
     def __init__(self, model, tree: TreeSpec = "auto", topk: int = 8, *, seed_from_prompt: bool = False,
@@ -137,7 +139,8 @@ class TokenRecycler:
             pad = getattr(self.model.generation_config, "pad_token_id", None)
             return self._decode_batch(input_ids, pads, kv.new_cache(self.model), criteria, verifier, streamer,
                                       capacity, pad if pad is not None else (eos[0] if eos else 0))
-        cache = kv.new_cache(self.model, capacity if self.graph else None)
+        # Graph steps: room for the largest bucket at the end, so no step's draft is cut for room.
+        cache = kv.new_cache(self.model, capacity + BUCKETS[-1] if self.graph else None)
         return self._decode(input_ids, cache, criteria, verifier, streamer, capacity)
 
     @torch.no_grad()
@@ -186,28 +189,35 @@ class TokenRecycler:
         if not done:
             self.drafter.tune(lambda n: self._timed_dummy_forward(cache, root, seq.shape[1] - 1, n),
                               seq.shape[1] - 1, kv.static_capacity(cache))
-        while not done:
-            t_step = time.perf_counter()
-            prefix = seq.shape[1] - 1  # the root is emitted but not yet in the cache
-            draft, forwarded = self._fit(cache, prefix, self.drafter.draft(state, root))
-            distributed.check_draft(draft, stats.steps)  # tensor parallel: a desync is an error, not a hang
-            kv.check_cache(cache, forwarded)
-            t_forward = time.perf_counter()
-            logits = self._forward(draft, prefix, cache, forwarded)
-            sync(self.device)  # the policy's cost model needs the forward's own time
-            t_forward = time.perf_counter() - t_forward
-            verdict, candidates = verifier.verify(seq, draft, logits)  # greedy or sampling walk
-            self.drafter.observe(state, draft, verdict.path, verdict.new_tokens)
-            self.drafter.recycle(draft.tokens, candidates)
-            kv.compact(cache, _prefix_tensor(prefix, self.device), verdict.accepted_nodes, verdict.accept_len,
-                       verdict.accepted, forwarded)
-            seq, done, emitted = emitter.emit(seq, verdict.new_tokens)
-            if not done:
-                state.accept(seq, emitted)
-            path = verdict.path.tolist()
-            stats.record_step(path, draft)
-            self.drafter.step_done(time.perf_counter() - t_step, t_forward, draft)
-            root = verdict.new_tokens[-1:]
+        root = root.cpu()  # drafting is host work (draft.py)
+        prefix_len = _prefix_tensor(seq.shape[1] - 1, self.device)  # on the device, for the kernels that take it
+        timer = ForwardTimer(self.device)
+        with StepSync(self.device) as step_sync:  # the step's one host sync (step_sync.py)
+            while not done:
+                t_step = time.perf_counter()
+                prefix = seq.shape[1] - 1  # the root is emitted but not yet in the cache
+                draft, forwarded = self._fit(cache, prefix, self.drafter.draft(state, root))
+                distributed.check_draft(draft, stats.steps)  # tensor parallel: a desync is an error, not a hang
+                kv.check_cache(cache, forwarded)
+                timer.start()
+                logits = self._forward(draft, prefix, cache, forwarded, prefix_len)
+                timer.stop()
+                pending, candidates = verifier.verify(seq, draft, logits)  # greedy or sampling walk
+                *parts, candidates = step_sync.fetch(*pending.device_parts(), candidates)
+                verdict = pending.resolve(*parts)  # from here on: host copies
+                self.drafter.observe(state, draft, verdict.path, verdict.new_host)
+                self.drafter.recycle(draft.on_host.tokens, candidates.view(1, draft.size, -1))
+                kv.compact(cache, prefix_len, verdict.accepted_nodes, verdict.accept_len, verdict.accepted,
+                           forwarded)
+                seq, done, emitted = emitter.emit(seq, verdict.new_tokens, verdict.new_host.tolist())
+                if not done:
+                    state.accept(seq, emitted, verdict.new_host)
+                stats.record_step(verdict.path.tolist(), draft)
+                self.drafter.step_done(time.perf_counter() - t_step, timer.seconds(), draft)
+                root, prefix_len = verdict.new_host[-1:], prefix_len + verdict.accept_len[:1]
+            step_sync.finish()
+        if self.graph is not None:
+            self.graph.release()
         emitter.end()
         stats.new_tokens = seq.shape[1] - input_ids.shape[1]
         stats.seconds = time.perf_counter() - start
@@ -255,9 +265,10 @@ class TokenRecycler:
         draft, size = self.graph.fit(cache, prefix, draft)
         return draft, size or draft.size
 
-    def _forward(self, draft, prefix: int, cache, forwarded: int | None = None) -> torch.Tensor:
+    def _forward(self, draft, prefix: int, cache, forwarded: int | None = None,
+                 prefix_len: torch.Tensor | None = None) -> torch.Tensor:
         if self.graph is not None and forwarded is not None:
-            return self.graph.forward(draft, _prefix_tensor(prefix, self.device), cache, forwarded)
+            return self.graph.forward(draft, prefix_len, cache, forwarded)
         return hf_model.forward_tree(self.model, draft, prefix, cache, self.tree_attention, self._cache_kwarg)
 
     def _timed_dummy_forward(self, cache, root, prefix: int, n: int) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .verify import Verdict, process_tree_logits
+from .verify import Pending, pending, process_tree_logits
 
 _ROOT_ONLY = torch.tensor([-1], dtype=torch.int32)
 
@@ -120,17 +120,16 @@ class SamplingVerifier:
         self.stream.consume(1)
         return token
 
-    def verify(self, seq: torch.Tensor, draft, logits: torch.Tensor) -> tuple[Verdict, torch.Tensor]:
-        """The step's verdict (drawn path + bonus) and the top-k candidates of every node."""
-        scores = self._process(seq, draft.tokens, draft.parents, logits)
+    def verify(self, seq: torch.Tensor, draft, logits: torch.Tensor) -> tuple[Pending, torch.Tensor]:
+        """The step's pending verdict (drawn path + bonus) and the top-k candidates of every node."""
+        host = draft.on_host
+        scores = self._process(seq, host.tokens, host.parents, logits)
         candidates = scores.topk(self.topk, dim=-1).indices
         probs = torch.softmax(scores, dim=-1)
         accept_len, nodes, bonus = ops.verify_sample(draft.tokens, draft.parents, probs,
                                                      self.stream.peek(draft.size).view(1, -1))
-        n_acc = int(accept_len[0])
-        self.stream.consume(n_acc)  # as many draws as tokens emitted
-        path = nodes[0, :n_acc]
-        return Verdict(accept_len, nodes, path, torch.cat([draft.tokens[0, path[1:]], bonus])), candidates
+        # As many draws as tokens emitted, once the step's sync has brought the count back.
+        return pending(draft.tokens, accept_len, nodes, bonus, settle=self.stream.consume), candidates
 
 
 def _describe(processor) -> str:

@@ -8,6 +8,7 @@ the candidates that recycling writes into the matrix.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -16,19 +17,58 @@ from . import ops
 
 @dataclass
 class Verdict:
-    """accept_len [1] and accepted_nodes [1, D+1] as verify_greedy returns them (device tensors);
-    ``path``: the accepted node indices (root first) and ``new_tokens``: the tokens they emit
-    (the accepted drafts after the root, then the bonus)."""
+    """A step's verdict after its host sync (step_sync.py). ``accept_len [1]`` and
+    ``accepted_nodes [1, W]`` as the verify op returned them (device tensors, for compaction);
+    ``path``: the accepted node indices, root first (host); ``new_tokens``: the tokens they emit
+    (the accepted drafts after the root, then the bonus) on the device, and ``new_host`` the same
+    on the host."""
 
     accept_len: torch.Tensor
     accepted_nodes: torch.Tensor
     path: torch.Tensor
     new_tokens: torch.Tensor
+    new_host: torch.Tensor
 
     @property
     def accepted(self) -> int:
         """Nodes kept in the cache (root included)."""
         return self.path.shape[0]
+
+
+@dataclass
+class Pending:
+    """A verification's device outputs before the step's sync: ``emitted [W]`` holds the emitted
+    tokens in its first ``accept_len`` entries (built on the device, so no count is read back).
+    ``settle(n)``: what the verifier does once the host knows n (sampling: consume n uniforms)."""
+
+    accept_len: torch.Tensor
+    accepted_nodes: torch.Tensor
+    emitted: torch.Tensor
+    settle: Callable[[int], None] | None = None
+
+    def device_parts(self) -> tuple[torch.Tensor, ...]:
+        """What the step's sync copies back for this verdict."""
+        return self.accept_len[:1], self.accepted_nodes[0], self.emitted
+
+    def resolve(self, accept_len: torch.Tensor, nodes: torch.Tensor, emitted: torch.Tensor) -> Verdict:
+        """The verdict from the host copies of :meth:`device_parts`."""
+        n = int(accept_len[0])  # a host tensor: no sync
+        if self.settle is not None:
+            self.settle(n)
+        return Verdict(self.accept_len, self.accepted_nodes[:, :n], nodes[:n], self.emitted[:n], emitted[:n])
+
+    def resolve_here(self) -> Verdict:
+        """The verdict with copies of its own (for loops without a designated step sync: batch.py)."""
+        return self.resolve(*[t.reshape(-1).cpu() for t in self.device_parts()])
+
+
+def pending(tokens: torch.Tensor, accept_len: torch.Tensor, nodes: torch.Tensor, bonus: torch.Tensor,
+            settle: Callable[[int], None] | None = None) -> Pending:
+    """Pending verdict of one row from a verify op's outputs, without a host sync: the path's
+    tokens after the root, then the bonus at index accept_len - 1."""
+    path_tokens = tokens[0, nodes[0].clamp(min=0)]
+    emitted = torch.cat([path_tokens[1:], bonus.view(1)]).scatter(0, accept_len[:1] - 1, bonus.view(1))
+    return Pending(accept_len, nodes, emitted, settle)
 
 
 def greedy_and_candidates(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,9 +80,8 @@ def greedy_and_candidates(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor
     if topk == 1:
         return logits.argmax(-1), candidates
     tie = values[..., 0] == values[..., 1]
-    if logits.device.type != "cpu" or bool(tie.any()):  # on a GPU, no sync just to look
-        greedy = torch.where(tie, logits.argmax(-1), greedy)
-    return greedy, candidates
+    # No host read just to look (a sync on a GPU; the CPU takes the same path, step_sync.py).
+    return torch.where(tie, logits.argmax(-1), greedy), candidates
 
 
 def process_tree_logits(processors, seq: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
@@ -69,13 +108,11 @@ def process_tree_logits(processors, seq: torch.Tensor, tokens: torch.Tensor, par
     return out
 
 
-def verify_greedy(tokens: torch.Tensor, greedy: torch.Tensor, parents: torch.Tensor) -> Verdict:
-    """The longest drafted path the model agrees with, and its bonus token. One device-to-host
-    sync (the accepted length)."""
+def verify_greedy(tokens: torch.Tensor, greedy: torch.Tensor, parents: torch.Tensor) -> Pending:
+    """The longest drafted path the model agrees with, and its bonus token (no host sync: the
+    step's sync resolves it)."""
     accept_len, nodes, bonus = ops.verify_greedy(tokens, greedy, parents)
-    n_acc = int(accept_len[0])
-    path = nodes[0, :n_acc]
-    return Verdict(accept_len, nodes, path, torch.cat([tokens[0, path[1:]], bonus]))
+    return pending(tokens, accept_len, nodes, bonus)
 
 
 class GreedyVerifier:
@@ -94,9 +131,10 @@ class GreedyVerifier:
             logits = self.processors(input_ids, logits.float())
         return logits.argmax(-1)
 
-    def verify(self, seq: torch.Tensor, draft, logits: torch.Tensor) -> tuple[Verdict, torch.Tensor]:
-        """The step's verdict and the top-k candidates of every node (for recycling)."""
+    def verify(self, seq: torch.Tensor, draft, logits: torch.Tensor) -> tuple[Pending, torch.Tensor]:
+        """The step's pending verdict and the top-k candidates of every node (for recycling)."""
         if self.processors is not None:
-            logits = process_tree_logits(self.processors, seq, draft.tokens, draft.parents, logits)
+            host = draft.on_host
+            logits = process_tree_logits(self.processors, seq, host.tokens, host.parents, logits)
         greedy, candidates = greedy_and_candidates(logits, self.topk)
         return verify_greedy(draft.tokens, greedy, draft.parents), candidates
