@@ -25,6 +25,7 @@ def _rate(tokens: float, seconds: float) -> float | None:
 def summarize(results: dict) -> dict[str, dict]:
     """Per category (and ``"all"``): samples, per-method tokens/seconds/tok/s, MAT, speedups, mismatches."""
     methods = list(results["config"]["methods"])
+    sampled = bool((results["config"].get("sampling") or {}).get("do_sample"))
     groups: dict[str, list[dict]] = {}
     for s in results["samples"]:
         groups.setdefault(s["category"], []).append(s)
@@ -38,8 +39,9 @@ def summarize(results: dict) -> dict[str, dict]:
             seconds = sum(s["methods"][m]["seconds"] for s in samples)
             row["tokens"][m], row["seconds"][m], row["tok_s"][m] = tokens, seconds, _rate(tokens, seconds)
             if m != "greedy":
+                # Under sampling outputs differ by design: nothing is compared (None), not "0 differ".
                 row["mismatches"][m] = sum(s["mismatch"].get(m) is not None for s in samples) \
-                    if "greedy" in methods else None
+                    if "greedy" in methods and not sampled else None
         if "ours" in methods:
             steps = sum(s["methods"]["ours"]["steps"] for s in samples)
             row["mat"] = row["tokens"]["ours"] / steps if steps else None
@@ -165,6 +167,9 @@ def markdown(results: dict, table: dict, counts: Counter, plots: bool = True) ->
     total = table[ALL]
     if "greedy" in methods:
         for m, n in total["mismatches"].items():
+            if n is None:
+                lines.append(f"- {m} vs greedy: not compared (sampling: outputs differ by design).")
+                continue
             where = [f"{s['id']}#{s['turn']}@{s['mismatch'][m]}" for s in results["samples"]
                      if s["mismatch"].get(m) is not None]
             lines.append(f"- {m} vs greedy: {n} of {total['samples']} turns differ"
