@@ -76,7 +76,7 @@ class RandomPlans:
     chain, two chains; one node or a larger tree) with random sizes, keeping the rest of the
     machinery (statistics, observation, stats) as is."""
 
-    KINDS = [(1, 0), (1, 1), (1, 2), (8, 0), (8, 1), (8, 2), (40, 2), (2, 1)]  # (tree nodes, chains)
+    KINDS = [(1, 0), (1, 1), (1, 2), (8, 0), (8, 1), (8, 2), (40, 2), (2, 1), (0, 0), (0, 1)]  # (tree nodes, chains)
 
     def __init__(self, policy, seed):
         self.policy, self.rng, self.decide = policy, random.Random(seed), policy.decide
@@ -118,3 +118,17 @@ def test_policy_decisions_are_lossless_with_a_trusting_and_a_distrusting_policy(
         assert torch.equal(rec.generate(ids, max_new_tokens=40), want)
         if prior > 0.5:
             assert sum(rec.stats.chain_tokens) > 0
+
+
+def test_a_steep_cost_curve_drafts_nothing():
+    """Where every extra token costs about a whole forward (a compute-bound CPU), drafting cannot
+    pay: the policy forwards the root alone (0 matrix nodes, no chain); with a flat curve it drafts."""
+    from token_recycling.policy import Policy
+    policy = Policy(topk=8, max_chain=10, max_ngram=4)
+    candidates = [([5, 6, 7, 8], 2)]
+    policy.cost.set_curve(CostModel([1, 2, 128], [1.0, 2.0, 128.0], context=10**6))
+    plan = policy.decide(candidates, run=0)
+    assert plan.tree_nodes == 0 and plan.chain_tokens == 0 and plan.expected == 1.0
+    policy.cost.set_curve(CostModel([1, 128], [1.0, 1.01], context=10**6))
+    plan = policy.decide(candidates, run=0)
+    assert plan.tree_nodes > 0 and plan.chain_tokens > 0

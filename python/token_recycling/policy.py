@@ -5,7 +5,7 @@ earlier match of the context's suffix, and of older or shorter matches that cont
 (``ops.ngram_candidates``), with the matched suffix length n of each; (2) how the continuation fared
 on the last step (how many of its tokens the model then produced: a copy run keeps going); (3) the
 matrix tree's per-node acceptance rates (:class:`auto_tree.AutoTree`); (4) the forward cost curve
-t(m) at the current context (:class:`StepCost`). It chooses the matrix tree size N, the first
+t(m) at the current context (:class:`StepCost`). It chooses the matrix tree size N (0: none), the first
 candidate's chain length C1 and the second's C2 maximising
 
     expected tokens / seconds = (1 + E1(C1) + E2(C2) + (1 - p1 - p2) * tree(N)) / (t(1 + N + C1 + C2) + overhead)
@@ -173,7 +173,7 @@ class Policy:
         self.retune_every = retune_every
         self.steps_since = retune_every  # refresh the tree gains on the first step
         self.order: list[list[int]] = []
-        self.budgets = np.array([1])
+        self.budgets = np.array([0])
         self.tree_gain = np.zeros(1)
         self.last_value = 1.0
 
@@ -181,9 +181,12 @@ class Policy:
     def refresh(self) -> None:
         """Recompute the best tree of every budget from the node statistics (every few steps)."""
         self.order, gains = self.auto.best_order()
-        budgets = [n for n in BUDGETS if n <= len(self.order)]
+        # 0 nodes (nothing from the matrix) is a choice too: where every extra forwarded token costs
+        # more than it is expected to bring (a compute-bound CPU), a step forwards the root alone,
+        # or the root and a trusted chain, and decodes at plain greedy speed.
+        budgets = [0] + [n for n in BUDGETS if n <= len(self.order)]
         self.budgets = np.array(budgets)
-        self.tree_gain = np.array([gains[n - 1] for n in budgets])
+        self.tree_gain = np.array([gains[n - 1] if n else 0.0 for n in budgets])
         self.steps_since = 0
 
     def tree_paths(self, nodes: int) -> list[list[int]]:
