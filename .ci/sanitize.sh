@@ -4,8 +4,8 @@
 #   tr_bench --quick                 every CPU kernel against a naive loop
 #   tr_cuda_check_emulated --quick   every CUDA kernel against its CPU kernel, on host threads
 #   tr_fuzz_kernels --quick          every CPU kernel on random valid and invalid inputs (random and
-#                                    empty shapes, negative sizes, out-of-range ids, lengths and
-#                                    prefixes, broken trees, corrupted n-gram tables)
+#                                    empty shapes, negative sizes, out-of-range ids, lengths,
+#                                    prefixes and tree slots, broken trees, corrupted n-gram tables)
 # -fno-sanitize-recover=all turns the first report into a failed run, so CI passes only with zero
 # reports. SEED (default 1) picks the fuzz inputs; any seed must pass.
 set -euo pipefail

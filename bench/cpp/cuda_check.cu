@@ -387,20 +387,28 @@ void check_compact_kv(const std::string& type) {
 
 // ------------------------------------------------------------------------------------ tree_attention
 template <typename T>
+// tree_start >= 0: every row's tree at that slot after its own prefix (batched decoding); per_row:
+// one tree mask per row ([B, N, N]) instead of one for the batch.
 void attention_case(const std::string& type, int64_t batch, int64_t hq, int64_t hkv, int64_t n, int64_t seq, int64_t d,
-                    std::vector<int64_t> prefix, bool uniform, int num_sms, bool expect_chunks) {
+                    std::vector<int64_t> prefix, bool uniform, int num_sms, bool expect_chunks,
+                    int64_t tree_start = -1, bool per_row = false) {
   // q is [B, N, Hq, D] in memory (as a model's projection, seen as [B, Hq, N, D] through strides).
   std::vector<T> q(batch * n * hq * d), kv_k(batch * hkv * seq * d), kv_v(kv_k.size());
   for (auto* buf : {&q, &kv_k, &kv_v})
     for (auto& x : *buf) x = k::from_float<T>(bench::randn());
-  std::vector<int32_t> parents, ranks;
-  bench::random_tree(n, 8, parents, ranks);
-  std::vector<uint8_t> mask(n * n, 0);
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = i; j != -1; j = parents[j]) mask[i * n + j] = 1;
-    if (i % 5 == 3) mask[i * n + randint(0, n)] ^= 1;  // not only ancestor masks
+  const int64_t trees = per_row ? batch : 1;
+  std::vector<uint8_t> mask(trees * n * n, 0);
+  for (int64_t t = 0; t < trees; ++t) {
+    std::vector<int32_t> parents, ranks;
+    bench::random_tree(n, 8, parents, ranks);
+    uint8_t* m = mask.data() + t * n * n;
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = i; j != -1; j = parents[j]) m[i * n + j] = 1;
+      if (i % 5 == 3) m[i * n + randint(0, n)] ^= 1;  // not only ancestor masks
+    }
+    if (n > 1) std::fill(m + (n - 1) * n, m + n * n, 0);  // with prefix 0, row n-1 sees nothing
   }
-  if (n > 1) std::fill(mask.begin() + (n - 1) * n, mask.end(), 0);  // with prefix 0, row n-1 sees nothing
+  const int64_t mask_stride_b = per_row ? n * n : 0;
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
   const k::TreeAttentionShape shape{batch, hq, hkv, n, seq, d};
   const k::Strided4D<const T> qv{q.data(), n * hq * d, d, hq * d, 1};
@@ -409,7 +417,7 @@ void attention_case(const std::string& type, int64_t batch, int64_t hq, int64_t 
   std::vector<T> cpu(batch * hq * n * d);
   std::vector<float> cpu_lse(batch * hq * n);
   const Status s = k::tree_attention<T>(qv, kv, vv, k::Strided4D<T>{cpu.data(), hq * n * d, n * d, d, 1}, shape,
-                                        prefix.data(), mask.data(), scale, cpu_lse.data());
+                                        prefix.data(), mask.data(), scale, cpu_lse.data(), tree_start, mask_stride_b);
 
   DeviceBuffer<T> d_q(q), d_k(kv_k), d_v(kv_v), d_out(std::vector<T>(cpu.size(), k::from_float<T>(NAN)));
   DeviceBuffer<int64_t> d_prefix(prefix);
@@ -419,15 +427,29 @@ void attention_case(const std::string& type, int64_t batch, int64_t hq, int64_t 
                                 uniform ? nullptr : d_prefix.get(), uniform ? prefix[0] : 0, d_mask.get(), scale};
   DeviceBuffer<float> d_lse(std::vector<float>(cpu_lse.size(), NAN));
   args.lse = d_lse.get();
-  const int64_t key_len = uniform ? prefix[0] + n : seq;
+  args.tree_start = tree_start;
+  args.mask_stride_b = mask_stride_b;
+  // The key range the adapter plans for (csrc/cuda/tree_attention.cu).
+  const bool tree_start_fits = tree_start >= -1 && tree_start <= seq - n;
+  const int64_t key_len = tree_start >= 0 && tree_start_fits ? tree_start + n : uniform ? prefix[0] + n : seq;
   const kc::TreeAttentionPlan plan = kc::plan_tree_attention<T>(shape, key_len, num_sms);
   DeviceBuffer<unsigned char> workspace(plan.workspace_bytes);
   DeviceBuffer<kc::DeviceError> err(1);
-  const Status g = device_status(kc::tree_attention<T>(args, plan, workspace.get(), err.get(), nullptr), err,
-                                 kc::describe_tree_attention_error);
   std::string label = "tree_attention<" + type + "> B=" + std::to_string(batch) + " Hq=" + std::to_string(hq) +
                       " Hkv=" + std::to_string(hkv) + " N=" + std::to_string(n) + " S=" + std::to_string(seq) +
-                      " D=" + std::to_string(d) + " chunks=" + std::to_string(plan.chunks) + (uniform ? " uniform" : "");
+                      " D=" + std::to_string(d) + " chunks=" + std::to_string(plan.chunks) + (uniform ? " uniform" : "") +
+                      (tree_start != -1 ? " tree_start=" + std::to_string(tree_start) : "") + (per_row ? " per-row masks" : "");
+  const cudaError_t launched = kc::tree_attention<T>(args, plan, workspace.get(), err.get(), nullptr);
+  if (!tree_start_fits) {
+    // A tree_start outside the keys is a host value: refused before any launch, nothing written.
+    expect(!s.ok, label + ": the CPU kernel accepted a tree_start outside the keys");
+    expect(launched == cudaErrorInvalidValue, label + ": the CUDA kernel did not refuse a tree_start outside the keys");
+    bool untouched = true;
+    for (const T& x : d_out.download()) untouched = untouched && std::isnan(k::to_float(x));
+    expect(untouched, label + ": out was written for a bad tree_start");
+    return;
+  }
+  const Status g = device_status(launched, err, kc::describe_tree_attention_error);
   expect(!expect_chunks || plan.chunks > 1, label + ": the plan was meant to split the keys");
   if (!same_status(label, s, g)) return;
   // Tolerances: float accumulates alike; 16-bit inputs also round P to 16 bits (as flash attention).
@@ -483,6 +505,20 @@ void check_tree_attention(const std::string& type, bool quick) {
   attention_case<T>(type, 3, 6, 3, 37, 130, 64, {93, 50, 0}, false, 2, false);  // one chunk, rows of 2 heads in a tile
   attention_case<T>(type, 2, 4, 2, 20, 300, 64, {240, 281}, false, 64, true);   // prefix_len[1] does not fit
   attention_case<T>(type, 2, 4, 2, 20, 300, 64, {240, std::numeric_limits<int64_t>::max()}, false, 64, true);  // prefix + N overflows
+  // Batched decoding: every row's tree at tree_start after its own prefix (keys in between unseen),
+  // one tree per row; split and unsplit keys, a row with an empty prefix, a uniform prefix.
+  attention_case<T>(type, 3, 6, 3, 37, 140, 64, {93, 50, 0}, false, 2, false, 100, true);
+  attention_case<T>(type, 2, 4, 2, 21, 300, 80, {240, 17}, false, 64, true, 260, true);
+  attention_case<T>(type, 2, 4, 2, 21, 300, 64, {240, 0}, false, 64, true, 240, false);  // tree right after row 0's prefix
+  attention_case<T>(type, 2, 4, 4, 9, 80, 64, {30, 30}, true, 4, false, 60, true);     // uniform prefix, tree later
+  attention_case<T>(type, 3, 4, 2, 16, 64, 64, {40, 48, 2}, false, 4, false, 48, true);  // tree_start = seq - N
+  // Bad input: a prefix past tree_start (reported by the kernel), negative, tree_start outside the keys.
+  attention_case<T>(type, 2, 4, 2, 8, 64, 64, {30, 41}, false, 4, false, 40, true);
+  attention_case<T>(type, 2, 4, 2, 8, 64, 64, {-3, 10}, false, 4, false, 40, false);
+  attention_case<T>(type, 2, 4, 2, 8, 64, 64, {41, 41}, true, 4, false, 40, true);  // uniform prefix past tree_start
+  attention_case<T>(type, 2, 4, 2, 8, 64, 64, {30, 10}, false, 4, false, 57, true);  // tree_start + N > kv length
+  attention_case<T>(type, 2, 4, 2, 8, 64, 64, {30, 10}, false, 4, false, -2, false);
+  attention_case<T>(type, 2, 4, 2, 8, 64, 64, {30, 10}, false, 4, false, std::numeric_limits<int64_t>::max(), true);
 }
 
 }  // namespace

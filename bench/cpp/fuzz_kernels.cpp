@@ -1,6 +1,7 @@
 // tr_fuzz_kernels: every framework-free kernel in kernels/*.h called with random inputs, valid and
 // not: random shapes (empty and negative sizes too), out-of-range ids, lengths and prefixes
-// (INT64_MIN/MAX included), broken trees, strided caches, n-gram indexes out of step with their
+// (INT64_MIN/MAX included), tree slots (tree_start) outside the keys or before a row's prefix, one
+// tree mask per row, broken trees, strided caches, n-gram indexes out of step with their
 // lengths, and corrupted n-gram tables. Every call must return an error Status exactly when the
 // naive loop written here finds the input invalid, and otherwise the naive loop's result (for
 // attention: within a float tolerance of a double-precision loop). Ops that promise to check
@@ -379,22 +380,38 @@ void fuzz_tree_attention(int64_t iters, const char* type) {
       return seq_major ? k::Strided4D<const T>{x.data(), len * heads * D, D, heads * D, 1}
                        : k::Strided4D<const T>{x.data(), heads * len * D, len * D, D, 1};
     };
-    std::vector<uint8_t> mask(N * N);
+    // One tree mask for every row [N, N] (stride 0) or one per row [B, N, N].
+    const bool per_row = chance(0.5);
+    const int64_t mask_stride_b = per_row ? static_cast<int64_t>(N * N) : 0;
+    std::vector<uint8_t> mask((per_row ? B : 1) * N * N);
     for (auto& m : mask) m = chance(0.5) ? 0 : static_cast<uint8_t>(chance(0.7) ? 1 : randint(2, 256));  // non-zero = visible
+    // Where the trees sit: after each row's prefix (tree_start = -1), or at one slot tree_start for
+    // every row (batched decoding: prefix_len[b] <= tree_start); now and then a tree_start outside
+    // [-1, seq - N] or a prefix past it.
+    const int64_t last_start = std::max<int64_t>(S - N, 0);
+    int64_t tree_start = -1;
+    if (chance(0.5)) tree_start = randint(0, last_start + 1);
+    if (chance(0.1)) tree_start = chance(0.3) ? -2 : outside(-1, last_start + 1);
+    const int64_t prefix_end = tree_start >= 0 && tree_start <= last_start ? tree_start : last_start;
     std::vector<int64_t> prefix(B);
-    for (auto& p : prefix) p = randint(0, std::max<int64_t>(S - N, 0) + 1);
-    if (B > 0 && chance(0.2)) prefix[randint(0, B)] = outside(0, std::max<int64_t>(S - N, 0) + 1);
+    for (auto& p : prefix) p = randint(0, prefix_end + 1);
+    if (B > 0 && chance(0.2)) prefix[randint(0, B)] = outside(0, prefix_end + 1);
+    if (B > 0 && tree_start >= 0 && tree_start <= last_start && chance(0.1)) prefix[randint(0, B)] = tree_start + randint(1, 3);  // just past it
     const float scale = static_cast<float>(randint(1, 11)) / 10.f;
 
     bool valid = batch >= 0 && q_heads >= 0 && kv_heads > 0 && n >= 0 && seq >= 0 && dim >= 0 && q_heads % kv_heads == 0;
-    for (int64_t b = 0; valid && b < batch; ++b) valid = prefix[b] >= 0 && prefix[b] <= seq - n;
+    valid = valid && tree_start >= -1 && (tree_start == -1 || tree_start <= seq - n);
+    for (int64_t b = 0; valid && b < batch; ++b) {
+      valid = prefix[b] >= 0 && prefix[b] <= seq - n && (tree_start == -1 || prefix[b] <= tree_start);
+    }
     const T poison = k::from_float<T>(NAN);
     std::vector<T> out(B * Hq * N * D, poison);
     const bool with_lse = chance(0.5);  // tree_attention_lse: each row's log-sum-exp as well
     std::vector<float> lse(with_lse ? B * Hq * N : 0, NAN);
     const Status s = k::tree_attention<T>(view(q, Hq, N), view(kk, Hkv, S), view(vv, Hkv, S),
                                           k::Strided4D<T>{out.data(), Hq * N * D, N * D, D, 1}, shape, prefix.data(),
-                                          mask.data(), scale, with_lse ? lse.data() : nullptr);
+                                          mask.data(), scale, with_lse ? lse.data() : nullptr, tree_start,
+                                          mask_stride_b);
     if (!t.verdict(s, valid, it)) {
       bool untouched = true;  // checked before anything is written
       for (const T& x : out) untouched = untouched && std::isnan(k::to_float(x));
@@ -410,8 +427,12 @@ void fuzz_tree_attention(int64_t iters, const char* type) {
           const int64_t hk = h / (q_heads / kv_heads);
           std::vector<double> w;
           std::vector<int64_t> keys;
-          for (int64_t pos = 0; pos < prefix[b] + n; ++pos) {
-            if (pos >= prefix[b] && mask[i * n + pos - prefix[b]] == 0) continue;
+          // Keys: the row's prefix, then tree node j at tree_at + j where its mask row allows.
+          const int64_t tree_at = tree_start >= 0 ? tree_start : prefix[b];
+          const uint8_t* row_mask = mask.data() + b * mask_stride_b + i * n;
+          for (int64_t pos = 0; pos < tree_at + n; ++pos) {
+            if (pos >= prefix[b] && pos < tree_at) continue;  // between the prefix and the trees: never seen
+            if (pos >= tree_at && row_mask[pos - tree_at] == 0) continue;
             double dot = 0;
             for (int64_t d = 0; d < dim; ++d) dot += double(k::to_float(qv.at(b, h, i, d))) * k::to_float(kv.at(b, hk, pos, d));
             w.push_back(dot * scale);

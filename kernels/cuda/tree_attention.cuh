@@ -23,7 +23,7 @@
 
 namespace token_recycling::kernels::cuda {
 
-enum TreeAttentionErrorCode : int32_t { kAttnPrefix = kFirstOpCode };
+enum TreeAttentionErrorCode : int32_t { kAttnPrefix = kFirstOpCode, kAttnPrefixTreeStart };
 
 constexpr int64_t kTreeAttentionMaxNodes = 256;
 constexpr bool tree_attention_supports_head_dim(int64_t d) { return d == 64 || d == 80 || d == 96 || d == 128 || d == 256; }
@@ -176,8 +176,12 @@ __global__ void __launch_bounds__(128)
   const int64_t bh = blockIdx.x / tiles / chunks;
   const int64_t b = bh / s.kv_heads, hk = bh % s.kv_heads;
   const int64_t prefix = a.prefix_len != nullptr ? a.prefix_len[b] : a.uniform_prefix;
-  const int64_t tree_at = a.tree_start >= 0 ? a.tree_start : prefix;  // slot of tree node 0 (checked by the caller)
-  if (prefix < 0 || prefix > s.seq - N || prefix > tree_at) {  // (prefix + N could overflow)
+  const int64_t tree_at = a.tree_start >= 0 ? a.tree_start : prefix;  // slot of tree node 0 (tree_start checked by the host)
+  if (a.tree_start >= 0 && (prefix < 0 || prefix > a.tree_start)) {  // (tree_start + N <= seq)
+    if (tile == 0 && chunk == 0 && threadIdx.x == 0) report(err, kAttnPrefixTreeStart, b, prefix, 0, a.tree_start);
+    return;
+  }
+  if (prefix < 0 || prefix > s.seq - N) {  // (prefix + N could overflow)
     if (tile == 0 && chunk == 0 && threadIdx.x == 0) report(err, kAttnPrefix, b, prefix, N, s.seq);
     return;
   }
@@ -417,14 +421,20 @@ cudaError_t launch_tree_attention(const TreeAttentionArgs<T>& args, const TreeAt
 }
 
 // Runs the plan from plan_tree_attention(); workspace: plan.workspace_bytes of device memory.
-// Rows of a bad prefix_len are reported in *err (only possible when args.prefix_len is set).
+// Rows of a bad prefix_len are reported in *err (with the CPU kernel's message); bad sizes, a
+// tree_start outside [-1, seq - num_nodes] or a mask stride other than 0 or N * N return
+// cudaErrorInvalidValue before anything is launched.
 template <typename T>
 cudaError_t tree_attention(const TreeAttentionArgs<T>& args, const TreeAttentionPlan& plan, void* workspace,
                            DeviceError* err, cudaStream_t stream) {
   cudaError_t e = clear_error(err, stream);
   if (e != cudaSuccess) return e;
-  if (args.shape.num_nodes > kTreeAttentionMaxNodes || args.shape.kv_heads <= 0 ||
-      args.shape.q_heads % args.shape.kv_heads != 0) {
+  // Sizes and tree_start are host values, checked before any launch (a bad one: nothing is written).
+  const TreeAttentionShape& s = args.shape;
+  if (s.batch < 0 || s.q_heads < 0 || s.num_nodes < 0 || s.seq < 0 || s.head_dim < 0 ||
+      s.num_nodes > kTreeAttentionMaxNodes || s.kv_heads <= 0 || s.q_heads % s.kv_heads != 0 ||
+      args.tree_start < -1 || args.tree_start > s.seq - s.num_nodes ||
+      (args.mask_stride_b != 0 && args.mask_stride_b != s.num_nodes * s.num_nodes)) {
     return cudaErrorInvalidValue;
   }
   float* ws = static_cast<float*>(workspace);
@@ -444,7 +454,10 @@ inline Status describe_tree_attention_error(const DeviceError& e) {
     case kAttnPrefix:
       return Status::Error("prefix_len[" + std::to_string(e.index) + "] = " + std::to_string(e.value) +
                            " does not fit: need 0 <= prefix_len and prefix_len + num_nodes (" + std::to_string(e.lo) +
-                           ") <= kv length (" + std::to_string(e.hi) + "), and prefix_len <= tree_start when given");
+                           ") <= kv length (" + std::to_string(e.hi) + ")");
+    case kAttnPrefixTreeStart:  // the CPU kernel's message (../tree_attention.h)
+      return Status::Error("prefix_len[" + std::to_string(e.index) + "] = " + std::to_string(e.value) +
+                           " does not fit: need 0 <= prefix_len <= tree_start (" + std::to_string(e.hi) + ")");
     default: return Status::Error("unknown device error code " + std::to_string(e.code));
   }
 }
