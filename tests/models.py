@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -63,3 +64,13 @@ def tiny_model(arch: str, attn: str | None = None, dtype: torch.dtype = torch.fl
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(sharpen or 8.0)
     return model
+
+
+def private_copy(arch: str):
+    """(the shared tiny model, a private copy of it with the same weights and generation config):
+    for tests that switch the copy's attention backend in place (the cached one keeps sdpa)."""
+    reference = tiny_model(arch)
+    model = type(reference)._from_config(copy.deepcopy(reference.config), attn_implementation="sdpa").eval()
+    model.load_state_dict(reference.state_dict())
+    model.generation_config = reference.generation_config
+    return reference, model

@@ -1,10 +1,9 @@
 """Batch > 1 (left padding): every row == HF batched greedy generate() and == the row run alone (fp32)."""
 
-import copy
 
 import pytest
 import torch
-from models import tiny_model
+from models import private_copy, tiny_model
 
 from token_recycling import TokenRecycler, hf_attention
 
@@ -127,10 +126,7 @@ def test_a_row_finishing_at_step_one():
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_tree_attention_backend(arch, monkeypatch):
     """The kernel with one tree per row and the common tree slot (per-row prefixes), on the CPU."""
-    reference = tiny_model(arch)
-    model = type(reference)._from_config(copy.deepcopy(reference.config), attn_implementation="sdpa").eval()
-    model.load_state_dict(reference.state_dict())
-    model.generation_config = reference.generation_config
+    reference, model = private_copy(arch)
     calls, real = [], hf_attention.ops.tree_attention
 
     def counting(q, k, v, prefix_len, tree_mask, scale, tree_start=-1):

@@ -1,11 +1,10 @@
 """graph_step.py: the graph-ready verification forward (bucketed, padded, device-side prefix over a
 static cache) runs uncaptured on the CPU and is lossless (fp32 == greedy generate)."""
 
-import copy
 
 import pytest
 import torch
-from models import tiny_model
+from models import private_copy
 
 from token_recycling import TokenRecycler, graph_step
 
@@ -26,11 +25,7 @@ def test_padded_mask_hides_padding():
 
 
 def graph_copy(arch):
-    reference = tiny_model(arch)
-    model = type(reference)._from_config(copy.deepcopy(reference.config), attn_implementation="sdpa").eval()
-    model.load_state_dict(reference.state_dict())
-    model.generation_config = reference.generation_config
-    return reference, model
+    return private_copy(arch)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -7,7 +7,6 @@ CPU (the op has a CPU kernel) and, when available, on CUDA.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -164,13 +163,11 @@ def test_recycler_with_tree_attention_is_lossless_on_cpu():
     """The decode loop through the tree-attention backend (our CPU kernel) == greedy generate."""
     import sys
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from models import tiny_model
+    from models import private_copy
 
     from token_recycling import TokenRecycler
 
-    reference = tiny_model("qwen2")
-    model = type(reference)._from_config(copy.deepcopy(reference.config), attn_implementation="sdpa").eval()
-    model.load_state_dict(reference.state_dict())
+    reference, model = private_copy("qwen2")
     rec = TokenRecycler(model, tree="paper-16", tree_attention=True)
     assert model.config._attn_implementation == "token_recycling"
     ids = torch.tensor([[12, 13, 14, 12, 13]])

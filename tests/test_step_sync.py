@@ -19,7 +19,7 @@ import copy
 
 import pytest
 import torch
-from models import tiny_model
+from models import private_copy
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -115,11 +115,7 @@ def tracked(model, ids, monkeypatch):
 
 
 def sdpa_copy(arch="llama"):
-    reference = tiny_model(arch)
-    model = type(reference)._from_config(copy.deepcopy(reference.config), attn_implementation="sdpa").eval()
-    model.load_state_dict(reference.state_dict())
-    model.generation_config = reference.generation_config
-    return reference, model
+    return private_copy(arch)
 
 
 CASES = {

@@ -3,22 +3,17 @@
 architecture, with a dynamic cache (rec.generate and custom_generate) and a static cache
 (custom_generate with cache_implementation="static", whose keys are the whole fixed buffer)."""
 
-import copy
 
 import pytest
 import torch
-from models import ARCHS, tiny_model
+from models import ARCHS, private_copy
 
 from token_recycling import TokenRecycler, hf_attention
 
 
 def tree_attention_copy(arch: str):
     """A copy of the tiny model (the shared one keeps sdpa) switched to the tree-attention backend."""
-    reference = tiny_model(arch)
-    model = type(reference)._from_config(copy.deepcopy(reference.config), attn_implementation="sdpa").eval()
-    model.load_state_dict(reference.state_dict())
-    model.generation_config = reference.generation_config
-    return reference, model
+    return private_copy(arch)
 
 
 @pytest.fixture

@@ -3,12 +3,11 @@ into query rows), the tree block through ops.tree_attention_lse, merged by ops.m
 Each op against an fp64 reference within the test rule (error <= 2x a same-precision torch
 reference's + eps); the whole decomposition against fp64; and the decode loop through it lossless."""
 
-import copy
 
 import pytest
 import torch
 from conftest import ancestor_mask, random_tree
-from models import tiny_model
+from models import private_copy
 
 from token_recycling import TokenRecycler, hf_attention, ops, reference
 
@@ -126,10 +125,7 @@ def test_choose_path(monkeypatch):
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_two_part_decode_is_lossless(arch, monkeypatch):
     """Every verification forward with a prefix takes the two-part path: fp32 output == greedy."""
-    reference_model = tiny_model(arch)
-    model = type(reference_model)._from_config(copy.deepcopy(reference_model.config), attn_implementation="sdpa").eval()
-    model.load_state_dict(reference_model.state_dict())
-    model.generation_config = reference_model.generation_config
+    reference_model, model = private_copy(arch)
     monkeypatch.setattr(hf_attention, "TWO_PART_MIN_PREFIX", 1)
     paths = []
     real = hf_attention.two_part_attention
