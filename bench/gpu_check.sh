@@ -22,6 +22,10 @@
 # Logs go to bench/out/gpu-<time>/; with $OUT set (the lent machine), the summary, the JSON files and a
 # tarball of every log are copied there at the end. GPU_CHECK_BUDGET (seconds, default 540) bounds the
 # whole run: each step's limit is cut to what is left, and a step with no time left counts as failed.
+# For a rerun in a short lease: GPU_CHECK_SKIP=name,name skips steps (listed as skipped, not failed);
+# KERNEL_CHECK_ARGS / RACECHECK_ARGS / MEMCHECK_ARGS replace tr_cuda_check's arguments (default: none
+# for the plain check, --quick under the sanitizers; e.g. "--quick --only=tree_attention");
+# GPU_CHECK_DEBUG_TEST=<pytest node id> also runs that test under cuda-gdb and logs a backtrace.
 # Exit status: 2 when refused, else the number of failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,6 +70,10 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$jobs} PYTHONUNB
 step() {
   local name=$1 limit=$2
   shift 2
+  if [[ ",${GPU_CHECK_SKIP:-}," == *",$name,"* ]]; then
+    printf '%-18s skipped (GPU_CHECK_SKIP)\n' "$name" | tee -a "$logs/summary.txt"
+    return 0
+  fi
   local left=$((BUDGET - SECONDS))
   if [ "$left" -lt 15 ]; then
     printf '%-18s FAILED: no time left in the %ss budget\n' "$name" "$BUDGET" | tee -a "$logs/summary.txt"
@@ -89,7 +97,7 @@ finish() {
   echo
   echo "== summary ($logs)"
   cat "$logs/summary.txt"
-  for name in cpp_bench attention_vs_sdpa gpu_decode_timing step_breakdown gpu_decode_lossless; do
+  for name in cpp_bench attention_vs_sdpa gpu_decode_timing step_breakdown gpu_decode_lossless debug_test; do
     if [ -f "$logs/$name.log" ]; then
       echo "-- $name"
       if [ "$name" = cpp_bench ]; then grep -E '^(device|cuda) ' "$logs/$name.log"; else grep -v '^  ' "$logs/$name.log" | tail -n 60; fi
@@ -124,8 +132,11 @@ if wait "$bench_build"; then record bench_build 1 "rc=0"; else record bench_buil
 
 # 2. Correctness, side by side. Tests: every skip is a failure here (a CUDA test that skips on a GPU
 # machine tested nothing).
+# pytest-xdist, where present, runs the files in worker processes: a crash fails one test, not the rest.
+xdist=()
+"$PYTHON" -c 'import xdist' 2> /dev/null && xdist=(-n 4 --dist loadfile)
 (
-  step tests 240 "$PYTHON" -m pytest -q -rs -p no:cacheprovider --junitxml="$logs/tests.xml" \
+  step tests 240 "$PYTHON" -m pytest -q -rs -p no:cacheprovider "${xdist[@]}" --junitxml="$logs/tests.xml" \
     tests/test_ops_cuda.py tests/test_hf_attention.py tests/test_tree_attention_generation.py \
     tests/test_two_part_attention.py tests/test_graph_step.py tests/test_emit.py tests/test_step_sync.py
   skips=$("$PYTHON" -c '
@@ -140,11 +151,13 @@ print(sum(int(s.get("skipped", 0)) for s in r.iter("testsuite")), sum(int(s.get(
 tests_job=$!
 (
   if [ -x build/bench-gpu/tr_cuda_check ]; then
-    step kernel_check 90 build/bench-gpu/tr_cuda_check
+    # shellcheck disable=SC2086 # the *_ARGS are word lists
+    step kernel_check 90 build/bench-gpu/tr_cuda_check ${KERNEL_CHECK_ARGS:-}
     if [ -x "$SANITIZER" ]; then
       step memcheck 200 "$SANITIZER" --tool memcheck --error-exitcode 1 --leak-check full \
-        build/bench-gpu/tr_cuda_check --quick
-      step racecheck 200 "$SANITIZER" --tool racecheck --error-exitcode 1 build/bench-gpu/tr_cuda_check --quick
+        build/bench-gpu/tr_cuda_check ${MEMCHECK_ARGS:---quick}
+      step racecheck 200 "$SANITIZER" --tool racecheck --error-exitcode 1 build/bench-gpu/tr_cuda_check \
+        ${RACECHECK_ARGS:---quick}
     else
       record sanitizer 0 "no compute-sanitizer (looked on PATH and in $toolkit/bin)"
     fi
@@ -153,12 +166,18 @@ tests_job=$!
   fi
 ) &
 kernels_job=$!
+debug_job=
+if [ -n "${GPU_CHECK_DEBUG_TEST:-}" ]; then
+  ( step debug_test 150 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex bt -ex "info sharedlibrary token" \
+      --args "$PYTHON" -m pytest -q -x -p no:cacheprovider "$GPU_CHECK_DEBUG_TEST" ) &
+  debug_job=$!
+fi
 step gpu_decode_lossless 200 "$PYTHON" bench/gpu_decode.py --parts lossless --json "$logs/gpu_decode_lossless.json"
-wait "$tests_job" "$kernels_job"
+wait "$tests_job" "$kernels_job" $debug_job
 
 # 3. Timings, one at a time.
-[ -x build/bench-gpu/tr_bench ] && step cpp_bench 90 build/bench-gpu/tr_bench
-step attention_vs_sdpa 120 "$PYTHON" bench/attention_vs_sdpa.py --json "$logs/attention_vs_sdpa.json"
 step gpu_decode_timing 200 "$PYTHON" bench/gpu_decode.py --parts forward,overhead --json "$logs/gpu_decode_timing.json"
+step attention_vs_sdpa 120 "$PYTHON" bench/attention_vs_sdpa.py --json "$logs/attention_vs_sdpa.json"
+[ -x build/bench-gpu/tr_bench ] && step cpp_bench 90 build/bench-gpu/tr_bench
 step step_breakdown 120 "$PYTHON" bench/step_breakdown.py --json "$logs/step_breakdown.json"
 finish
