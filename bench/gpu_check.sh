@@ -5,11 +5,11 @@
 #      torch.cuda.is_available() false or a CPU torch, no nvcc;
 #   1. build the extension with CUDA forced on (TOKEN_RECYCLING_CUDA=ON: the build fails, not falls back,
 #      without CUDA) and check token_recycling.WITH_CUDA; bench/cpp with CUDA beside it;
-#   2. correctness, three jobs side by side (none of them is timed):
+#      then an error message with numbers in it must come out whole (a toolchain that links libstdc++
+#      statically into the module broke exactly that), and the toolchain goes into environment.txt;
+#   2. correctness, side by side (not timed):
 #      - the CUDA op tests, the transformers backend tests and the one-sync / CUDA-graph step tests
 #        (test_step_sync.py: no sync between step syncs, captured == uncaptured == greedy); any skip fails;
-#      - tr_cuda_check (every CUDA kernel against its CPU kernel), plain, then under compute-sanitizer
-#        memcheck and racecheck (--quick shapes);
 #      - bench/gpu_decode.py --parts lossless: the decode loop on the GPU == the GPU's own greedy
 #        generate (fp32; dynamic / static cache, dense / tree attention, CUDA graphs, batch 3,
 #        seeded sampling), and bf16 divergences with their top-2 logit gaps;
@@ -18,13 +18,15 @@
 #      FlashAttention-class reference, bf16, L2 flushed, ms / % of HBM peak / TFLOP/s);
 #      bench/gpu_decode.py --parts forward,overhead (1B- and 7B-shaped Llama, all layers, bf16:
 #      forward of n = 1..128 tree tokens at prefix 512/2k/8k, time outside the forward with and
-#      without CUDA graphs); bench/step_breakdown.py (2 layers, prefix 1k/4k/16k, syncs per step).
+#      without CUDA graphs); bench/step_breakdown.py (2 layers, prefix 1k/4k/16k, syncs per step);
+#   4. with the time left: tr_cuda_check (every CUDA kernel against its CPU kernel), then under
+#      compute-sanitizer memcheck and racecheck (--quick shapes by default).
 # Logs go to bench/out/gpu-<time>/; with $OUT set (the lent machine), the summary, the JSON files and a
 # tarball of every log are copied there at the end. GPU_CHECK_BUDGET (seconds, default 540) bounds the
 # whole run: each step's limit is cut to what is left, and a step with no time left counts as failed.
 # For a rerun in a short lease: GPU_CHECK_SKIP=name,name skips steps (listed as skipped, not failed);
-# KERNEL_CHECK_ARGS / RACECHECK_ARGS / MEMCHECK_ARGS replace tr_cuda_check's arguments (default: none
-# for the plain check, --quick under the sanitizers; e.g. "--quick --only=tree_attention");
+# KERNEL_CHECK_ARGS / RACECHECK_ARGS / MEMCHECK_ARGS replace tr_cuda_check's arguments (default
+# --quick; "" for the full shapes; e.g. "--quick --only=tree_attention");
 # GPU_CHECK_DEBUG_TEST=<pytest node id> also runs that test under cuda-gdb and logs a backtrace.
 # Exit status: 2 when refused, else the number of failed steps.
 set -uo pipefail
@@ -129,10 +131,25 @@ step build 300 "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e . \
 with_cuda=$("$PYTHON" -c 'import token_recycling as t; print(t.WITH_CUDA)' 2>&1 | tail -n 1)
 if [ "$with_cuda" = "True" ]; then record with_cuda 1 "WITH_CUDA True"; else record with_cuda 0 "WITH_CUDA=$with_cuda"; fi
 if wait "$bench_build"; then record bench_build 1 "rc=0"; else record bench_build 0 "bench_build.log"; fi
+# The toolchain, and whether the module carries its own copy of C++ runtime code (a compiler that links
+# libstdc++ statically: error messages with numbers then crashed, seen on an H200 machine's /opt/gcc).
+so=$("$PYTHON" -c 'import token_recycling._C as c; print(c.__file__)' 2>/dev/null)
+{ echo "== toolchain"; c++ --version | head -n 1; command -v c++ g++; ldd "$so" 2>&1 | grep -i 'stdc++'
+  echo "C++ runtime functions defined in the module (want 0): $(nm -C --defined-only "$so" 2>/dev/null | grep -c ' std::basic_ostream')"
+} >> "$logs/environment.txt" 2>&1
+step error_message 60 "$PYTHON" -c '
+import torch, token_recycling.ops as ops
+try:
+    ops.raise_device_errors(torch.zeros(5, dtype=torch.long))
+except ValueError as e:
+    assert "[6]" in str(e) and "got [5]" in str(e), f"a number is missing from the message: {e}"
+    print("ok:", e)
+else:
+    raise SystemExit("no error raised")'
 
-# 2. Correctness, side by side. Tests: every skip is a failure here (a CUDA test that skips on a GPU
-# machine tested nothing).
-# pytest-xdist, where present, runs the files in worker processes: a crash fails one test, not the rest.
+# 2. Correctness, side by side: the tests and the decode loop on the GPU. Tests: every skip is a failure
+# here (a CUDA test that skips on a GPU machine tested nothing). pytest-xdist, where present, runs the
+# files in worker processes: a crash fails one test, not the rest.
 xdist=()
 "$PYTHON" -c 'import xdist' 2> /dev/null && xdist=(-n 4 --dist loadfile)
 (
@@ -149,23 +166,6 @@ print(sum(int(s.get("skipped", 0)) for s in r.iter("testsuite")), sum(int(s.get(
   else record test_skips 0 "$nskip of ${ntests:-0} tests skipped (see tests.log)"; fi
 ) &
 tests_job=$!
-(
-  if [ -x build/bench-gpu/tr_cuda_check ]; then
-    # shellcheck disable=SC2086 # the *_ARGS are word lists
-    step kernel_check 90 build/bench-gpu/tr_cuda_check ${KERNEL_CHECK_ARGS:-}
-    if [ -x "$SANITIZER" ]; then
-      step memcheck 200 "$SANITIZER" --tool memcheck --error-exitcode 1 --leak-check full \
-        build/bench-gpu/tr_cuda_check ${MEMCHECK_ARGS:---quick}
-      step racecheck 200 "$SANITIZER" --tool racecheck --error-exitcode 1 build/bench-gpu/tr_cuda_check \
-        ${RACECHECK_ARGS:---quick}
-    else
-      record sanitizer 0 "no compute-sanitizer (looked on PATH and in $toolkit/bin)"
-    fi
-  else
-    record kernel_check 0 "build/bench-gpu/tr_cuda_check was not built"
-  fi
-) &
-kernels_job=$!
 debug_job=
 if [ -n "${GPU_CHECK_DEBUG_TEST:-}" ]; then
   ( step debug_test 150 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex bt -ex "info sharedlibrary token" \
@@ -173,11 +173,29 @@ if [ -n "${GPU_CHECK_DEBUG_TEST:-}" ]; then
   debug_job=$!
 fi
 step gpu_decode_lossless 200 "$PYTHON" bench/gpu_decode.py --parts lossless --json "$logs/gpu_decode_lossless.json"
-wait "$tests_job" "$kernels_job" $debug_job
+wait "$tests_job" $debug_job
 
 # 3. Timings, one at a time.
 step gpu_decode_timing 200 "$PYTHON" bench/gpu_decode.py --parts forward,overhead --json "$logs/gpu_decode_timing.json"
 step attention_vs_sdpa 120 "$PYTHON" bench/attention_vs_sdpa.py --json "$logs/attention_vs_sdpa.json"
 [ -x build/bench-gpu/tr_bench ] && step cpp_bench 90 build/bench-gpu/tr_bench
 step step_breakdown 120 "$PYTHON" bench/step_breakdown.py --json "$logs/step_breakdown.json"
+
+# 4. Every CUDA kernel against its CPU kernel, then under the sanitizers, with the time that is left
+# (single-threaded CPU references and the sanitizers are slow: about 90 s each for --quick on an H200
+# machine, racecheck longer). stdbuf: each kernel's line reaches the log as it finishes.
+if [ -x build/bench-gpu/tr_cuda_check ]; then
+  # shellcheck disable=SC2086 # the *_ARGS are word lists
+  step kernel_check 240 stdbuf -oL build/bench-gpu/tr_cuda_check ${KERNEL_CHECK_ARGS---quick}
+  if [ -x "$SANITIZER" ]; then
+    step memcheck 200 "$SANITIZER" --tool memcheck --error-exitcode 1 --leak-check full \
+      stdbuf -oL build/bench-gpu/tr_cuda_check ${MEMCHECK_ARGS---quick}
+    step racecheck 240 "$SANITIZER" --tool racecheck --error-exitcode 1 stdbuf -oL build/bench-gpu/tr_cuda_check \
+      ${RACECHECK_ARGS---quick}
+  else
+    record sanitizer 0 "no compute-sanitizer (looked on PATH and in $toolkit/bin)"
+  fi
+else
+  record kernel_check 0 "build/bench-gpu/tr_cuda_check was not built"
+fi
 finish
