@@ -37,9 +37,9 @@ def load_acceptance(path: str) -> list[dict]:
     """Rows {name, forwarded, accepted} from acceptance_by_tree.py's JSON (overall figures)."""
     data = json.load(open(path))
     rows = []
-    for cfg in data["configs"]:
+    for name, cfg in data["configs"].items():
         overall = cfg["overall"]
-        rows.append({"name": cfg["name"], "forwarded": overall["forwarded_per_step"],
+        rows.append({"name": name, "forwarded": overall["forwarded_per_step"],
                      "accepted": overall["accepted_per_step"]})
     return rows
 
