@@ -11,7 +11,8 @@ step, and an unmasked FlashAttention-class reference for the same bytes.
   flash  torch SDPA over the prefix only, no mask, GQA folded into query rows q [1, Hkv, G*N, D]:
          what a FlashAttention-class kernel costs for the prefix part; a floor, not a full answer
 
-Llama-7B shapes: B=1, 32 query heads, 8 or 32 kv heads, head_dim 128, the paper's 81-node tree,
+Llama-7B shapes: B=1, 32 query heads, 8 or 32 kv heads, head_dim 128, trees of 16, 64 and 81 nodes
+(best-first cuts of the paper's tree, and the paper's),
 prefix 512..32k, bf16. Timed with CUDA events: median of --reps calls after warm-up, the L2 cache
 flushed (a 256 MB write) before every timed call, so K/V come from HBM. Per row: ms, the % of the
 GPU's HBM peak the bytes that must move (q, K, V, out) reach, and TFLOP/s. The outputs are
@@ -136,9 +137,9 @@ def main() -> None:
         raise SystemExit("no CUDA device (use --device cpu --quick for a smoke run)")
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     if args.quick:
-        tree, shapes, reps = make_tree("paper-16").mask, [(4, 2, 64, p) for p in (64, 256)], 3
-    else:
-        tree, reps = make_tree("paper").mask, 20
+        trees, shapes, reps = ["paper-16"], [(4, 2, 64, p) for p in (64, 256)], 3
+    else:  # trees of 16, 64 and 81 nodes (root included)
+        trees, reps = ["paper-15", "paper-63", "paper"], 20
         shapes = [(32, hkv, 128, p) for hkv in (8, 32) for p in (512, 2048, 8192, 32768)]
     if args.device == "cuda":
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -148,8 +149,8 @@ def main() -> None:
     cols = "".join(f" {name + ' ms':>10} {'%HBM':>5} {'TFLOP/s':>7}" for name in ("ours", "two", "hf", "flash"))
     print(f"{'Hq':>3} {'Hkv':>4} {'D':>4} {'N':>4} {'prefix':>7}{cols} {'ours/hf':>7} {'max|diff|':>10}")
     rows = []
-    for hq, hkv, d, prefix in shapes:
-        r = compare(hq, hkv, d, prefix, tree, dtype, args.device, reps)
+    for (hq, hkv, d, prefix), name in ((shape, name) for shape in shapes for name in trees):
+        r = compare(hq, hkv, d, prefix, make_tree(name).mask, dtype, args.device, reps)
         rows.append(r)
         cells = "".join(f" {r[name + '_ms']:>10.3f} {_pct(r[name + '_hbm_pct']):>5} {r[name + '_tflops']:>7.2f}"
                         for name in ("ours", "two", "hf", "flash"))

@@ -42,10 +42,11 @@ def build_model(device: str, layers: int, quick: bool):
     return model.eval()
 
 
-def measure(model, prefix: int, tree_attention: bool, steps: int, device: str, graphs: bool = False) -> dict:
+def measure(model, prefix: int, tree_attention: bool, steps: int, device: str, graphs: bool = False,
+            ngram: bool = False, tree: str = "paper") -> dict:
     from token_recycling import TokenRecycler
     model.set_attn_implementation("sdpa")
-    rec = TokenRecycler(model, tree="paper", ngram=False, tree_attention=tree_attention, cuda_graphs=graphs)
+    rec = TokenRecycler(model, tree=tree, ngram=ngram, tree_attention=tree_attention, cuda_graphs=graphs)
     prompt = torch.randint(3, model.config.vocab_size, (1, prefix), generator=torch.Generator().manual_seed(prefix))
     prompt = prompt.to(device)
     rec.generate(prompt, max_new_tokens=2, eos_token_id=-1)  # warm-up

@@ -43,6 +43,52 @@ def test_step_cost_ignores_one_outlier_and_follows_a_drift():
     assert cost.needs_measuring(100 * 2 + 256) and not cost.needs_measuring(300)
 
 
+class FakeClock:
+    """perf_counter for auto_tree: a forward of n tokens advances it by cost(n) seconds."""
+
+    def __init__(self, cost):
+        self.now, self.cost, self.calls = 0.0, cost, []
+
+    def perf_counter(self):
+        return self.now
+
+    def forward(self, n):
+        self.calls.append(n)
+        self.now += self.cost(n)
+
+
+def test_a_longer_context_rescales_the_curve_from_a_few_sizes(monkeypatch):
+    from token_recycling import auto_tree
+    old = CostModel([1, 4, 16, 64, 128], [1.0, 1.1, 1.5, 3.0, 5.0], context=100)
+    # At the longer context attention costs more, the more so the more tokens: x1.2 at 1, x2 at 64.
+    clock = FakeClock(lambda n: old(n) * (1.2 + 0.8 * (n - 1) / 63 if n <= 64 else 2.0))
+    monkeypatch.setattr(auto_tree.time, "perf_counter", clock.perf_counter)
+    new = auto_tree.remeasure_cost(clock.forward, old, context=900)
+    assert sorted(set(clock.calls)) == [1, 16, 64] and len(clock.calls) == 6  # 3 sizes, best of 2
+    assert new.sizes == old.sizes and new.context == 900
+    assert new(1) == pytest.approx(1.2) and new(16) == pytest.approx(1.5 * (1.2 + 0.8 * 15 / 63))
+    assert new(64) == pytest.approx(6.0) and new(128) == pytest.approx(10.0)  # the ratio at 64 goes on
+    assert all(a <= b for a, b in zip(new.seconds, new.seconds[1:]))
+
+
+def test_the_drafter_measures_the_whole_curve_once_then_rescales_it(monkeypatch):
+    from token_recycling import auto_tree
+    from token_recycling.draft import Drafter
+    clock = FakeClock(lambda n: 0.01 * (1 + n / 16))
+    monkeypatch.setattr(auto_tree.time, "perf_counter", clock.perf_counter)
+    drafter = Drafter(320, torch.device("cpu"), "auto", 8)
+    drafter.tune(clock.forward, prefix=50, capacity=None)
+    full = len(clock.calls)
+    assert full > 30 and max(clock.calls) == 128  # warm-up + every size, 3 repeats
+    drafter.tune(clock.forward, prefix=300, capacity=None)  # not yet twice the context (+256)
+    assert len(clock.calls) == full
+    drafter.tune(clock.forward, prefix=400, capacity=None)
+    assert clock.calls[full:] == [1, 1, 16, 16, 64, 64]
+    assert drafter.policy.cost.curve.context == 400
+    drafter.tune(clock.forward, prefix=2000, capacity=2010)  # only size 1 fits a nearly full static cache
+    assert clock.calls[full + 6:] == [1, 1]
+
+
 def _draft_roots(draft):
     """Every root-to-leaf token path of a draft (as tuples, root excluded)."""
     tokens, parents = draft.tokens[0].tolist(), draft.parents.tolist()

@@ -177,12 +177,14 @@ __global__ void __launch_bounds__(128)
   const int64_t b = bh / s.kv_heads, hk = bh % s.kv_heads;
   const int64_t prefix = a.prefix_len != nullptr ? a.prefix_len[b] : a.uniform_prefix;
   const int64_t tree_at = a.tree_start >= 0 ? a.tree_start : prefix;  // slot of tree node 0 (tree_start checked by the host)
+  // A uniform prefix is every row's: name row 0, as the CPU kernel (first bad row) does, whichever block reports.
+  const int64_t bad_row = a.prefix_len != nullptr ? b : 0;
   if (a.tree_start >= 0 && (prefix < 0 || prefix > a.tree_start)) {  // (tree_start + N <= seq)
-    if (tile == 0 && chunk == 0 && threadIdx.x == 0) report(err, kAttnPrefixTreeStart, b, prefix, 0, a.tree_start);
+    if (tile == 0 && chunk == 0 && threadIdx.x == 0) report(err, kAttnPrefixTreeStart, bad_row, prefix, 0, a.tree_start);
     return;
   }
   if (prefix < 0 || prefix > s.seq - N) {  // (prefix + N could overflow)
-    if (tile == 0 && chunk == 0 && threadIdx.x == 0) report(err, kAttnPrefix, b, prefix, N, s.seq);
+    if (tile == 0 && chunk == 0 && threadIdx.x == 0) report(err, kAttnPrefix, bad_row, prefix, N, s.seq);
     return;
   }
   const int64_t key_end_all = tree_at + N;

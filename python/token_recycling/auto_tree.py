@@ -11,7 +11,8 @@ tokens per step of a tree closed under ancestors is 1 + the sum of its nodes' ra
 tree for a budget is the top-rated nodes, ancestors first (tree.best_subtree).
 
 Cost. t(n): the median time of one verification forward of n tree tokens at a given context
-(:func:`measure_cost`); policy.StepCost follows it from step to step.
+(:func:`measure_cost`; carried to a longer context by :func:`remeasure_cost`); policy.StepCost
+follows it from step to step.
 """
 
 from __future__ import annotations
@@ -149,6 +150,28 @@ def measure_cost(forward_n, sizes=COST_SIZES, repeats: int = 3, context: int = 0
     # A forward of more tokens never costs less: keep the curve monotone against timing noise.
     secs = np.maximum.accumulate(np.array(secs)).tolist()
     return CostModel(list(sizes), secs, context)
+
+
+REMEASURE_SIZES = (1, 16, 64)
+
+
+def remeasure_cost(forward_n, old: CostModel, sizes=REMEASURE_SIZES, repeats: int = 2, context: int = 0) -> CostModel:
+    """``old`` carried to a longer context cheaply: time a few sizes (the best of ``repeats`` each; no
+    warm-up, the cache is warm) and scale the old curve by the measured ratios new / old, linear in n
+    between those sizes and constant past them. A few forwards instead of :func:`measure_cost`'s
+    dozens of forwards of up to 128 tokens, which at a long context cost seconds on a CPU."""
+    sizes = [n for n in sizes if n <= max(old.sizes)] or [min(old.sizes)]
+    ratios = []
+    for n in sizes:
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            forward_n(n)
+            best = min(best, time.perf_counter() - t)
+        ratios.append(best / max(old(n), 1e-9))
+    secs = [old(n) * float(np.interp(n, sizes, ratios)) for n in old.sizes]
+    secs = np.maximum.accumulate(np.array(secs)).tolist()
+    return CostModel(list(old.sizes), secs, context)
 
 
 def sync(device: torch.device) -> None:

@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import torch
 
 from . import batch_cache as bc
+from . import cache as kv
 from .auto_tree import sync
 from .draft import Draft
 from .emit import Emitter
@@ -190,7 +191,7 @@ class BatchDecoder:
         bc.forward_rows(self.rec.model, tokens, depths, tree, cached, cache, self.rec.tree_attention,
                         self.rec._cache_kwarg)
         sync(device)
-        cache.crop(-n)
+        kv.trim(cache, n)
 
 
 def padded_output(rows: list[Row], pad_token_id: int) -> torch.Tensor:

@@ -96,7 +96,7 @@ def crop(cache, length: int) -> None:
     """Cut every layer to ``length`` slots (transformers' crop takes the count to remove)."""
     current = cache.get_seq_length()
     if length < current:
-        cache.crop(-(current - length))
+        kv.trim(cache, current - length)
 
 
 def keep_rows(cache, keep: list[int]) -> None:

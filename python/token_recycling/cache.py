@@ -48,7 +48,26 @@ def compact(cache, prefix_len: torch.Tensor, accepted_nodes: torch.Tensor, accep
             groups.setdefault((window.offset(layer), layer.keys.shape[-2]), []).extend([layer.keys, layer.values])
     for (offset, _), tensors in groups.items():
         ops.compact_kv(tensors, prefix_len - offset if offset else prefix_len, accepted_nodes, accept_len)
-    cache.crop(-(forwarded - accepted))
+    trim(cache, forwarded - accepted)
+
+
+def trim(cache, n: int) -> None:
+    """Drop the last ``n`` positions of every layer: ``cache.crop(-n)``. transformers releases whose
+    StaticLayer has no ``crop`` (5.17) get the same effect by moving its ``cumulative_length`` back in
+    place (the next update overwrites the dropped slots; a captured CUDA graph keeps its address)."""
+    layers = cache_layers(cache)
+    if all(hasattr(layer, "crop") for layer in layers):
+        cache.crop(-n)
+        return
+    for i, layer in enumerate(layers):
+        if hasattr(layer, "crop"):
+            layer.crop(-n)
+        elif not getattr(layer, "is_initialized", True):
+            continue
+        elif isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+            layer.cumulative_length.sub_(n)
+        else:
+            raise NotImplementedError(f"cache layer {i} ({type(layer).__name__}) cannot drop positions: no crop()")
 
 
 def static_capacity(cache) -> int | None:

@@ -22,7 +22,7 @@ import torch
 
 from . import distributed, ops
 from .adjacency import AdjacencyMatrix
-from .auto_tree import COST_SIZES, measure_cost
+from .auto_tree import COST_SIZES, REMEASURE_SIZES, measure_cost, remeasure_cost
 from .ngram import NgramIndex
 from .policy import CANDIDATES, Plan, Policy
 from .tree import DraftTree, TreeSpec, make_tree
@@ -217,11 +217,20 @@ class Drafter:
         for 3+ sizes in a static cache."""
         if self.policy is None or not self.policy.cost.needs_measuring(prefix):
             return
-        sizes = [n for n in COST_SIZES if capacity is None or prefix + n <= capacity]
-        if len(sizes) >= 3:  # else: measured on a later call with more room
-            cost = measure_cost(time_forward, sizes=sizes, context=prefix)
-            cost.seconds = distributed.agree(cost.seconds)  # decisions must match on every rank
-            self.policy.cost.set_curve(cost)
+        cost = self.policy.cost
+        fits = lambda n: capacity is None or prefix + n <= capacity  # noqa: E731
+        if cost.measured:  # the context outgrew the curve: a few sizes rescale it
+            sizes = [n for n in REMEASURE_SIZES if fits(n)]
+            if not sizes:  # the static cache is all but full
+                return
+            curve = remeasure_cost(time_forward, cost.curve, sizes=sizes, context=prefix)
+        else:
+            sizes = [n for n in COST_SIZES if fits(n)]
+            if len(sizes) < 3:  # measured on a later call with more room
+                return
+            curve = measure_cost(time_forward, sizes=sizes, context=prefix)
+        curve.seconds = distributed.agree(curve.seconds)  # decisions must match on every rank
+        cost.set_curve(curve)
 
     # ------------------------------------------------------------------ state
     def describe(self) -> str:

@@ -111,7 +111,7 @@ class Bucket:
             with torch.cuda.stream(side):
                 for _ in range(warmup):
                     self.run()
-                    self.cache.crop(-self.size)
+                    kv.trim(self.cache, self.size)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):

@@ -279,7 +279,7 @@ class TokenRecycler:
         self._forward(Draft(tokens, torch.arange(-1, n - 1, device=self.device, dtype=torch.int32), depths, chain,
                             self.tree), prefix, cache)
         sync(self.device)
-        cache.crop(-n)
+        kv.trim(cache, n)
 
     def _greedy_and_candidates(self, logits):
         return verify.greedy_and_candidates(logits, self.topk)

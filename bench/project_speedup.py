@@ -1,0 +1,90 @@
+"""Projected speedup over greedy on a GPU (issue 13): a projection, not a measurement.
+
+    speedup = accepted tokens per step x t_greedy / (t_tree(n) + outside)
+
+  accepted tokens per step, tokens forwarded per step n: measured on the CPU for SmolLM2-135M-Instruct
+      (4-bit GGUF, dequantized) in float32 greedy per fixed tree (bench/acceptance_by_tree.py);
+      acceptance does not depend on the hardware, but it is the small model's, not a 1B's or a 7B's
+  t_tree(n): one verification forward of n tree tokens through our tree-attention backend, measured
+      on the GPU for random-weight Llama models shaped like Llama-3.2-1B and Llama-2-7B, bf16
+      (bench/gpu_decode.py, "forward" rows; linear between the measured sizes)
+  outside: the measured time a TokenRecycler step spends outside its forward on the same GPU
+      ("overhead" rows at prefix 2k; the same figure is used at every prefix), with or without graphs
+  t_greedy: either the one-token forward alone ("greedy" rows: what the issue asks for, and generous
+      to greedy) or the measured per-token time of model.generate(do_sample=False) ("hf_generate")
+
+    python bench/project_speedup.py --timing gpu_decode_timing.json --acceptance acceptance.json [--md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def interpolate(points: dict[int, float], n: float) -> float:
+    xs = sorted(points)
+    if n <= xs[0]:
+        return points[xs[0]]
+    for a, b in zip(xs, xs[1:]):
+        if n <= b:
+            return points[a] + (points[b] - points[a]) * (n - a) / (b - a)
+    a, b = xs[-2], xs[-1]  # past the largest size: extend the last segment
+    return points[b] + (points[b] - points[a]) * (n - b) / (b - a)
+
+
+def load_acceptance(path: str) -> list[dict]:
+    """Rows {name, forwarded, accepted} from acceptance_by_tree.py's JSON (overall figures)."""
+    data = json.load(open(path))
+    rows = []
+    for name, cfg in data["configs"].items():
+        overall = cfg["overall"]
+        rows.append({"name": name, "forwarded": overall["forwarded_per_step"],
+                     "accepted": overall["accepted_per_step"]})
+    return rows
+
+
+def project(timing: dict, acceptance: list[dict]) -> list[dict]:
+    rows = timing["rows"]
+    out = []
+    shapes = sorted({r["shape"] for r in rows if r["part"] == "forward"})
+    for shape in shapes:
+        fwd = [r for r in rows if r["part"] == "forward" and r["shape"] == shape]
+        outside = {r["attention"]: r["other_ms"] for r in rows if r["part"] == "overhead" and r["shape"] == shape}
+        for prefix in sorted({r["prefix"] for r in fwd}):
+            at = [r for r in fwd if r["prefix"] == prefix]
+            tree = {r["n"]: r["ms"] for r in at if r["path"] == "tree"}
+            greedy = next(r["ms"] for r in at if r["path"] == "greedy")
+            hf = next((r["ms"] for r in at if r["path"] == "hf_generate"), None)
+            for mode, key in (("graphs", "tree+graphs"), ("no graphs", "tree")):
+                if key not in outside:
+                    continue
+                for a in acceptance:
+                    step = interpolate(tree, a["forwarded"]) + outside[key]
+                    out.append({"shape": shape, "prefix": prefix, "mode": mode, "config": a["name"],
+                                "forwarded": a["forwarded"], "accepted": a["accepted"], "step_ms": step,
+                                "vs_forward": a["accepted"] * greedy / step,
+                                "vs_hf_generate": a["accepted"] * hf / step if hf else None})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--timing", required=True)
+    parser.add_argument("--acceptance", required=True)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    rows = project(json.load(open(args.timing)), load_acceptance(args.acceptance))
+    print("| shape | prefix | step | config | tokens forwarded | accepted/step | step ms | x greedy forward "
+          "| x HF generate |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        hf = "-" if r["vs_hf_generate"] is None else f"{r['vs_hf_generate']:.2f}"
+        print(f"| {r['shape']} | {r['prefix']} | {r['mode']} | {r['config']} | {r['forwarded']:.1f} | "
+              f"{r['accepted']:.2f} | {r['step_ms']:.2f} | {r['vs_forward']:.2f} | {hf} |")
+    if args.json:
+        json.dump(rows, open(args.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
