@@ -23,7 +23,11 @@ import json
 
 
 def interpolate(points: dict[int, float], n: float) -> float:
+    """t(n), linear between the measured sizes. A forward of more tokens never costs less: the
+    timings are made non-decreasing first (as auto_tree.measure_cost does), so timing noise cannot
+    make the last segment fall and the extrapolation past it go below the largest size's time."""
     xs = sorted(points)
+    points = dict(zip(xs, (max(points[x] for x in xs[: i + 1]) for i in range(len(xs)))))
     if n <= xs[0]:
         return points[xs[0]]
     for a, b in zip(xs, xs[1:]):
@@ -50,7 +54,8 @@ def project(timing: dict, acceptance: list[dict]) -> list[dict]:
     shapes = sorted({r["shape"] for r in rows if r["part"] == "forward"})
     for shape in shapes:
         fwd = [r for r in rows if r["part"] == "forward" and r["shape"] == shape]
-        outside = {r["attention"]: r["other_ms"] for r in rows if r["part"] == "overhead" and r["shape"] == shape}
+        outside = {r["attention"]: max(r["other_ms"], 0.0)  # (a median difference: noise can make it < 0)
+                   for r in rows if r["part"] == "overhead" and r["shape"] == shape}
         for prefix in sorted({r["prefix"] for r in fwd}):
             at = [r for r in fwd if r["prefix"] == prefix]
             tree = {r["n"]: r["ms"] for r in at if r["path"] == "tree"}
