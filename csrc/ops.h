@@ -38,6 +38,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> graft_cha
                                                                                        const at::Tensor& chain,
                                                                                        const at::Tensor& chain_len);
 
+at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             bool vectorized);
+bool skinny_linear_vectorized();  // true when skinny_linear has an AVX2/FMA path on this CPU
+
 }  // namespace token_recycling
 
 namespace token_recycling {

@@ -15,6 +15,7 @@ AddressSanitizer). Each test draws a fresh seed and names it in any failure.
 from __future__ import annotations
 
 import dataclasses
+import platform
 import random
 from typing import Callable
 
@@ -770,6 +771,56 @@ def test_fuzz_ngram_lookup():
 
 def test_fuzz_ngram_candidates():
     drive("ngram_candidates", make_ngram_lookup(NgramState(), candidates=True))
+
+
+# ----------------------------------------------------------------------------------- skinny_linear
+
+def make_skinny_linear(rng, gen):
+    n, out, inf = rng.randrange(0, 14), rng.randrange(0, 20), rng.randrange(0, 40)
+    x, w = torch.randn(n, inf, generator=gen), torch.randn(out, inf, generator=gen)
+    bias = torch.randn(out, generator=gen) if rng.random() < 0.5 else None
+    args = [x, w, bias, rng.random() < 0.5]
+    fault = rng.choice([None] * 6 + ["dtype", "rank", "in_features", "bias size", "python"])
+    raises = (ValueError,)
+    if fault == "dtype":
+        i = rng.choice([0, 1] + ([2] if bias is not None else []))
+        args[i], raises = wrong_dtype(rng, args[i], [torch.float32]), (TypeError,)
+    elif fault == "rank":
+        i = rng.choice([0, 1])
+        args[i] = args[i].unsqueeze(0) if rng.random() < 0.5 else args[i].reshape(-1)
+    elif fault == "in_features":
+        args[1] = torch.randn(out, inf + rng.randrange(1, 4), generator=gen)
+    elif fault == "bias size":
+        args[2] = torch.randn(out + rng.choice([-1, 1, 2]) if out > 0 else 1, generator=gen)
+    case = Case(args, fault, raises)
+    if fault == "python":
+        python_value_fault(rng, case)
+    if case.fault is None:
+        want = reference.skinny_linear(x, w, bias)
+        case.args = [scramble(x, rng), scramble(w, rng), bias, args[3]]
+        case.check = lambda got: torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * (1 + inf ** 0.5))
+    return case
+
+
+def test_fuzz_skinny_linear():
+    drive("skinny_linear", make_skinny_linear)
+
+
+def make_skinny_linear_vectorized(rng, gen):
+    from token_recycling.models import cpu_flags
+    want = {"avx2", "fma"} <= cpu_flags() and platform.machine() in ("x86_64", "AMD64")
+    case = Case([], check=lambda got: assert_equal_bool(got, want))
+    if rng.random() < 0.5:
+        case.args, case.fault, case.raises = [rng.choice([0, True, torch.zeros(1)])], "an argument", (RuntimeError,)
+    return case
+
+
+def assert_equal_bool(got, want):
+    assert got is want, (got, want)
+
+
+def test_fuzz_skinny_linear_vectorized():
+    drive("skinny_linear_vectorized", make_skinny_linear_vectorized)
 
 
 # ---------------------------------------------------------------------------- deferred device checks

@@ -6,6 +6,7 @@
 
 #include "../../kernels/compact_kv.h"
 #include "../../kernels/draft_tree.h"
+#include "../../kernels/skinny_linear.h"
 #include "../../kernels/tree_attention.h"
 #include "../../kernels/update_adjacency.h"
 #include "../../kernels/verify_greedy.h"
@@ -165,6 +166,25 @@ void tree_attention(const Options& o, const ModelShape& m, int64_t batch, int64_
             t, 2.0 * batch * kv_heads * seq * d * sizeof(float), 4.0 * batch * hq * n * seq * d);
 }
 
+void skinny_linear(const Options& o, int64_t out, int64_t in, int64_t n, bool vectorized) {
+  std::vector<float> x(n * in), w(out * in), y(n * out);
+  for (auto& v : x) v = randn();
+  for (auto& v : w) v = randn();
+  auto run = [&] { k::skinny_linear(x.data(), n, in, w.data(), out, in, in, nullptr, y.data(), out, 0, out, vectorized); };
+  run();
+  bool close = true;  // naive double loop; float sums of `in` terms of size ~1 are off by ~in * 2^-24 at most
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t r = 0; r < out; r += std::max<int64_t>(1, out / 64)) {
+      double want = 0;
+      for (int64_t c = 0; c < in; ++c) want += static_cast<double>(x[i * in + c]) * w[r * in + c];
+      close = close && std::abs(y[i * out + r] - want) <= 1e-6 * in * std::sqrt(static_cast<double>(in)) + 1e-4;
+    }
+  expect(close, "cpu skinny_linear differs from the naive loop");
+  const double t = time_host(run, o.quick ? 3 : 20);
+  print_row("cpu", vectorized && k::skinny_linear_vectorized() ? "skinny_linear avx2" : "skinny_linear scalar",
+            shape_str({{"n", n}, {"out", out}, {"in", in}}), t, 4.0 * (out * in + n * in + n * out), 2.0 * n * out * in);
+}
+
 }  // namespace
 
 void run_cpu_benchmarks(const Options& o) {
@@ -190,6 +210,12 @@ void run_cpu_benchmarks(const Options& o) {
     // The CPU kernel is a scalar reference: short prefixes only.
     const std::vector<int64_t> prefixes = o.quick ? std::vector<int64_t>{40} : std::vector<int64_t>{512, 2048};
     for (int64_t p : prefixes) tree_attention(o, m, 1, o.quick ? 2 : 8, tree, p);
+  }
+  if (selected(o, "skinny_linear")) {
+    // SmolLM2-135M's MLP up-projection (the CPU model of bench/RESULTS.md); the scalar loop once.
+    const int64_t out = o.quick ? 96 : 1536, in = o.quick ? 40 : 576;
+    for (int64_t n : {1, 2, 4, 8}) skinny_linear(o, out, in, n, true);
+    skinny_linear(o, out, in, 4, false);
   }
 }
 

@@ -24,6 +24,7 @@
 #include "../../kernels/graft_chain.h"
 #include "../../kernels/merge_attention_states.h"
 #include "../../kernels/ngram_index.h"
+#include "../../kernels/skinny_linear.h"
 #include "../../kernels/tree_attention.h"
 #include "../../kernels/update_adjacency.h"
 #include "../../kernels/verify_greedy.h"
@@ -684,6 +685,46 @@ void fuzz_graft_chain(int64_t iters) {
   }
 }
 
+// ------------------------------------------------------------------------------ skinny_linear
+// Random sizes, row strides (some too small: an error), output ranges (some outside [0, out]); x, w and
+// y exactly as large as the strides describe. Outputs outside [o_begin, o_end) must stay untouched.
+void fuzz_skinny_linear(int64_t iters) {
+  Tally t("skinny_linear");
+  for (int64_t it = 0; it < iters; ++it) {
+    const int64_t n = pick_size(0, 13), out = pick_size(0, 21), in = pick_size(0, 40);
+    const int64_t IN = alloc(in), OUT = alloc(out), N = alloc(n);
+    auto stride = [&](int64_t need) { return chance(0.05) ? need - randint(1, 5) : need + randint(0, 4); };
+    const int64_t xs = stride(IN), ws = stride(IN), ys = stride(OUT);
+    int64_t ob = randint(0, OUT + 1), oe = randint(ob, OUT + 1);
+    if (chance(0.05)) ob = chance(0.5) ? -randint(1, 5) : ob;
+    if (chance(0.05)) oe = chance(0.5) ? OUT + randint(1, 5) : ob - 1;
+    const bool vectorized = chance(0.5), bias = chance(0.5);
+    const bool strides_ok = (n <= 1 || xs >= in) && (out <= 1 || ws >= in) && (n <= 1 || ys >= out);
+    const bool valid = n >= 0 && out >= 0 && in >= 0 && ob >= 0 && strides_ok && oe >= ob && oe <= out;
+    auto span = [](int64_t rows, int64_t stride, int64_t cols) {
+      return rows > 0 && cols > 0 ? static_cast<size_t>((rows - 1) * std::max<int64_t>(stride, 0) + cols) : 0;
+    };
+    std::vector<float> x(span(N, xs, IN)), w(span(OUT, ws, IN)), b(bias ? OUT : 0), y(span(N, ys, OUT), -77.f);
+    for (auto& v : x) v = static_cast<float>(randint(-8, 9)) / 4;
+    for (auto& v : w) v = static_cast<float>(randint(-8, 9)) / 4;
+    for (auto& v : b) v = static_cast<float>(randint(-8, 9)) / 4;
+    const Status s = k::skinny_linear(x.data(), n, xs, w.data(), out, in, ws, bias ? b.data() : nullptr, y.data(), ys,
+                                      ob, oe, vectorized);
+    if (!t.verdict(s, valid, it)) continue;
+    bool same = true;  // small multiples of 1/4: every partial sum is exact in float, in any order
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t o = 0; o < out; ++o) {
+        double want = -77;
+        if (o >= ob && o < oe) {
+          want = bias ? b[o] : 0;
+          for (int64_t c = 0; c < in; ++c) want += static_cast<double>(x[i * xs + c]) * w[o * ws + c];
+        }
+        same = same && y[i * ys + o] == static_cast<float>(want);
+      }
+    t.check(same, "call " + std::to_string(it) + ": outputs differ");
+  }
+}
+
 // ------------------------------------------------------------------------------ ngram index
 // Brute force over the history: the largest end e in [lo_end, hi_end] with h[e-n:e] == h[len-n:len].
 int64_t last_end(const int64_t* h, int64_t len, int64_t n, int64_t lo_end, int64_t hi_end) {
@@ -906,5 +947,6 @@ int main(int argc, char** argv) {
   }
   if (bench::selected(opt, "graft_chain")) fuzz_graft_chain(iters);
   if (bench::selected(opt, "ngram")) fuzz_ngram(iters / 4);
+  if (bench::selected(opt, "skinny_linear")) fuzz_skinny_linear(iters);
   return bench::exit_status();
 }

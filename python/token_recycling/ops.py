@@ -174,6 +174,25 @@ def graft_chain(tree_tokens: torch.Tensor, parents: torch.Tensor, chain: torch.T
     return _ops.graft_chain(tree_tokens, parents, chain, chain_len)
 
 
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  vectorized: bool = True) -> torch.Tensor:
+    """``x @ weight.T + bias`` for a few rows of x, streaming each weight row once (CPU, float32).
+
+    x ``[n, in]`` (rows may be strided), weight ``[out, in]``, bias ``[out]`` or None; returns
+    ``[n, out]``. Meant for 2..~12 rows (a verification forward's tokens), where BLAS's packed matrix
+    product costs much more than one row's (``skinny.py`` routes a model's linears through it).
+    Accumulates in float32 in its own order (within a few ulps of torch's). ``vectorized=False``
+    takes the portable C++ loop even where the AVX2/FMA path exists (:func:`skinny_linear_vectorized`);
+    the work is split over output features between torch's intra-op threads. CPU only.
+    """
+    return _ops.skinny_linear(x, weight, bias, vectorized)
+
+
+def skinny_linear_vectorized() -> bool:
+    """True when :func:`skinny_linear` has its AVX2/FMA path on this CPU (else the portable loop)."""
+    return _ops.skinny_linear_vectorized()
+
+
 # ----------------------------------------------------------------------------- fake implementations
 @torch.library.register_fake("token_recycling::build_draft_tree")
 def _(matrix, roots, parents, ranks):
@@ -280,3 +299,8 @@ def _(tree_tokens, parents, chain, chain_len):
     batch, m = tree_tokens.shape[0], tree_tokens.shape[1] + chain.shape[1]
     return (tree_tokens.new_empty((batch, m)), parents.new_empty((batch, m)), tree_tokens.new_empty((batch, m)),
             tree_tokens.new_empty((batch, m, m), dtype=torch.bool), tree_tokens.new_empty((batch,)))
+
+
+@torch.library.register_fake("token_recycling::skinny_linear")
+def _(x, weight, bias=None, vectorized=True):
+    return x.new_empty((x.shape[0], weight.shape[0]))

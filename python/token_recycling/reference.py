@@ -269,3 +269,11 @@ def ngram_candidates_reference(history, length, max_ngram, max_tokens, max_candi
                 tokens[b, j, : len(cont)] = torch.tensor(cont)
                 count[b, j], ngram[b, j], start[b, j] = len(cont), n, end
     return tokens, count, ngram, start
+
+
+def skinny_linear(x, weight, bias=None):
+    """``x @ weight.T + bias`` computed in float64, returned as float32."""
+    y = x.double() @ weight.double().T
+    if bias is not None:
+        y = y + bias.double()
+    return y.float()

@@ -1,0 +1,52 @@
+#include "../kernels/skinny_linear.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "checks.h"
+#include "ops.h"
+
+namespace token_recycling {
+
+at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             bool vectorized) {
+  constexpr const char* op = "skinny_linear";
+  check_dtype(x, {at::kFloat}, op, "x");
+  check_dtype(weight, {at::kFloat}, op, "weight");
+  check_dim(x, 2, op, "x");
+  check_dim(weight, 2, op, "weight");
+  check_size(weight, 1, x.size(1), op, "weight", "in_features, x.size(1)");
+  check_device(weight, x.device(), op, "weight");
+  at::Tensor b;
+  if (bias.has_value()) {
+    b = bias->contiguous();
+    check_dtype(b, {at::kFloat}, op, "bias");
+    check_dim(b, 1, op, "bias");
+    check_size(b, 0, weight.size(0), op, "bias", "out_features, weight.size(0)");
+    check_device(b, x.device(), op, "bias");
+  }
+  // Rows may be strided (not overlapping: an expanded x is copied); the elements of a row must be contiguous.
+  const int64_t n = x.size(0), out = weight.size(0), in = x.size(1);
+  const auto xc = x.stride(1) == 1 && (n <= 1 || x.stride(0) >= in) ? x : x.contiguous();
+  const auto wc = weight.stride(1) == 1 && (out <= 1 || weight.stride(0) >= in) ? weight : weight.contiguous();
+  auto y = at::empty({n, out}, x.options());
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t x_stride = n > 1 ? xc.stride(0) : in, w_stride = out > 1 ? wc.stride(0) : in;
+  // The sizes and strides are checked once (an empty output range), then the threads split the output
+  // features in groups of four (the kernel works on four weight rows at a time).
+  throw_if_error(kernels::skinny_linear(xp, n, x_stride, wp, out, in, w_stride, bp, yp, out, 0, 0, vectorized), op);
+  at::parallel_for(0, (out + 3) / 4, 64, [&](int64_t begin, int64_t end) {
+    const auto s = kernels::skinny_linear(xp, n, x_stride, wp, out, in, w_stride, bp, yp, out, 4 * begin,
+                                          std::min(4 * end, out), vectorized);
+    TORCH_INTERNAL_ASSERT(s.ok, s.message);  // checked above: the ranges are inside [0, out)
+  });
+  return y;
+}
+
+bool skinny_linear_vectorized() { return kernels::skinny_linear_vectorized(); }
+
+}  // namespace token_recycling
