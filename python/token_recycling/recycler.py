@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import cache as kv
-from . import distributed, hf_model, sample, verify, window
+from . import distributed, hf_model, sample, skinny, verify, window
 from .adjacency import AdjacencyMatrix
 from .auto_tree import sync
 from .batch import check_left_padded
@@ -46,11 +46,16 @@ class TokenRecycler:
             device-side prefix length (graph_step.py); implies tree_attention. On CUDA each bucket's
             forward is captured once per generate() call and replayed; elsewhere, or where capture is
             impossible (``rec.graph.uncaptured_reason``), the same forward runs uncaptured.
+        skinny_linear: during generate(), the model's float32 CPU ``nn.Linear`` layers take
+            ``ops.skinny_linear`` for forwards of 2..12 tokens (skinny.py: a few-token forward then
+            costs about one token's instead of 1.7x). None (default): on where it applies and this
+            CPU has its AVX2/FMA path. The model is restored after each call.
     """
 
     def __init__(self, model, tree: TreeSpec = "auto", topk: int = 8, *, seed_from_prompt: bool = False,
                  ngram: bool = True, max_ngram: int = 4, ngram_tokens: int = 10,
-                 tree_attention: bool | None = None, cuda_graphs: bool = False):
+                 tree_attention: bool | None = None, cuda_graphs: bool = False,
+                 skinny_linear: bool | None = None):
         hf_model.check_supported(model, extra_implementations=("token_recycling",))
         self.model = model
         self.device = hf_model.model_device(model)
@@ -65,6 +70,7 @@ class TokenRecycler:
         self.tree_attention = self._setup_tree_attention(True if cuda_graphs else tree_attention)
         self.graph = GraphStep(model, self._cache_kwarg) if cuda_graphs else None
         self._batch = None  # batch.BatchDecoder, made on the first batched call
+        self.skinny_linear = self._setup_skinny_linear(skinny_linear)
 
     # The drafter's shared state, as attributes of the recycler.
     matrix = property(lambda self: self.drafter.matrix, doc="the AdjacencyMatrix (shared by every call)")
@@ -179,6 +185,10 @@ class TokenRecycler:
 
     # ------------------------------------------------------------------------------ the loop
     def _decode(self, input_ids, cache, stopping, verifier, streamer, capacity: int) -> torch.Tensor:
+        with skinny.routed(self.model, self.skinny_linear):  # few-token forwards' linears (CPU)
+            return self._decode_steps(input_ids, cache, stopping, verifier, streamer, capacity)
+
+    def _decode_steps(self, input_ids, cache, stopping, verifier, streamer, capacity: int) -> torch.Tensor:
         start = time.perf_counter()
         stats = self.stats = GenerationStats(decoding=verifier.description)
         emitter = Emitter(stopping, streamer)
@@ -245,7 +255,8 @@ class TokenRecycler:
             from .batch import BatchDecoder
             self._batch = BatchDecoder(self)
         distributed.check_prompt(input_ids)
-        return self._batch.decode(input_ids, pads, cache, stopping, verifier, pad_token_id, capacity)
+        with skinny.routed(self.model, self.skinny_linear):
+            return self._batch.decode(input_ids, pads, cache, stopping, verifier, pad_token_id, capacity)
 
     def _prefill(self, input_ids, cache, verifier, emitter: Emitter):
         keep_all = self.seed_from_prompt
@@ -285,6 +296,16 @@ class TokenRecycler:
         return verify.greedy_and_candidates(logits, self.topk)
 
     # ------------------------------------------------------------------------------ helpers
+    def _setup_skinny_linear(self, wanted: bool | None) -> bool:
+        if wanted is None:
+            return self.device.type == "cpu" and skinny.available() and skinny.applies(self.model)
+        if not isinstance(wanted, bool):
+            raise TypeError(f"skinny_linear must be True, False or None, got {wanted!r}")
+        if wanted and not skinny.applies(self.model):
+            raise ValueError("skinny_linear=True needs nn.Linear layers with float32 weights on the CPU "
+                             "(and no torch.distributed run); this model has none")
+        return wanted
+
     def _setup_tree_attention(self, wanted: bool | None) -> bool:
         from ._extension import WITH_CUDA
         impl = hf_model.attn_implementation(self.model)

@@ -1,0 +1,80 @@
+"""Few-token forwards on the CPU: a verification forward's linear layers through ``ops.skinny_linear``.
+
+A decode step forwards a handful of tokens. On the CPU, BLAS's matrix product packs the weights
+before multiplying, and for two to a dozen rows that costs far more than the multiplication: on the
+2-core AVX2 machine this project measures on, a float32 forward of SmolLM2-135M costs 1.7x as much for
+2 tokens as for 1 (and 1.8x for 8), so every drafted token has to pay that back. ``skinny_linear``
+streams each weight row once for all the rows, which brings 2..8 tokens back to about one token's
+cost (bench/RESULTS.md, "CPU forward cost").
+
+:func:`routed` is a context manager the decode loop enters for the length of one generate() call:
+inside it, every plain ``nn.Linear`` of the model with float32 CPU weights takes ``skinny_linear`` for
+inputs of 2..``max_rows`` rows (tokens x batch) when autograd is off; everything else (the prefill,
+one-token forwards, other dtypes) goes to torch as before. The model is restored on exit. The sums
+are in float32 in a different order than BLAS's, which verification tolerates like any other change
+of kernel: the lossless tests compare against ``model.generate`` with it on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import ops
+
+MAX_ROWS = 12  # beyond this BLAS's packed product is as fast (measured on the AVX2 machine)
+
+
+def available() -> bool:
+    """True when this build's skinny_linear has a vectorized path for this CPU (AVX2 + FMA)."""
+    return ops.skinny_linear_vectorized()
+
+
+def applies(model) -> bool:
+    """Whether routing would change anything for ``model``: float32 weights on the CPU, one process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return False  # tensor-parallel shards keep torch's linear (tp.py)
+    return bool(_linears(model))
+
+
+def _linears(model) -> list[torch.nn.Linear]:
+    found = []
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        # Exactly nn.Linear: subclasses (LoRA, quantized layers) have forwards of their own.
+        if type(module) is torch.nn.Linear and type(w) is torch.nn.Parameter and w.dtype == torch.float32 \
+                and w.device.type == "cpu":
+            found.append(module)
+    return found
+
+
+def _routed_forward(module: torch.nn.Linear, original, max_rows: int):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+        if (2 <= rows <= max_rows and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not torch.is_grad_enabled()):
+            y = ops.skinny_linear(x.reshape(rows, x.shape[-1]), module.weight, module.bias)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        return original(x)
+    return forward
+
+
+@contextlib.contextmanager
+def routed(model, enabled: bool = True, max_rows: int = MAX_ROWS):
+    """Route ``model``'s float32 CPU linears through skinny_linear for 2..max_rows rows, then restore."""
+    patched = []
+    if enabled:
+        for module in _linears(model):
+            had_own = "forward" in module.__dict__
+            original = module.forward
+            module.forward = _routed_forward(module, original, max_rows)
+            patched.append((module, had_own, original))
+    try:
+        yield len(patched)
+    finally:
+        for module, had_own, original in reversed(patched):
+            if had_own:
+                module.forward = original
+            else:
+                del module.forward

@@ -1,0 +1,146 @@
+"""ops.skinny_linear against float64 on random inputs, its bad-input contract, and skinny.routed in
+the decode loop (fp32 output still equal to model.generate(do_sample=False))."""
+
+import pytest
+import torch
+from models import tiny_model
+
+from token_recycling import TokenRecycler, ops, skinny
+
+
+def _errors(x, w, b, vectorized):
+    """(our max error vs float64, torch float32's max error vs float64)."""
+    exact = x.double() @ w.double().T + (b.double() if b is not None else 0)
+    ours = ops.skinny_linear(x, w, b, vectorized)
+    theirs = torch.nn.functional.linear(x, w, b)
+    assert ours.shape == exact.shape and ours.dtype == torch.float32
+    return (ours.double() - exact).abs().max().item(), (theirs.double() - exact).abs().max().item()
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 12, 17])
+def test_matches_float64_on_random_inputs(n, vectorized):
+    g = torch.Generator().manual_seed(n)
+    for out_f, in_f in [(1, 1), (7, 3), (33, 8), (64, 13), (96, 64), (129, 200)]:
+        for with_bias in (False, True):
+            x = torch.randn(n, in_f, generator=g)
+            w = torch.randn(out_f, in_f, generator=g)
+            b = torch.randn(out_f, generator=g) if with_bias else None
+            ours, theirs = _errors(x, w, b, vectorized)
+            # FlashAttention's rule: within a small multiple of the same-precision torch error.
+            assert ours <= 4 * theirs + 1e-6 * (in_f ** 0.5), (n, out_f, in_f, with_bias, ours, theirs)
+
+
+def test_strided_rows_and_weight_views():
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(6, 80, generator=g)
+    x = big[::2, 5:69]  # rows strided, elements contiguous
+    wbig = torch.randn(50, 70, generator=g)
+    w = wbig[:, 3:67]  # weight rows strided
+    ours, theirs = _errors(x, w, None, True)
+    assert ours <= 4 * theirs + 1e-5
+    ours, theirs = _errors(torch.randn(1, 64, generator=g).expand(4, 64), w, None, True)  # overlapping rows
+    assert ours <= 4 * theirs + 1e-5
+    xt = torch.randn(64, 3, generator=g).T  # elements not contiguous: copied first
+    ours, theirs = _errors(xt, w, None, True)
+    assert ours <= 4 * theirs + 1e-5
+
+
+def test_empty_sizes():
+    assert ops.skinny_linear(torch.zeros(0, 4), torch.zeros(3, 4)).shape == (0, 3)
+    assert ops.skinny_linear(torch.zeros(2, 4), torch.zeros(0, 4)).shape == (2, 0)
+    assert torch.equal(ops.skinny_linear(torch.zeros(2, 0), torch.zeros(3, 0), torch.ones(3)), torch.ones(2, 3))
+
+
+def test_vectorized_path_is_reported():
+    assert isinstance(ops.skinny_linear_vectorized(), bool)
+    from token_recycling.models import cpu_flags
+    if {"avx2", "fma"} <= cpu_flags():
+        assert ops.skinny_linear_vectorized()
+
+
+def test_bad_input_names_the_argument():
+    x, w = torch.randn(2, 4), torch.randn(3, 4)
+    with pytest.raises(TypeError, match="x must be Float"):
+        ops.skinny_linear(x.double(), w)
+    with pytest.raises(TypeError, match="weight must be Float"):
+        ops.skinny_linear(x, w.half())
+    with pytest.raises(ValueError, match="weight.size\\(1\\) must be 4"):
+        ops.skinny_linear(x, torch.randn(3, 5))
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        ops.skinny_linear(x.view(1, 2, 4), w)
+    with pytest.raises(ValueError, match="bias.size\\(0\\) must be 3"):
+        ops.skinny_linear(x, w, torch.randn(4))
+    with pytest.raises(TypeError, match="bias must be Float"):
+        ops.skinny_linear(x, w, torch.randn(3).double())
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 16, generator=g), torch.randn(10, 16, generator=g), torch.randn(10, generator=g)
+    torch.library.opcheck(torch.ops.token_recycling.skinny_linear, (x, w, b, True))
+    torch.library.opcheck(torch.ops.token_recycling.skinny_linear, (x, w, None, False))
+
+
+# ------------------------------------------------------------------------------ routing in a model
+def test_routed_takes_few_row_forwards_only_and_restores_the_model(monkeypatch):
+    model = tiny_model("llama")
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    rows_seen = []
+    real = ops.skinny_linear
+
+    def spy(x, w, b=None, vectorized=True):
+        rows_seen.append(x.shape[0])
+        return real(x, w, b, vectorized)
+
+    monkeypatch.setattr(ops, "skinny_linear", spy)
+    ids = torch.randint(3, 300, (1, 20))
+    with torch.no_grad():
+        want = {n: model(ids[:, :n]).logits for n in (1, 3, 20)}
+        with skinny.routed(model) as patched:
+            assert patched == len(linears) > 0
+            got = {n: model(ids[:, :n]).logits for n in (1, 3, 20)}
+            assert rows_seen == [3] * len(linears)  # 1 row and 20 rows stay with torch
+            with torch.enable_grad():
+                model(ids[:, :3])  # autograd on: torch's linear
+            assert len(rows_seen) == len(linears)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-5)
+    assert all("forward" not in m.__dict__ for m in linears)
+    rows_seen.clear()
+    with torch.no_grad():
+        model(ids[:, :3])
+    assert rows_seen == []
+
+
+def test_routed_off_and_non_float32_models_are_untouched():
+    model = tiny_model("llama")
+    with skinny.routed(model, enabled=False) as patched:
+        assert patched == 0
+    half = tiny_model("llama", dtype=torch.bfloat16)
+    assert not skinny.applies(half)
+    with pytest.raises(ValueError, match="skinny_linear=True needs"):
+        TokenRecycler(half, skinny_linear=True)
+    with pytest.raises(TypeError, match="skinny_linear must be"):
+        TokenRecycler(model, skinny_linear="yes")
+    assert TokenRecycler(half).skinny_linear is False
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("tree", ["auto", "paper-16", "chain-4"])
+def test_lossless_with_skinny_linear(arch, tree, monkeypatch):
+    model = tiny_model(arch)
+    calls = []
+    real = ops.skinny_linear
+    monkeypatch.setattr(ops, "skinny_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rec = TokenRecycler(model, tree=tree, skinny_linear=True)
+    g = torch.Generator().manual_seed(5)
+    accepted = []
+    for n in (1, 6, 25):
+        ids = torch.randint(3, model.config.vocab_size, (1, n), generator=g)
+        want = model.generate(ids, max_new_tokens=30, do_sample=False)
+        assert torch.equal(rec.generate(ids, max_new_tokens=30), want), (arch, tree, n)
+        accepted.append(rec.stats.mean_accepted)
+    assert calls, "no forward went through skinny_linear: the test would not exercise it"
+    assert max(accepted) > 1.0
+    assert all("forward" not in m.__dict__ for m in model.modules())
