@@ -350,3 +350,31 @@ def test_preset_baselines_are_parsed_and_checked():
     for bad in ("tr:nope", "tr:[[0],[0,0,9]]", "tr:auto", "tr:[[0]"):
         with pytest.raises(cli.UsageError, match="--baselines"):
             cli.parse_baselines(bad)
+
+
+def test_bench_compares_torch_linear_and_the_option_reaches_the_recycler(tmp_path, tiny_folder, monkeypatch):
+    from token_recycling import cli
+    from token_recycling.recycler import TokenRecycler
+    made = []
+    real_init = TokenRecycler.__init__
+
+    def spy(self, *args, **kwargs):
+        made.append(kwargs.get("skinny_linear", "unset"))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(TokenRecycler, "__init__", spy)
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 7, "category": "math", "turns": ["Count to ten."]}])
+    out = tmp_path / "out"
+    rc = main(["bench", "--model", str(tiny_folder), "--dataset", str(data), "--max-new-tokens", "16",
+               "--dtype", "float32", "--baselines", "greedy,torch-linear", "--skinny-linear", "on", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    assert made == [True, False]  # ours (--skinny-linear on), then the torch-linear baseline
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["methods"] == ["greedy", "torch-linear", "ours"]
+    (s,) = results["samples"]
+    assert s["mismatch"] == {"torch-linear": None, "ours": None}
+    assert "speedup ours/torch-linear" in (out / "report.md").read_text()
+    assert cli.parse_baselines("torch-linear,pld") == ("torch-linear", "pld")
+    with pytest.raises(SystemExit):
+        main(["bench", "--skinny-linear", "maybe"])

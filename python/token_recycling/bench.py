@@ -22,8 +22,10 @@ from . import __version__
 from .datasets import Prompt
 from .models import hardware
 
-METHODS = ("greedy", "pld", "paper", "ours")
-RECYCLERS = ("paper", "ours")  # "paper": the paper's method (its 80-node tree, no n-gram drafts)
+METHODS = ("greedy", "pld", "paper", "torch-linear", "ours")
+# "paper": the paper's method (its 80-node tree, no n-gram drafts); "torch-linear": the default with
+# torch's linear layers (skinny_linear=False), which measures what skinny.py gives on the CPU.
+RECYCLERS = ("paper", "torch-linear", "ours")
 PRESET_PREFIX = "tr:"  # "tr:<tree>": Token Recycling with a fixed tree (+ the n-gram chain), e.g. tr:paper-8
 PRESET_ALIASES = {"chain": [[0]]}  # tr:chain: one matrix node + the n-gram chain
 

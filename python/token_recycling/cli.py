@@ -59,9 +59,11 @@ def parse_baselines(text: str) -> tuple[str, ...]:
     from .bench import PRESET_PREFIX, preset_tree
 
     names = tuple(n.strip() for n in _split_baselines(text) if n.strip())
-    unknown = [n for n in names if n not in ("greedy", "pld", "paper") and not n.startswith(PRESET_PREFIX)]
+    unknown = [n for n in names if n not in ("greedy", "pld", "paper", "torch-linear")
+               and not n.startswith(PRESET_PREFIX)]
     if unknown:
-        raise UsageError(f"--baselines: unknown {', '.join(unknown)}; choose from greedy,pld,paper,tr:<tree> "
+        raise UsageError(f"--baselines: unknown {', '.join(unknown)}; choose from greedy,pld,paper,torch-linear,"
+                         f"tr:<tree> "
                          f"(or '' for none)")
     for n in names:
         if n.startswith(PRESET_PREFIX):
@@ -117,6 +119,9 @@ def _common(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
                    help="draft from the adjacency matrix only (with --tree paper: the paper's method), "
                         "without the context n-gram chain")
     p.add_argument("--topk", type=_positive, default=8, help="candidates kept per token (matrix width)")
+    p.add_argument("--skinny-linear", default="auto", choices=list(SKINNY_LINEAR),
+                   help="few-token forwards' linear layers through the skinny_linear op (CPU, float32): auto "
+                        "(default: where the CPU has AVX2/FMA), on, or off (torch's linear)")
     p.add_argument("--dtype", default="auto", choices=["auto", *models.DTYPES],
                    help="auto: bfloat16 on CUDA and on CPUs with AMX/AVX512-BF16, else float32")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
@@ -148,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{' or '.join(BUILTIN)}, or a JSONL file (Spec-Bench or HumanEval format)")
     b.add_argument("--limit", type=_positive, default=None, help="use only the first N prompts")
     b.add_argument("--baselines", default="greedy,pld",
-                   help="comma list from greedy,pld,paper,tr:<tree> (paper: the paper's tree without n-gram drafts; "
-                        "tr:paper-8, tr:chain (one node + n-gram chain), tr:[[0],[1]]: fixed trees with the "
+                   help="comma list from greedy,pld,paper,torch-linear,tr:<tree> (paper: the paper's tree without "
+                        "n-gram drafts; torch-linear: the default with --skinny-linear off; tr:paper-8, tr:chain (one node + n-gram chain), tr:[[0],[1]]: fixed trees with the "
                         "n-gram chain, for the default's regret); default greedy,pld")
     b.add_argument("--out", default=None, help="output folder (default bench/out/<timestamp>)")
     b.add_argument("--multi-turn", action="store_true",
@@ -215,13 +220,18 @@ def _sampling(args) -> dict:
     return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
 
 
+SKINNY_LINEAR = {"auto": None, "on": True, "off": False}  # --skinny-linear -> TokenRecycler(skinny_linear=)
+
+
 def _recycler(model, args, tree):
     from .recycler import TokenRecycler
 
     try:
-        return TokenRecycler(model, tree=tree, topk=args.topk, ngram=args.ngram)
+        return TokenRecycler(model, tree=tree, topk=args.topk, ngram=args.ngram,
+                             skinny_linear=SKINNY_LINEAR[args.skinny_linear])
     except ValueError as exc:  # a tree the recycler rejects (e.g. "auto" where it is not available)
-        raise UsageError(f"--tree {args.tree!r}: {exc}") from exc
+        option = "--skinny-linear" if "skinny_linear" in str(exc) else "--tree"
+        raise UsageError(f"{option} {getattr(args, option[2:].replace('-', '_'))!r}: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------------- generate
@@ -291,6 +301,10 @@ def cmd_bench(args) -> int:
     if "paper" in baselines:  # the paper's method side by side: its tree, no n-gram drafts
         from .recycler import TokenRecycler
         recs["paper"] = TokenRecycler(loaded.model, tree="paper", topk=args.topk, ngram=False)
+    if "torch-linear" in baselines:  # the default with torch's linear layers: what skinny_linear gives
+        from .recycler import TokenRecycler
+        recs["torch-linear"] = TokenRecycler(loaded.model, tree=tree, topk=args.topk, ngram=args.ngram,
+                                             skinny_linear=False)
     for name in baselines:  # tr:<tree>: fixed trees (+ the n-gram chain), to measure the default's regret
         if name.startswith(bench.PRESET_PREFIX):
             from .recycler import TokenRecycler

@@ -56,7 +56,8 @@ def summarize(results: dict) -> dict[str, dict]:
     return table
 
 
-PAIRS = (("ours", "greedy"), ("ours", "pld"), ("ours", "paper"), ("pld", "greedy"), ("paper", "greedy"))
+PAIRS = (("ours", "greedy"), ("ours", "pld"), ("ours", "paper"), ("ours", "torch-linear"), ("pld", "greedy"),
+         ("paper", "greedy"))
 PAIR_NAMES = tuple(f"{a}/{b}" for a, b in PAIRS)
 
 
