@@ -14,9 +14,9 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   constexpr const char* op = "skinny_linear";
   check_dtype(x, {at::kFloat}, op, "x");
   check_dtype(weight, {at::kFloat}, op, "weight");
-  check_dim(x, 2, op, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dimension (its last is in_features), got a scalar");
   check_dim(weight, 2, op, "weight");
-  check_size(weight, 1, x.size(1), op, "weight", "in_features, x.size(1)");
+  check_size(weight, 1, x.size(-1), op, "weight", "in_features, x.size(-1)");
   check_device(weight, x.device(), op, "weight");
   at::Tensor b;
   if (bias.has_value()) {
@@ -26,11 +26,17 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     check_size(b, 0, weight.size(0), op, "bias", "out_features, weight.size(0)");
     check_device(b, x.device(), op, "bias");
   }
-  // Rows may be strided (not overlapping: an expanded x is copied); the elements of a row must be contiguous.
-  const int64_t n = x.size(0), out = weight.size(0), in = x.size(1);
-  const auto xc = x.stride(1) == 1 && (n <= 1 || x.stride(0) >= in) ? x : x.contiguous();
+  // x [..., in] as rows [n, in]: rows may be strided (not overlapping: an expanded x is copied); the
+  // elements of a row must be contiguous.
+  const int64_t out = weight.size(0), in = x.size(-1);
+  int64_t n = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) n *= x.size(d);
+  const auto x2 = x.dim() == 2 ? x : x.reshape({n, in});
+  const auto xc = x2.stride(1) == 1 && (n <= 1 || x2.stride(0) >= in) ? x2 : x2.contiguous();
   const auto wc = weight.stride(1) == 1 && (out <= 1 || weight.stride(0) >= in) ? weight : weight.contiguous();
-  auto y = at::empty({n, out}, x.options());
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = out;
+  auto y = at::empty(out_shape, x.options());
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const float* xp = xc.data_ptr<float>();
   const float* wp = wc.data_ptr<float>();

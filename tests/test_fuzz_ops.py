@@ -777,7 +777,8 @@ def test_fuzz_ngram_candidates():
 
 def make_skinny_linear(rng, gen):
     n, out, inf = rng.randrange(0, 14), rng.randrange(0, 20), rng.randrange(0, 40)
-    x, w = torch.randn(n, inf, generator=gen), torch.randn(out, inf, generator=gen)
+    lead = rng.choice([(n,), (n,), (1, n), (2, n // 2)])  # x [..., in]
+    x, w = torch.randn(*lead, inf, generator=gen), torch.randn(out, inf, generator=gen)
     bias = torch.randn(out, generator=gen) if rng.random() < 0.5 else None
     args = [x, w, bias, rng.random() < 0.5]
     fault = rng.choice([None] * 6 + ["dtype", "rank", "in_features", "bias size", "python"])
@@ -785,9 +786,11 @@ def make_skinny_linear(rng, gen):
     if fault == "dtype":
         i = rng.choice([0, 1] + ([2] if bias is not None else []))
         args[i], raises = wrong_dtype(rng, args[i], [torch.float32]), (TypeError,)
-    elif fault == "rank":
-        i = rng.choice([0, 1])
-        args[i] = args[i].unsqueeze(0) if rng.random() < 0.5 else args[i].reshape(-1)
+    elif fault == "rank":  # x: any rank >= 1 ([..., in]); weight: 2-D
+        if rng.random() < 0.3:
+            args[0] = x.sum()
+        else:
+            args[1] = w.unsqueeze(0) if rng.random() < 0.5 else w.reshape(-1)
     elif fault == "in_features":
         args[1] = torch.randn(out, inf + rng.randrange(1, 4), generator=gen)
     elif fault == "bias size":

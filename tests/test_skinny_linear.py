@@ -46,6 +46,18 @@ def test_strided_rows_and_weight_views():
     assert ours <= 4 * theirs + 1e-5
 
 
+def test_any_leading_shape_like_torch_linear():
+    g = torch.Generator().manual_seed(4)
+    w, b = torch.randn(10, 16, generator=g), torch.randn(10, generator=g)
+    for shape in [(16,), (1, 3, 16), (2, 2, 16), (2, 0, 16)]:
+        x = torch.randn(*shape, generator=g)
+        got, want = ops.skinny_linear(x, w, b), torch.nn.functional.linear(x, w, b)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert ops.skinny_linear(torch.zeros(3, 0), torch.zeros(2, 0)).shape == (3, 2)
+    assert ops.skinny_linear(torch.zeros(0), torch.zeros(2, 0)).shape == (2,)
+
+
 def test_empty_sizes():
     assert ops.skinny_linear(torch.zeros(0, 4), torch.zeros(3, 4)).shape == (0, 3)
     assert ops.skinny_linear(torch.zeros(2, 4), torch.zeros(0, 4)).shape == (2, 0)
@@ -67,8 +79,10 @@ def test_bad_input_names_the_argument():
         ops.skinny_linear(x, w.half())
     with pytest.raises(ValueError, match="weight.size\\(1\\) must be 4"):
         ops.skinny_linear(x, torch.randn(3, 5))
-    with pytest.raises(ValueError, match="x must be 2-D"):
-        ops.skinny_linear(x.view(1, 2, 4), w)
+    with pytest.raises(ValueError, match="x must have at least 1 dimension"):
+        ops.skinny_linear(torch.tensor(1.0), w)
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        ops.skinny_linear(x, w.view(1, 3, 4))
     with pytest.raises(ValueError, match="bias.size\\(0\\) must be 3"):
         ops.skinny_linear(x, w, torch.randn(4))
     with pytest.raises(TypeError, match="bias must be Float"):
@@ -87,13 +101,13 @@ def test_routed_takes_few_row_forwards_only_and_restores_the_model(monkeypatch):
     model = tiny_model("llama")
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     rows_seen = []
-    real = ops.skinny_linear
+    real = skinny._op()
 
     def spy(x, w, b=None, vectorized=True):
-        rows_seen.append(x.shape[0])
+        rows_seen.append(x.numel() // x.shape[-1])
         return real(x, w, b, vectorized)
 
-    monkeypatch.setattr(ops, "skinny_linear", spy)
+    monkeypatch.setattr(skinny, "_op", lambda: spy)
     ids = torch.randint(3, 300, (1, 20))
     with torch.no_grad():
         want = {n: model(ids[:, :n]).logits for n in (1, 3, 20)}
@@ -131,8 +145,8 @@ def test_routed_off_and_non_float32_models_are_untouched():
 def test_lossless_with_skinny_linear(arch, tree, monkeypatch):
     model = tiny_model(arch)
     calls = []
-    real = ops.skinny_linear
-    monkeypatch.setattr(ops, "skinny_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = skinny._op()
+    monkeypatch.setattr(skinny, "_op", lambda: lambda *a, **k: calls.append(1) or real(*a, **k))
     rec = TokenRecycler(model, tree=tree, skinny_linear=True)
     g = torch.Generator().manual_seed(5)
     accepted = []

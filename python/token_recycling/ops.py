@@ -178,8 +178,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   vectorized: bool = True) -> torch.Tensor:
     """``x @ weight.T + bias`` for a few rows of x, streaming each weight row once (CPU, float32).
 
-    x ``[n, in]`` (rows may be strided), weight ``[out, in]``, bias ``[out]`` or None; returns
-    ``[n, out]``. Meant for 2..~12 rows (a verification forward's tokens), where BLAS's packed matrix
+    x ``[..., in]`` (float32; rows may be strided), weight ``[out, in]``, bias ``[out]`` or None;
+    returns ``[..., out]``, like ``torch.nn.functional.linear``. Meant for 2..~12 rows (a verification forward's tokens), where BLAS's packed matrix
     product costs much more than one row's (``skinny.py`` routes a model's linears through it).
     Accumulates in float32 in its own order (within a few ulps of torch's). ``vectorized=False``
     takes the portable C++ loop even where the AVX2/FMA path exists (:func:`skinny_linear_vectorized`);
@@ -303,4 +303,4 @@ def _(tree_tokens, parents, chain, chain_len):
 
 @torch.library.register_fake("token_recycling::skinny_linear")
 def _(x, weight, bias=None, vectorized=True):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
