@@ -63,8 +63,7 @@ def parse_baselines(text: str) -> tuple[str, ...]:
                and not n.startswith(PRESET_PREFIX)]
     if unknown:
         raise UsageError(f"--baselines: unknown {', '.join(unknown)}; choose from greedy,pld,paper,torch-linear,"
-                         f"tr:<tree> "
-                         f"(or '' for none)")
+                         f"tr:<tree> (or '' for none)")
     for n in names:
         if n.startswith(PRESET_PREFIX):
             try:
@@ -154,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=_positive, default=None, help="use only the first N prompts")
     b.add_argument("--baselines", default="greedy,pld",
                    help="comma list from greedy,pld,paper,torch-linear,tr:<tree> (paper: the paper's tree without "
-                        "n-gram drafts; torch-linear: the default with --skinny-linear off; tr:paper-8, tr:chain (one node + n-gram chain), tr:[[0],[1]]: fixed trees with the "
-                        "n-gram chain, for the default's regret); default greedy,pld")
+                        "n-gram drafts; torch-linear: the default with --skinny-linear off; tr:paper-8, tr:chain "
+                        "(one node + n-gram chain), tr:[[0],[1]]: fixed trees with the n-gram chain, for the "
+                        "default's regret); default greedy,pld")
     b.add_argument("--out", default=None, help="output folder (default bench/out/<timestamp>)")
     b.add_argument("--multi-turn", action="store_true",
                    help="also run later turns, after the greedy answer to the earlier ones")
@@ -229,9 +229,10 @@ def _recycler(model, args, tree):
     try:
         return TokenRecycler(model, tree=tree, topk=args.topk, ngram=args.ngram,
                              skinny_linear=SKINNY_LINEAR[args.skinny_linear])
-    except ValueError as exc:  # a tree the recycler rejects (e.g. "auto" where it is not available)
-        option = "--skinny-linear" if "skinny_linear" in str(exc) else "--tree"
-        raise UsageError(f"{option} {getattr(args, option[2:].replace('-', '_'))!r}: {exc}") from exc
+    except ValueError as exc:
+        if "skinny_linear" in str(exc):  # --skinny-linear on for a model it cannot apply to
+            raise UsageError(f"--skinny-linear {args.skinny_linear!r}: {exc}") from exc
+        raise UsageError(f"--tree {args.tree!r}: {exc}") from exc  # e.g. "auto" where it is not available
 
 
 # ----------------------------------------------------------------------------------- generate

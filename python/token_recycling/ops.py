@@ -179,8 +179,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """``x @ weight.T + bias`` for a few rows of x, streaming each weight row once (CPU, float32).
 
     x ``[..., in]`` (float32; rows may be strided), weight ``[out, in]``, bias ``[out]`` or None;
-    returns ``[..., out]``, like ``torch.nn.functional.linear``. Meant for 2..~12 rows (a verification forward's tokens), where BLAS's packed matrix
-    product costs much more than one row's (``skinny.py`` routes a model's linears through it).
+    returns ``[..., out]``, like ``torch.nn.functional.linear``. Meant for 2..~12 rows (a verification
+    forward's tokens), where BLAS's packed matrix product costs much more than one row's
+    (``skinny.py`` routes a model's linears through it).
     Accumulates in float32 in its own order (within a few ulps of torch's). ``vectorized=False``
     takes the portable C++ loop even where the AVX2/FMA path exists (:func:`skinny_linear_vectorized`);
     the work is split over output features between torch's intra-op threads. CPU only.

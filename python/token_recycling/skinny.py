@@ -5,7 +5,7 @@ before multiplying, and for two to a dozen rows that costs far more than the mul
 2-core AVX2 machine this project measures on, a float32 forward of SmolLM2-135M costs 1.7x as much for
 2 tokens as for 1 (and 1.8x for 8), so every drafted token has to pay that back. ``skinny_linear``
 streams each weight row once for all the rows, which brings 2..8 tokens back to about one token's
-cost (bench/RESULTS.md, "CPU forward cost").
+cost (bench/RESULTS.md, "What a verification forward costs on this CPU").
 
 :func:`routed` is a context manager the decode loop enters for the length of one generate() call:
 inside it, every plain ``nn.Linear`` of the model with float32 CPU weights takes ``skinny_linear`` for
