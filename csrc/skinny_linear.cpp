@@ -9,38 +9,15 @@
 
 namespace token_recycling {
 
-at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                             bool vectorized) {
+namespace {
+
+// x rows [n, in] (float32, row elements contiguous) times weight [out, in] (W: float or bf16) into y [n, out].
+template <typename W>
+void run(const at::Tensor& xc, int64_t n, const at::Tensor& wc, const float* bp, float* yp, bool vectorized) {
   constexpr const char* op = "skinny_linear";
-  check_dtype(x, {at::kFloat}, op, "x");
-  check_dtype(weight, {at::kFloat}, op, "weight");
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dimension (its last is in_features), got a scalar");
-  check_dim(weight, 2, op, "weight");
-  check_size(weight, 1, x.size(-1), op, "weight", "in_features, x.size(-1)");
-  check_device(weight, x.device(), op, "weight");
-  at::Tensor b;
-  if (bias.has_value()) {
-    b = bias->contiguous();
-    check_dtype(b, {at::kFloat}, op, "bias");
-    check_dim(b, 1, op, "bias");
-    check_size(b, 0, weight.size(0), op, "bias", "out_features, weight.size(0)");
-    check_device(b, x.device(), op, "bias");
-  }
-  // x [..., in] as rows [n, in]: rows may be strided (not overlapping: an expanded x is copied); the
-  // elements of a row must be contiguous.
-  const int64_t out = weight.size(0), in = x.size(-1);
-  int64_t n = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) n *= x.size(d);
-  const auto x2 = x.dim() == 2 ? x : x.reshape({n, in});
-  const auto xc = x2.stride(1) == 1 && (n <= 1 || x2.stride(0) >= in) ? x2 : x2.contiguous();
-  const auto wc = weight.stride(1) == 1 && (out <= 1 || weight.stride(0) >= in) ? weight : weight.contiguous();
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = out;
-  auto y = at::empty(out_shape, x.options());
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const int64_t out = wc.size(0), in = wc.size(1);
   const float* xp = xc.data_ptr<float>();
-  const float* wp = wc.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  const W* wp = reinterpret_cast<const W*>(wc.data_ptr());
   const int64_t x_stride = n > 1 ? xc.stride(0) : in, w_stride = out > 1 ? wc.stride(0) : in;
   // The sizes and strides are checked once (an empty output range), then the threads split the output
   // features in groups of four (the kernel works on four weight rows at a time).
@@ -50,6 +27,47 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
                                           std::min(4 * end, out), vectorized);
     TORCH_INTERNAL_ASSERT(s.ok, s.message);  // checked above: the ranges are inside [0, out)
   });
+}
+
+}  // namespace
+
+at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             bool vectorized) {
+  constexpr const char* op = "skinny_linear";
+  check_dtype(weight, {at::kFloat, at::kBFloat16}, op, "weight");
+  check_dtype(x, {weight.scalar_type()}, op, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dimension (its last is in_features), got a scalar");
+  check_dim(weight, 2, op, "weight");
+  check_size(weight, 1, x.size(-1), op, "weight", "in_features, x.size(-1)");
+  check_device(weight, x.device(), op, "weight");
+  const bool bf16 = weight.scalar_type() == at::kBFloat16;
+  at::Tensor b;
+  if (bias.has_value()) {
+    check_dtype(*bias, {weight.scalar_type()}, op, "bias");
+    check_dim(*bias, 1, op, "bias");
+    check_size(*bias, 0, weight.size(0), op, "bias", "out_features, weight.size(0)");
+    check_device(*bias, x.device(), op, "bias");
+    b = bias->to(at::kFloat).contiguous();
+  }
+  // x [..., in] as rows [n, in]: rows may be strided (not overlapping: an expanded x is copied); the
+  // elements of a row must be contiguous. A bf16 x is widened to float32 (a few rows: cheap), and y is
+  // computed in float32 and rounded to bf16 once, as torch's bf16 linear accumulates in float32.
+  const int64_t out = weight.size(0), in = x.size(-1);
+  int64_t n = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) n *= x.size(d);
+  const auto x2 = x.dim() == 2 ? x : x.reshape({n, in});
+  const auto xc = bf16 ? x2.to(at::kFloat).contiguous()
+                       : (x2.stride(1) == 1 && (n <= 1 || x2.stride(0) >= in) ? x2 : x2.contiguous());
+  const auto wc = weight.stride(1) == 1 && (out <= 1 || weight.stride(0) >= in) ? weight : weight.contiguous();
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = out;
+  auto y = at::empty(out_shape, x.options().dtype(at::kFloat));
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  if (bf16) {
+    run<kernels::bfloat16>(xc, n, wc, bp, y.data_ptr<float>(), vectorized);
+    return y.to(at::kBFloat16);
+  }
+  run<float>(xc, n, wc, bp, y.data_ptr<float>(), vectorized);
   return y;
 }
 

@@ -8,13 +8,17 @@
 //
 // x: [n, in] (row stride x_stride, elements contiguous); w: [out, in] (row stride w_stride); bias:
 // [out] or null; y: [n, out] (row stride y_stride). Only output features [o_begin, o_end) are written,
-// so a caller can split the work between threads. float32, accumulated in float32: within a few ulps
-// of BLAS, summed in a different order.
+// so a caller can split the work between threads. x, bias and y are float32; the weights are float32
+// or bfloat16 (W = float or bfloat16: a bf16 weight is widened to float32 in registers, so the
+// weights stream at half the bytes). Accumulated in float32: within a few ulps of BLAS, summed in a
+// different order. (A bf16 model's caller widens x and rounds y, as torch's bf16 linear does.)
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
+#include "numeric.h"
 #include "status.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
@@ -27,15 +31,16 @@ namespace token_recycling::kernels {
 namespace skinny_detail {
 
 // The portable version (the reference for the vectorized one, and the path on other CPUs).
-inline void rows_scalar(const float* x, int64_t n, int64_t x_stride, const float* w, int64_t in,
+template <typename W>
+inline void rows_scalar(const float* x, int64_t n, int64_t x_stride, const W* w, int64_t in,
                         int64_t w_stride, const float* bias, float* y, int64_t y_stride, int64_t o_begin,
                         int64_t o_end) {
   for (int64_t o = o_begin; o < o_end; ++o) {
-    const float* wr = w + o * w_stride;
+    const W* wr = w + o * w_stride;
     for (int64_t i = 0; i < n; ++i) {
       const float* xr = x + i * x_stride;
       float s = 0.f;
-      for (int64_t k = 0; k < in; ++k) s += wr[k] * xr[k];
+      for (int64_t k = 0; k < in; ++k) s += to_float(wr[k]) * xr[k];
       y[i * y_stride + o] = s + (bias ? bias[o] : 0.f);
     }
   }
@@ -49,11 +54,18 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-constexpr int64_t kPrefetch = 64;  // floats ahead in each weight row (measured: 64 beat 0 and 256)
+constexpr int64_t kPrefetch = 64;  // elements ahead in each weight row (measured: 64 beat 0 and 256)
+
+// Eight weights as float32: a load, or for bf16 a widening (bf16 is the top half of a float32).
+__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"))) inline __m256 load8(const bfloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
 
 // R weight rows times C rows of x: R*C accumulators; per 8 inputs, C loads of x and R of w feed R*C FMAs.
-template <int R, int C>
-__attribute__((target("avx2,fma"))) inline void tile(const float* const* w, const float* const* x, int64_t in,
+template <int R, int C, typename W>
+__attribute__((target("avx2,fma"))) inline void tile(const W* const* w, const float* const* x, int64_t in,
                                                      const float* bias, float* y, int64_t y_stride, int64_t o) {
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r)
@@ -64,30 +76,32 @@ __attribute__((target("avx2,fma"))) inline void tile(const float* const* w, cons
     for (int c = 0; c < C; ++c) xv[c] = _mm256_loadu_ps(x[c] + k);
     for (int r = 0; r < R; ++r) {
       if (k + kPrefetch < in) _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + kPrefetch), _MM_HINT_T0);
-      const __m256 wv = _mm256_loadu_ps(w[r] + k);
+      const __m256 wv = load8(w[r] + k);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(wv, xv[c], acc[r][c]);
     }
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
       float s = hsum(acc[r][c]);
-      for (int64_t kk = k; kk < in; ++kk) s += w[r][kk] * x[c][kk];
+      for (int64_t kk = k; kk < in; ++kk) s += to_float(w[r][kk]) * x[c][kk];
       y[c * y_stride + o + r] = s + (bias ? bias[o + r] : 0.f);
     }
 }
 
-// R weight rows (from o) against every row of x, in blocks of 3 rows of x (2 + 2 for the last 4), while
-// the R rows sit in L1.
-template <int R>
+// R weight rows (from o) against every row of x, in blocks of 3 rows of x (4 rows: 3 + 1), while the R
+// rows sit in L1. The first block reads the weights from memory, so it takes as many rows as the
+// registers allow: with weights streamed from DRAM (a whole model's), 3 + 1 beat 2 + 2 by 15-20% for
+// 4 rows (the 2 + 2 split had been chosen on a cache-resident benchmark).
+template <int R, typename W>
 __attribute__((target("avx2,fma"))) inline void weight_rows(const float* x, int64_t n, int64_t x_stride,
-                                                            const float* w, int64_t in, int64_t w_stride,
+                                                            const W* w, int64_t in, int64_t w_stride,
                                                             const float* bias, float* y, int64_t y_stride,
                                                             int64_t o) {
-  const float* wr[R];
+  const W* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = w + (o + r) * w_stride;
   for (int64_t i = 0; i < n;) {
     const int64_t left = n - i;
-    const int c = left == 4 ? 2 : (left >= 3 ? 3 : static_cast<int>(left));
+    const int c = left >= 3 ? 3 : static_cast<int>(left);
     const float* xr[3] = {x + i * x_stride, x + (i + (c > 1 ? 1 : 0)) * x_stride,
                           x + (i + (c > 2 ? 2 : 0)) * x_stride};  // unused slots repeat a row in range
     float* yi = y + i * y_stride;
@@ -98,8 +112,9 @@ __attribute__((target("avx2,fma"))) inline void weight_rows(const float* x, int6
   }
 }
 
+template <typename W>
 __attribute__((target("avx2,fma"))) inline void rows_avx2(const float* x, int64_t n, int64_t x_stride,
-                                                           const float* w, int64_t in, int64_t w_stride,
+                                                           const W* w, int64_t in, int64_t w_stride,
                                                            const float* bias, float* y, int64_t y_stride,
                                                            int64_t o_begin, int64_t o_end) {
   int64_t o = o_begin;
@@ -124,9 +139,11 @@ inline bool skinny_linear_vectorized() {
 #endif
 }
 
-inline Status skinny_linear(const float* x, int64_t n, int64_t x_stride, const float* w, int64_t out_features,
+template <typename W>  // float or bfloat16 weights
+inline Status skinny_linear(const float* x, int64_t n, int64_t x_stride, const W* w, int64_t out_features,
                             int64_t in_features, int64_t w_stride, const float* bias, float* y, int64_t y_stride,
                             int64_t o_begin, int64_t o_end, bool vectorized = true) {
+  static_assert(std::is_same_v<W, float> || std::is_same_v<W, bfloat16>, "weights: float or bfloat16");
   Status s = CheckSizes({{"n", n}, {"out_features", out_features}, {"in_features", in_features},
                          {"o_begin", o_begin}});
   if (!s.ok) return s;

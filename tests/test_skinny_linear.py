@@ -1,5 +1,6 @@
-"""ops.skinny_linear against float64 on random inputs, its bad-input contract, and skinny.routed in
-the decode loop (fp32 output still equal to model.generate(do_sample=False))."""
+"""ops.skinny_linear against float64 on random inputs (float32 and bf16), its bad-input contract, and
+skinny.routed in the decode loop (fp32 output still equal to model.generate(do_sample=False); bf16
+routed too)."""
 
 import pytest
 import torch
@@ -31,6 +32,29 @@ def test_matches_float64_on_random_inputs(n, vectorized):
             assert ours <= 4 * theirs + 1e-6 * (in_f ** 0.5), (n, out_f, in_f, with_bias, ours, theirs)
 
 
+@pytest.mark.parametrize("vectorized", [True, False])
+@pytest.mark.parametrize("n", [2, 3, 5, 12])
+def test_bf16_matches_float64_on_random_inputs(n, vectorized):
+    """bf16 in, bf16 out (rounded once from a float32 sum): against float64 on the same bf16 values,
+    within a small multiple of torch's own bf16 linear's error."""
+    g = torch.Generator().manual_seed(100 + n)
+    for out_f, in_f in [(1, 1), (7, 3), (33, 8), (64, 13), (96, 64), (129, 200), (40, 576)]:
+        for with_bias in (False, True):
+            x = torch.randn(n, in_f, generator=g).bfloat16()
+            w = torch.randn(out_f, in_f, generator=g).bfloat16()
+            b = torch.randn(out_f, generator=g).bfloat16() if with_bias else None
+            exact = x.double() @ w.double().T + (b.double() if b is not None else 0)
+            ours = ops.skinny_linear(x, w, b, vectorized)
+            theirs = torch.nn.functional.linear(x, w, b)
+            assert ours.dtype == torch.bfloat16 and ours.shape == exact.shape
+            err, ref = (ours.double() - exact).abs().max().item(), (theirs.double() - exact).abs().max().item()
+            # One rounding to bf16 (2^-8 relative) dominates both; the float32 sums differ in order only.
+            assert err <= 2 * ref + 1e-6 * in_f, (n, out_f, in_f, with_bias, err, ref)
+            # And against our own float32 path on the same values: the same sum, rounded once.
+            f32 = ops.skinny_linear(x.float(), w.float(), b.float() if b is not None else None, vectorized)
+            torch.testing.assert_close(ours.float(), f32.bfloat16().float(), rtol=2**-7, atol=1e-6 * in_f)
+
+
 def test_strided_rows_and_weight_views():
     g = torch.Generator().manual_seed(3)
     big = torch.randn(6, 80, generator=g)
@@ -44,6 +68,11 @@ def test_strided_rows_and_weight_views():
     xt = torch.randn(64, 3, generator=g).T  # elements not contiguous: copied first
     ours, theirs = _errors(xt, w, None, True)
     assert ours <= 4 * theirs + 1e-5
+    # bf16: strided rows and a strided weight view.
+    xb, wb = big.bfloat16()[::2, 5:69], wbig.bfloat16()[:, 3:67]
+    got = ops.skinny_linear(xb, wb)
+    want = ops.skinny_linear(xb.contiguous().float(), wb.contiguous().float()).bfloat16()
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-5)
 
 
 def test_any_leading_shape_like_torch_linear():
@@ -75,8 +104,12 @@ def test_bad_input_names_the_argument():
     x, w = torch.randn(2, 4), torch.randn(3, 4)
     with pytest.raises(TypeError, match="x must be Float"):
         ops.skinny_linear(x.double(), w)
-    with pytest.raises(TypeError, match="weight must be Float"):
+    with pytest.raises(TypeError, match="weight must be Float or BFloat16"):
         ops.skinny_linear(x, w.half())
+    with pytest.raises(TypeError, match="x must be BFloat16"):  # x and bias take the weight's dtype
+        ops.skinny_linear(x, w.bfloat16())
+    with pytest.raises(TypeError, match="bias must be BFloat16"):
+        ops.skinny_linear(x.bfloat16(), w.bfloat16(), torch.randn(3))
     with pytest.raises(ValueError, match="weight.size\\(1\\) must be 4"):
         ops.skinny_linear(x, torch.randn(3, 5))
     with pytest.raises(ValueError, match="x must have at least 1 dimension"):
@@ -94,6 +127,7 @@ def test_opcheck():
     x, w, b = torch.randn(3, 16, generator=g), torch.randn(10, 16, generator=g), torch.randn(10, generator=g)
     torch.library.opcheck(torch.ops.token_recycling.skinny_linear, (x, w, b, True))
     torch.library.opcheck(torch.ops.token_recycling.skinny_linear, (x, w, None, False))
+    torch.library.opcheck(torch.ops.token_recycling.skinny_linear, (x.bfloat16(), w.bfloat16(), b.bfloat16(), True))
 
 
 # ------------------------------------------------------------------------------ routing in a model
@@ -127,17 +161,37 @@ def test_routed_takes_few_row_forwards_only_and_restores_the_model(monkeypatch):
     assert rows_seen == []
 
 
-def test_routed_off_and_non_float32_models_are_untouched():
+def test_routed_off_and_other_dtypes_are_untouched():
     model = tiny_model("llama")
     with skinny.routed(model, enabled=False) as patched:
         assert patched == 0
-    half = tiny_model("llama", dtype=torch.bfloat16)
+    half = tiny_model("llama", dtype=torch.float16)
     assert not skinny.applies(half)
     with pytest.raises(ValueError, match="skinny_linear=True needs"):
         TokenRecycler(half, skinny_linear=True)
     with pytest.raises(TypeError, match="skinny_linear must be"):
         TokenRecycler(model, skinny_linear="yes")
     assert TokenRecycler(half).skinny_linear is False
+    bf16 = tiny_model("llama", dtype=torch.bfloat16)
+    assert skinny.applies(bf16)
+    assert TokenRecycler(bf16).skinny_linear is skinny.available()
+
+
+def test_routed_bf16_model_matches_torch_within_rounding(monkeypatch):
+    """A bf16 model's few-row forwards go through the op and give torch's logits up to bf16 rounding
+    (the sums differ in order; each linear's output is rounded once, as torch's is)."""
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    rows_seen = []
+    real = skinny._op()
+    monkeypatch.setattr(skinny, "_op", lambda: lambda x, *a: rows_seen.append(x.dtype) or real(x, *a))
+    ids = torch.randint(3, 300, (1, 5))
+    with torch.no_grad():
+        want = model(ids).logits.float()
+        with skinny.routed(model):
+            got = model(ids).logits.float()
+    assert rows_seen and set(rows_seen) == {torch.bfloat16}
+    # A few bf16 ulps of the logits' scale (a tiny random model: logits of order 0.1-1).
+    assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item() + 1e-2
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])

@@ -2,6 +2,7 @@
 // compared with a naive loop written here, so a benchmark of a broken kernel cannot pass silently.
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "../../kernels/compact_kv.h"
@@ -166,23 +167,28 @@ void tree_attention(const Options& o, const ModelShape& m, int64_t batch, int64_
             t, 2.0 * batch * kv_heads * seq * d * sizeof(float), 4.0 * batch * hq * n * seq * d);
 }
 
+// W: float or bf16 weights (x and y float32 either way).
+template <typename W>
 void skinny_linear(const Options& o, int64_t out, int64_t in, int64_t n, bool vectorized) {
-  std::vector<float> x(n * in), w(out * in), y(n * out);
+  std::vector<float> x(n * in), y(n * out);
+  std::vector<W> w(out * in);
   for (auto& v : x) v = randn();
-  for (auto& v : w) v = randn();
+  for (auto& v : w) v = k::from_float<W>(randn());
   auto run = [&] { k::skinny_linear(x.data(), n, in, w.data(), out, in, in, nullptr, y.data(), out, 0, out, vectorized); };
   run();
   bool close = true;  // naive double loop; float sums of `in` terms of size ~1 are off by ~in * 2^-24 at most
   for (int64_t i = 0; i < n; ++i)
     for (int64_t r = 0; r < out; r += std::max<int64_t>(1, out / 64)) {
       double want = 0;
-      for (int64_t c = 0; c < in; ++c) want += static_cast<double>(x[i * in + c]) * w[r * in + c];
+      for (int64_t c = 0; c < in; ++c) want += static_cast<double>(x[i * in + c]) * k::to_float(w[r * in + c]);
       close = close && std::abs(y[i * out + r] - want) <= 1e-6 * in * std::sqrt(static_cast<double>(in)) + 1e-4;
     }
   expect(close, "cpu skinny_linear differs from the naive loop");
   const double t = time_host(run, o.quick ? 3 : 20);
-  print_row("cpu", vectorized && k::skinny_linear_vectorized() ? "skinny_linear avx2" : "skinny_linear scalar",
-            shape_str({{"n", n}, {"out", out}, {"in", in}}), t, 4.0 * (out * in + n * in + n * out), 2.0 * n * out * in);
+  const std::string name = std::string(vectorized && k::skinny_linear_vectorized() ? "skinny_linear avx2" : "skinny_linear scalar") +
+                           (sizeof(W) == 2 ? " bf16w" : "");
+  print_row("cpu", name.c_str(), shape_str({{"n", n}, {"out", out}, {"in", in}}), t,
+            sizeof(W) * out * in + 4.0 * (n * in + n * out), 2.0 * n * out * in);
 }
 
 }  // namespace
@@ -214,8 +220,9 @@ void run_cpu_benchmarks(const Options& o) {
   if (selected(o, "skinny_linear")) {
     // SmolLM2-135M's MLP up-projection (the CPU model of bench/RESULTS.md); the scalar loop once.
     const int64_t out = o.quick ? 96 : 1536, in = o.quick ? 40 : 576;
-    for (int64_t n : {1, 2, 4, 8}) skinny_linear(o, out, in, n, true);
-    skinny_linear(o, out, in, 4, false);
+    for (int64_t n : {1, 2, 4, 8}) skinny_linear<float>(o, out, in, n, true);
+    skinny_linear<float>(o, out, in, 4, false);
+    for (int64_t n : {1, 2, 4, 8}) skinny_linear<k::bfloat16>(o, out, in, n, true);
   }
 }
 

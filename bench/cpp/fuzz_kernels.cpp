@@ -688,6 +688,7 @@ void fuzz_graft_chain(int64_t iters) {
 // ------------------------------------------------------------------------------ skinny_linear
 // Random sizes, row strides (some too small: an error), output ranges (some outside [0, out]); x, w and
 // y exactly as large as the strides describe. Outputs outside [o_begin, o_end) must stay untouched.
+// Half the calls take bf16 weights (the same values: small multiples of 1/4 are exact in bf16).
 void fuzz_skinny_linear(int64_t iters) {
   Tally t("skinny_linear");
   for (int64_t it = 0; it < iters; ++it) {
@@ -698,7 +699,7 @@ void fuzz_skinny_linear(int64_t iters) {
     int64_t ob = randint(0, OUT + 1), oe = randint(ob, OUT + 1);
     if (chance(0.05)) ob = chance(0.5) ? -randint(1, 5) : ob;
     if (chance(0.05)) oe = chance(0.5) ? OUT + randint(1, 5) : ob - 1;
-    const bool vectorized = chance(0.5), bias = chance(0.5);
+    const bool vectorized = chance(0.5), bias = chance(0.5), bf16 = chance(0.5);
     const bool strides_ok = (n <= 1 || xs >= in) && (out <= 1 || ws >= in) && (n <= 1 || ys >= out);
     const bool valid = n >= 0 && out >= 0 && in >= 0 && ob >= 0 && strides_ok && oe >= ob && oe <= out;
     auto span = [](int64_t rows, int64_t stride, int64_t cols) {
@@ -708,8 +709,11 @@ void fuzz_skinny_linear(int64_t iters) {
     for (auto& v : x) v = static_cast<float>(randint(-8, 9)) / 4;
     for (auto& v : w) v = static_cast<float>(randint(-8, 9)) / 4;
     for (auto& v : b) v = static_cast<float>(randint(-8, 9)) / 4;
-    const Status s = k::skinny_linear(x.data(), n, xs, w.data(), out, in, ws, bias ? b.data() : nullptr, y.data(), ys,
-                                      ob, oe, vectorized);
+    std::vector<k::bfloat16> wb(bf16 ? w.size() : 0);
+    for (size_t i = 0; i < wb.size(); ++i) wb[i] = k::from_float<k::bfloat16>(w[i]);
+    const float* bp = bias ? b.data() : nullptr;
+    const Status s = bf16 ? k::skinny_linear(x.data(), n, xs, wb.data(), out, in, ws, bp, y.data(), ys, ob, oe, vectorized)
+                          : k::skinny_linear(x.data(), n, xs, w.data(), out, in, ws, bp, y.data(), ys, ob, oe, vectorized);
     if (!t.verdict(s, valid, it)) continue;
     bool same = true;  // small multiples of 1/4: every partial sum is exact in float, in any order
     for (int64_t i = 0; i < n; ++i)

@@ -176,13 +176,14 @@ def graft_chain(tree_tokens: torch.Tensor, parents: torch.Tensor, chain: torch.T
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   vectorized: bool = True) -> torch.Tensor:
-    """``x @ weight.T + bias`` for a few rows of x, streaming each weight row once (CPU, float32).
+    """``x @ weight.T + bias`` for a few rows of x, streaming each weight row once (CPU, float32 or bf16).
 
-    x ``[..., in]`` (float32; rows may be strided), weight ``[out, in]``, bias ``[out]`` or None;
-    returns ``[..., out]``, like ``torch.nn.functional.linear``. Meant for 2..~12 rows (a verification
-    forward's tokens), where BLAS's packed matrix product costs much more than one row's
-    (``skinny.py`` routes a model's linears through it).
-    Accumulates in float32 in its own order (within a few ulps of torch's). ``vectorized=False``
+    x ``[..., in]`` (rows may be strided), weight ``[out, in]``, bias ``[out]`` or None, all float32 or
+    all bfloat16; returns ``[..., out]`` in that dtype, like ``torch.nn.functional.linear``. Meant for
+    2..~12 rows (a verification forward's tokens), where BLAS's packed matrix product costs much more
+    than one row's (``skinny.py`` routes a model's linears through it).
+    Accumulates in float32 in its own order (within a few ulps of torch's); bf16 weights are widened
+    in registers, and a bf16 result is rounded once from the float32 sum. ``vectorized=False``
     takes the portable C++ loop even where the AVX2/FMA path exists (:func:`skinny_linear_vectorized`);
     the work is split over output features between torch's intra-op threads. CPU only.
     """

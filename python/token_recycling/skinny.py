@@ -8,11 +8,15 @@ streams each weight row once for all the rows, which brings 2..8 tokens back to 
 cost (bench/RESULTS.md, "What a verification forward costs on this CPU").
 
 :func:`routed` is a context manager the decode loop enters for the length of one generate() call:
-inside it, every plain ``nn.Linear`` of the model with float32 CPU weights takes ``skinny_linear`` for
-inputs of 2..``max_rows`` rows (tokens x batch) when autograd is off; everything else (the prefill,
-one-token forwards, other dtypes) goes to torch as before. The model is restored on exit. The sums
-are in float32 in a different order than BLAS's, which verification tolerates like any other change
-of kernel: the lossless tests compare against ``model.generate`` with it on.
+inside it, every plain ``nn.Linear`` of the model with float32 or bfloat16 CPU weights takes
+``skinny_linear`` for inputs of 2..``max_rows`` rows (tokens x batch) of the weight's dtype when
+autograd is off; everything else (the prefill, one-token forwards, other dtypes) goes to torch as
+before. The model is restored on exit. The sums are in float32 in a different order than BLAS's,
+which verification tolerates like any other change of kernel: the lossless tests compare against
+``model.generate`` with it on. In bfloat16 (no native bf16 arithmetic on an AVX2 CPU, where torch's
+bf16 product of a few rows costs ~0.45x a one-row forward per extra row) the op widens the bf16
+weights in registers; a bf16 result, rounded once from a float32 sum, can differ from torch's by an
+ulp, which is the documented bf16 near-tie divergence, not a loss in float32.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from . import ops
 
 MAX_ROWS = 12  # beyond this BLAS's packed product is as fast (measured on the AVX2 machine)
+DTYPES = (torch.float32, torch.bfloat16)  # the weight dtypes the op takes (x and bias match the weight)
 
 
 def available() -> bool:
@@ -32,7 +37,7 @@ def available() -> bool:
 
 
 def applies(model) -> bool:
-    """Whether routing would change anything for ``model``: float32 weights on the CPU, one process."""
+    """Whether routing would change anything for ``model``: float32/bf16 weights on the CPU, one process."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return False  # tensor-parallel shards keep torch's linear (tp.py)
     return bool(_linears(model))
@@ -43,8 +48,8 @@ def _linears(model) -> list[torch.nn.Linear]:
     for module in model.modules():
         w = getattr(module, "weight", None)
         # Exactly nn.Linear: subclasses (LoRA, quantized layers) have forwards of their own.
-        if type(module) is torch.nn.Linear and type(w) is torch.nn.Parameter and w.dtype == torch.float32 \
-                and w.device.type == "cpu":
+        if type(module) is torch.nn.Linear and type(w) is torch.nn.Parameter and w.dtype in DTYPES \
+                and w.device.type == "cpu" and (module.bias is None or module.bias.dtype == w.dtype):
             found.append(module)
     return found
 
@@ -56,12 +61,13 @@ def _op():
 
 def _routed_forward(module: torch.nn.Linear, original, max_rows: int):
     # Called ~200 times per forward: kept to a few attribute reads (the op takes x [..., in] itself).
-    op, weight, bias, f32 = _op(), module.weight, module.bias, torch.float32
+    op, weight, bias = _op(), module.weight, module.bias
+    dtype = weight.dtype
     grad_enabled = torch.is_grad_enabled
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         last = x.shape[-1] if x.dim() else 0
-        if last and 2 <= x.numel() // last <= max_rows and x.dtype is f32 and not grad_enabled():
+        if last and 2 <= x.numel() // last <= max_rows and x.dtype is dtype and not grad_enabled():
             return op(x, weight, bias, True)
         return original(x)
     return forward
@@ -69,7 +75,7 @@ def _routed_forward(module: torch.nn.Linear, original, max_rows: int):
 
 @contextlib.contextmanager
 def routed(model, enabled: bool = True, max_rows: int = MAX_ROWS):
-    """Route ``model``'s float32 CPU linears through skinny_linear for 2..max_rows rows, then restore."""
+    """Route ``model``'s float32/bf16 CPU linears through skinny_linear for 2..max_rows rows, then restore."""
     patched = []
     if enabled:
         for module in _linears(model):
