@@ -132,7 +132,7 @@ class RandomPlans:
         plan = self.decide(candidates, run)  # a real decision (refreshes the tree order)
         nodes, want = self.KINDS[self.step % len(self.KINDS)]
         self.step += 1
-        chains = [t[: self.rng.randint(1, len(t))] if i < want else [] for i, (t, _) in enumerate(candidates[:2])]
+        chains = [t[: self.rng.randint(1, len(t))] if i < want else [] for i, (t, *_) in enumerate(candidates[:2])]
         self.kinds.add((nodes > 1, sum(1 for c in chains if c)))
         return Plan(nodes, chains, plan.candidates, plan.buckets, plan.match, plan.expected, plan.seconds)
 

@@ -22,10 +22,11 @@ from . import __version__
 from .datasets import Prompt
 from .models import hardware
 
-METHODS = ("greedy", "pld", "paper", "torch-linear", "ours")
+METHODS = ("greedy", "pld", "paper", "torch-linear", "no-history", "ours")
 # "paper": the paper's method (its 80-node tree, no n-gram drafts); "torch-linear": the default with
-# torch's linear layers (skinny_linear=False), which measures what skinny.py gives on the CPU.
-RECYCLERS = ("paper", "torch-linear", "ours")
+# torch's linear layers (skinny_linear=False), which measures what skinny.py gives on the CPU;
+# "no-history": the default with ngram_history=0 (n-grams from the current context only).
+RECYCLERS = ("paper", "torch-linear", "no-history", "ours")
 PRESET_PREFIX = "tr:"  # "tr:<tree>": Token Recycling with a fixed tree (+ the n-gram chain), e.g. tr:paper-8
 PRESET_ALIASES = {"chain": [[0]]}  # tr:chain: one matrix node + the n-gram chain
 

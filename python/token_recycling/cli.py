@@ -59,11 +59,11 @@ def parse_baselines(text: str) -> tuple[str, ...]:
     from .bench import PRESET_PREFIX, preset_tree
 
     names = tuple(n.strip() for n in _split_baselines(text) if n.strip())
-    unknown = [n for n in names if n not in ("greedy", "pld", "paper", "torch-linear")
+    unknown = [n for n in names if n not in ("greedy", "pld", "paper", "torch-linear", "no-history")
                and not n.startswith(PRESET_PREFIX)]
     if unknown:
         raise UsageError(f"--baselines: unknown {', '.join(unknown)}; choose from greedy,pld,paper,torch-linear,"
-                         f"tr:<tree> (or '' for none)")
+                         f"no-history,tr:<tree> (or '' for none)")
     for n in names:
         if n.startswith(PRESET_PREFIX):
             try:
@@ -84,6 +84,16 @@ def _split_baselines(text: str) -> list[str]:
         else:
             cur += ch
     return out + [cur]
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -118,8 +128,11 @@ def _common(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
                    help="draft from the adjacency matrix only (with --tree paper: the paper's method), "
                         "without the context n-gram chain")
     p.add_argument("--topk", type=_positive, default=8, help="candidates kept per token (matrix width)")
+    p.add_argument("--ngram-history", type=_non_negative, default=4096,
+                   help="the n-gram lookup also searches this many tokens of earlier prompts' outputs "
+                        "(default 4096; 0: the current context only)")
     p.add_argument("--skinny-linear", default="auto", choices=list(SKINNY_LINEAR),
-                   help="few-token forwards' linear layers through the skinny_linear op (CPU, float32): auto "
+                   help="few-token forwards' linear layers through the skinny_linear op (CPU, float32 or bf16): auto "
                         "(default: where the CPU has AVX2/FMA), on, or off (torch's linear)")
     p.add_argument("--dtype", default="auto", choices=["auto", *models.DTYPES],
                    help="auto: bfloat16 on CUDA and on CPUs with AMX/AVX512-BF16, else float32")
@@ -152,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{' or '.join(BUILTIN)}, or a JSONL file (Spec-Bench or HumanEval format)")
     b.add_argument("--limit", type=_positive, default=None, help="use only the first N prompts")
     b.add_argument("--baselines", default="greedy,pld",
-                   help="comma list from greedy,pld,paper,torch-linear,tr:<tree> (paper: the paper's tree without "
-                        "n-gram drafts; torch-linear: the default with --skinny-linear off; tr:paper-8, tr:chain "
+                   help="comma list from greedy,pld,paper,torch-linear,no-history,tr:<tree> (paper: the paper's tree "
+                        "without n-gram drafts; torch-linear: the default with --skinny-linear off; no-history: "
+                        "the default with --ngram-history 0; tr:paper-8, tr:chain "
                         "(one node + n-gram chain), tr:[[0],[1]]: fixed trees with the n-gram chain, for the "
                         "default's regret); default greedy,pld")
     b.add_argument("--out", default=None, help="output folder (default bench/out/<timestamp>)")
@@ -227,7 +241,7 @@ def _recycler(model, args, tree):
     from .recycler import TokenRecycler
 
     try:
-        return TokenRecycler(model, tree=tree, topk=args.topk, ngram=args.ngram,
+        return TokenRecycler(model, tree=tree, topk=args.topk, ngram=args.ngram, ngram_history=args.ngram_history,
                              skinny_linear=SKINNY_LINEAR[args.skinny_linear])
     except ValueError as exc:
         if "skinny_linear" in str(exc):  # --skinny-linear on for a model it cannot apply to
@@ -305,11 +319,16 @@ def cmd_bench(args) -> int:
     if "torch-linear" in baselines:  # the default with torch's linear layers: what skinny_linear gives
         from .recycler import TokenRecycler
         recs["torch-linear"] = TokenRecycler(loaded.model, tree=tree, topk=args.topk, ngram=args.ngram,
-                                             skinny_linear=False)
+                                             ngram_history=args.ngram_history, skinny_linear=False)
+    if "no-history" in baselines:  # the default without earlier outputs in the n-gram lookup
+        from .recycler import TokenRecycler
+        recs["no-history"] = TokenRecycler(loaded.model, tree=tree, topk=args.topk, ngram=args.ngram,
+                                           ngram_history=0, skinny_linear=SKINNY_LINEAR[args.skinny_linear])
     for name in baselines:  # tr:<tree>: fixed trees (+ the n-gram chain), to measure the default's regret
         if name.startswith(bench.PRESET_PREFIX):
             from .recycler import TokenRecycler
-            recs[name] = TokenRecycler(loaded.model, tree=bench.preset_tree(name), topk=args.topk, ngram=args.ngram)
+            recs[name] = TokenRecycler(loaded.model, tree=bench.preset_tree(name), topk=args.topk, ngram=args.ngram,
+                                       ngram_history=args.ngram_history)
     cfg = bench.BenchConfig(max_new_tokens=args.max_new_tokens, methods=(*baselines, "ours"),
                             multi_turn=args.multi_turn, chat_template=args.chat_template, sampling=_sampling(args))
     config = {

@@ -23,7 +23,7 @@ import torch
 from . import distributed, ops
 from .adjacency import AdjacencyMatrix
 from .auto_tree import COST_SIZES, REMEASURE_SIZES, measure_cost, remeasure_cost
-from .ngram import NgramIndex
+from .ngram import NgramIndex, RecentOutputs
 from .policy import CANDIDATES, Plan, Policy
 from .tree import DraftTree, TreeSpec, make_tree
 
@@ -77,15 +77,21 @@ class Draft:
 
 class DraftState:
     """Per-request drafting state: the n-gram index over this sequence's tokens (None without
-    n-grams) and how many tokens of the last step's first candidate the model produced (``run``)."""
+    n-grams), after ``seed`` (earlier requests' outputs, ngram.RecentOutputs: its first
+    ``seed_len`` tokens), and how many tokens of the last step's first candidate the model produced
+    (``run``)."""
 
-    def __init__(self, seq: torch.Tensor, capacity: int, max_ngram: int | None):
+    def __init__(self, seq: torch.Tensor, capacity: int, max_ngram: int | None, seed: torch.Tensor | None = None):
         self.max_ngram = max_ngram
+        self.seed = seed if seed is not None and seed.numel() and max_ngram else None
+        self.seed_len = self.seed.numel() if self.seed is not None else 0
         self.index = self._new_index(seq, capacity) if max_ngram else None
         self.run = 0
 
     def _new_index(self, seq, capacity: int) -> NgramIndex:
-        index = NgramIndex(1, max(capacity, seq.shape[1] + 1), self.max_ngram)
+        index = NgramIndex(1, self.seed_len + max(capacity, seq.shape[1] + 1), self.max_ngram)
+        if self.seed is not None:
+            index.extend(self.seed.view(1, -1))
         index.extend(seq)
         return index
 
@@ -94,7 +100,7 @@ class DraftState:
         if self.index is None or emitted == 0:
             return
         if self.index.lengths[0] + emitted > self.index.capacity:  # ran past the planned length
-            self.index = self._new_index(seq, 2 * self.index.capacity)
+            self.index = self._new_index(seq, 2 * (self.index.capacity - self.seed_len))
         else:
             new = host_tokens[:emitted].view(1, -1) if host_tokens is not None else seq[:, seq.shape[1] - emitted:]
             self.index.extend(new)
@@ -104,11 +110,11 @@ class Drafter:
     """The adjacency matrix, the tree template (fixed or auto) and the n-gram settings.
 
     Args mirror :class:`TokenRecycler`'s: ``tree`` ("auto", a preset, rank paths or a DraftTree),
-    ``topk``, ``ngram`` / ``max_ngram`` / ``ngram_tokens``.
+    ``topk``, ``ngram`` / ``max_ngram`` / ``ngram_tokens`` / ``ngram_history``.
     """
 
     def __init__(self, vocab_size: int, device: torch.device, tree: TreeSpec = "auto", topk: int = 8, *,
-                 ngram: bool = True, max_ngram: int = 4, ngram_tokens: int = 10):
+                 ngram: bool = True, max_ngram: int = 4, ngram_tokens: int = 10, ngram_history: int = 4096):
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
         if ngram and (max_ngram < 1 or ngram_tokens < 1):
@@ -119,6 +125,7 @@ class Drafter:
         self.matrix = AdjacencyMatrix(vocab_size, topk, self.host)
         self.tree_spec = tree
         self.ngram, self.max_ngram, self.ngram_tokens = ngram, max_ngram, ngram_tokens
+        self.recent = RecentOutputs(ngram_history if ngram else 0)  # earlier requests' outputs (ngram.py)
         self.policy: Policy | None = None
         if isinstance(tree, str) and tree == "auto":
             self.policy = Policy(topk, max_chain=ngram_tokens if ngram else 0, max_ngram=max_ngram)
@@ -131,7 +138,11 @@ class Drafter:
 
     # ------------------------------------------------------------------ per request
     def start(self, seq: torch.Tensor, capacity: int) -> DraftState:
-        return DraftState(seq, capacity, self.max_ngram if self.ngram else None)
+        return DraftState(seq, capacity, self.max_ngram if self.ngram else None, self.recent.tokens)
+
+    def finish(self, generated: torch.Tensor) -> None:
+        """A request ended: its generated tokens join the outputs later requests' n-grams search."""
+        self.recent.add(generated)
 
     def draft(self, state: DraftState, root: torch.Tensor) -> Draft:
         """The matrix tree under ``root`` [1] (a host tensor), with n-gram continuations grafted under
@@ -166,15 +177,16 @@ class Drafter:
         chain, count = state.index.lookup(self.ngram_tokens)
         return [chain[0, : int(count[0])].tolist()]
 
-    def _candidates(self, state: DraftState) -> list[tuple[list[int], int]]:
-        """[(continuation, matched suffix length)], best first."""
+    def _candidates(self, state: DraftState) -> list[tuple[list[int], int, bool]]:
+        """[(continuation, matched suffix length, found in an earlier request's output)], best first."""
         if state.index is None or not self.policy.max_chain:
             return []
         index = state.index
-        tokens, count, ngram, _ = ops.ngram_candidates(index.table, index.history, index.lengths, index.max_ngram,
-                                                       self.ngram_tokens, CANDIDATES)
-        counts, ngrams = count[0].tolist(), ngram[0].tolist()
-        return [(tokens[0, j, : counts[j]].tolist(), ngrams[j]) for j in range(CANDIDATES) if counts[j]]
+        tokens, count, ngram, start = ops.ngram_candidates(index.table, index.history, index.lengths,
+                                                           index.max_ngram, self.ngram_tokens, CANDIDATES)
+        counts, ngrams, starts = count[0].tolist(), ngram[0].tolist(), start[0].tolist()
+        return [(tokens[0, j, : counts[j]].tolist(), ngrams[j], starts[j] < state.seed_len)
+                for j in range(CANDIDATES) if counts[j]]
 
     def _tree_of(self, paths: list[list[int]]) -> DraftTree:
         key = tuple(map(tuple, paths))
@@ -242,8 +254,9 @@ class Drafter:
         return f"tree={self.tree_spec!r}: {self.tree.num_nodes - 1} nodes, k={self.topk}, {ngram}"
 
     def reset(self) -> None:
-        """Cold start: forget what the matrix (and the policy's statistics) learned."""
+        """Cold start: forget what the matrix (and the policy's statistics, the recent outputs) learned."""
         self.matrix.reset()
+        self.recent.reset()
         if self.policy is not None:
             cost = self.policy.cost
             self.policy = Policy(self.topk, max_chain=self.policy.max_chain, max_ngram=self.max_ngram)

@@ -16,12 +16,13 @@ different steps, and the matrix tree pays on the steps where neither is.
 
 Chain statistics (:class:`ChainStats`). Like SuffixDecoding, which grows its speculation length
 with the match length and with how often a continuation was seen, the trust in a candidate depends
-on a *bucket*: its rank (first or second candidate), its matched suffix length n and the last
-step's run (0, 1-3 or 4+ of the last candidate's tokens were what the model produced). For every
+on a *bucket*: its source (this request's context, or an earlier request's output: ngram.RecentOutputs)
+and rank (first or second candidate), its matched suffix length n and the last step's run (0, 1-3 or
+4+ of the last candidate's tokens were what the model produced). For every
 bucket and chain position j we count how often position j was correct given 1..j-1 were. Every
 candidate is scored against the accepted tokens whether or not it was drafted, and as far as the
 accepted tokens (bonus included) reach, so no exploration is needed: a chain not drafted is still
-measured at position 1. A bucket's rates shrink towards its candidate rank's pooled rates, which
+measured at position 1. A bucket's rates shrink towards its source and rank's pooled rates, which
 shrink towards a prior, so a rare bucket borrows strength and a common one speaks for itself.
 
 Cost (:class:`StepCost`). t(m) is measured once (``measure_cost``) at the first context, and then
@@ -64,6 +65,7 @@ class Plan:
     expected: float = 1.0  # expected tokens this step
     seconds: float = 0.0  # predicted step time
     decision_seconds: float = 0.0  # time to make the choice (measured)
+    recent: bool = False  # the first candidate came from an earlier request's output
 
     @property
     def chain_tokens(self) -> int:
@@ -76,15 +78,17 @@ class ChainStats:
     def __init__(self, max_ngram: int, length: int, pseudo_count: float = 4.0):
         self.max_ngram, self.length, self.a = max_ngram, length, pseudo_count
         self.per_rank = max_ngram * len(RUNS)
-        buckets = CANDIDATES * self.per_rank
+        buckets = 2 * CANDIDATES * self.per_rank  # (source, rank) x matched length x run
         self.num = np.zeros((buckets, length + 1))  # [b, j]: position j right (given 1..j-1 were)
         self.den = np.zeros((buckets, length + 1))  # [b, j]: position j observed with 1..j-1 right
         # Before any data: the first position is right a third of the time, later ones more often
         # (a continuation that started right tends to go on).
         self.prior = np.array([0.0, 0.35] + [0.7] * (length - 1))
 
-    def bucket(self, rank: int, ngram: int, run: int) -> int:
-        return rank * self.per_rank + (min(ngram, self.max_ngram) - 1) * len(RUNS) + run_bucket(run)
+    def bucket(self, rank: int, ngram: int, run: int, recent: bool = False) -> int:
+        """``recent``: the candidate was found in an earlier request's output, not in this context."""
+        group = rank + (CANDIDATES if recent else 0)
+        return group * self.per_rank + (min(ngram, self.max_ngram) - 1) * len(RUNS) + run_bucket(run)
 
     def observe(self, bucket: int, candidate: list[int], actual: list[int]) -> int:
         """Scores a candidate against the tokens the model produced; returns its correct prefix length."""
@@ -195,16 +199,18 @@ class Policy:
         return self.order[:nodes]
 
     # ------------------------------------------------------------------ the decision
-    def decide(self, candidates: list[tuple[list[int], int]], run: int) -> Plan:
-        """candidates: [(tokens, matched n)], best first (at most CANDIDATES used); run: how many
-        tokens of the last step's first candidate the model produced."""
+    def decide(self, candidates: list[tuple], run: int) -> Plan:
+        """candidates: [(tokens, matched n)] or [(tokens, matched n, from an earlier output)], best
+        first (at most CANDIDATES used); run: how many tokens of the last step's first candidate the
+        model produced."""
         start = time.perf_counter()
         if self.steps_since >= self.retune_every:
             self.refresh()
         self.steps_since += 1
-        cands = [(t, n) for t, n in candidates[:CANDIDATES] if t and self.max_chain]
-        buckets = [self.chain.bucket(i, n, run) for i, (_, n) in enumerate(cands)]
-        e = [self.chain.expected(b)[: min(len(t), self.max_chain) + 1] for b, (t, _) in zip(buckets, cands)]
+        cands = [(c[0], c[1], bool(c[2]) if len(c) > 2 else False) for c in candidates[:CANDIDATES]
+                 if c[0] and self.max_chain]
+        buckets = [self.chain.bucket(i, n, run, recent) for i, (_, n, recent) in enumerate(cands)]
+        e = [self.chain.expected(b)[: min(len(t), self.max_chain) + 1] for b, (t, _, _) in zip(buckets, cands)]
         e1 = e[0] if e else np.zeros(1)
         e2 = e[1] if len(e) > 1 else np.zeros(1)
         # First-token chances (0 when not drafted): the candidates differ, so where their first
@@ -221,9 +227,9 @@ class Policy:
         value = expected / seconds
         i, j, k = np.unravel_index(int(np.argmax(value)), value.shape)
         self.last_value = float(value[i, j, k])
-        chains = [t[:length] for (t, _), length in zip(cands, (j, k))]
-        plan = Plan(int(self.budgets[i]), chains, [t for t, _ in cands], buckets, cands[0][1] if cands else 0,
-                    float(expected[i, j, k]), float(seconds[i, j, k]))
+        chains = [t[:length] for (t, _, _), length in zip(cands, (j, k))]
+        plan = Plan(int(self.budgets[i]), chains, [t for t, _, _ in cands], buckets, cands[0][1] if cands else 0,
+                    float(expected[i, j, k]), float(seconds[i, j, k]), recent=bool(cands and cands[0][2]))
         plan.decision_seconds = time.perf_counter() - start
         return plan
 

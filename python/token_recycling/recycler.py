@@ -38,6 +38,10 @@ class TokenRecycler:
         ngram: graft the continuation of the longest earlier match of the context's last
             1..max_ngram tokens (up to ngram_tokens tokens) onto the tree each step. False gives
             the paper's method.
+        ngram_history: the n-gram lookup also searches the last ngram_history tokens this
+            recycler generated for earlier (batch-1) requests, like the matrix a memory that
+            outlives one call (ngram.RecentOutputs; ``reset()`` forgets it). 0 turns it off. Drafts
+            only: the output is the model's either way.
         tree_attention: run verification forwards through our tree-attention kernel (registered
             with transformers as attn_implementation "token_recycling"; every other call of the
             model goes to sdpa) instead of a dense [N, prefix + N] additive mask. None (default):
@@ -46,21 +50,21 @@ class TokenRecycler:
             device-side prefix length (graph_step.py); implies tree_attention. On CUDA each bucket's
             forward is captured once per generate() call and replayed; elsewhere, or where capture is
             impossible (``rec.graph.uncaptured_reason``), the same forward runs uncaptured.
-        skinny_linear: during generate(), the model's float32 CPU ``nn.Linear`` layers take
+        skinny_linear: during generate(), the model's float32 or bf16 CPU ``nn.Linear`` layers take
             ``ops.skinny_linear`` for forwards of 2..12 tokens (skinny.py: a few-token forward then
             costs about one token's instead of 1.7x). None (default): on where it applies and this
             CPU has its AVX2/FMA path. The model is restored after each call.
     """
 
     def __init__(self, model, tree: TreeSpec = "auto", topk: int = 8, *, seed_from_prompt: bool = False,
-                 ngram: bool = True, max_ngram: int = 4, ngram_tokens: int = 10,
+                 ngram: bool = True, max_ngram: int = 4, ngram_tokens: int = 10, ngram_history: int = 4096,
                  tree_attention: bool | None = None, cuda_graphs: bool = False,
                  skinny_linear: bool | None = None):
         hf_model.check_supported(model, extra_implementations=("token_recycling",))
         self.model = model
         self.device = hf_model.model_device(model)
         self.drafter = Drafter(hf_model.vocab_size(model), self.device, tree, topk, ngram=ngram,
-                               max_ngram=max_ngram, ngram_tokens=ngram_tokens)
+                               max_ngram=max_ngram, ngram_tokens=ngram_tokens, ngram_history=ngram_history)
         self.topk = topk
         self.seed_from_prompt = seed_from_prompt
         self.stats = GenerationStats()
@@ -84,7 +88,7 @@ class TokenRecycler:
         return f"TokenRecycler({self.drafter.describe()})"
 
     def reset(self) -> None:
-        """Cold start: forget everything the matrix (and the auto tree's statistics) learned."""
+        """Cold start: forget everything the matrix (and the auto tree's statistics, the recent outputs) learned."""
         self.drafter.reset()
 
     def save(self, path: str | os.PathLike) -> None:
@@ -229,6 +233,7 @@ class TokenRecycler:
         if self.graph is not None:
             self.graph.release()
         emitter.end()
+        self.drafter.finish(seq[0, input_ids.shape[1]:])  # later requests' n-grams search this output
         stats.new_tokens = seq.shape[1] - input_ids.shape[1]
         stats.seconds = time.perf_counter() - start
         stats.tree, stats.tree_size = self.describe(), self.tree.num_nodes - 1
@@ -302,7 +307,7 @@ class TokenRecycler:
         if not isinstance(wanted, bool):
             raise TypeError(f"skinny_linear must be True, False or None, got {wanted!r}")
         if wanted and not skinny.applies(self.model):
-            raise ValueError("skinny_linear=True needs nn.Linear layers with float32 weights on the CPU "
+            raise ValueError("skinny_linear=True needs nn.Linear layers with float32 or bfloat16 weights on the CPU "
                              "(and no torch.distributed run); this model has none")
         return wanted
 

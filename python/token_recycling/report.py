@@ -56,8 +56,8 @@ def summarize(results: dict) -> dict[str, dict]:
     return table
 
 
-PAIRS = (("ours", "greedy"), ("ours", "pld"), ("ours", "paper"), ("ours", "torch-linear"), ("pld", "greedy"),
-         ("paper", "greedy"))
+PAIRS = (("ours", "greedy"), ("ours", "pld"), ("ours", "paper"), ("ours", "torch-linear"), ("ours", "no-history"),
+         ("pld", "greedy"), ("paper", "greedy"))
 PAIR_NAMES = tuple(f"{a}/{b}" for a, b in PAIRS)
 
 
@@ -223,11 +223,13 @@ def choice_lines(results: dict) -> list[str]:
         return []
     total = lambda key: sum(sum(st.get(key) or []) for st in stats)  # noqa: E731
     matched = sum(sum(1 for m in st.get("match") or [] if m) for st in stats)
+    recent = sum(sum(st.get("recent") or []) for st in stats)
     seconds = sum(st.get("seconds", 0.0) for st in stats)
     decide = sum(st.get("decision_seconds", 0.0) for st in stats)
     return [f"Per step (default, {steps} steps): {total('tree_nodes') / steps:.1f} nodes forwarded, of which "
             f"{total('matrix_nodes') / steps - 1:.1f} matrix-tree nodes and {total('chain_tokens') / steps:.1f} new "
-            f"n-gram chain nodes; the n-gram lookup matched on {100 * matched / steps:.0f}% of steps; accepted per "
+            f"n-gram chain nodes; the n-gram lookup matched on {100 * matched / steps:.0f}% of steps (on "
+            f"{100 * recent / steps:.0f}% in an earlier prompt's output); accepted per "
             f"step {total('accept_lengths') / steps:.2f} tokens ({total('ngram_accepted') / steps:.2f} from n-gram "
             f"chains). Choosing the drafts took {100 * decide / seconds if seconds else 0:.2f}% of the time.", ""]
 

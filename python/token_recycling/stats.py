@@ -17,6 +17,7 @@ class GenerationStats:
     chain_tokens: list[int] = field(default_factory=list)    # per step: of those, new n-gram chain nodes
     ngram_accepted: list[int] = field(default_factory=list)  # per step: accepted tokens from the n-gram chains
     match: list[int] = field(default_factory=list)           # per step (auto): matched suffix length, 0 = no match
+    recent: list[int] = field(default_factory=list)          # per step (auto): 1 = that match was in an earlier output
     expected: list[float] = field(default_factory=list)      # per step (auto): tokens the policy expected
     decision_seconds: float = 0.0      # auto: time spent choosing the drafts (all steps)
     from_matrix: int = 0               # accepted draft tokens that came from the adjacency matrix
@@ -43,6 +44,7 @@ class GenerationStats:
         plan = draft.plan
         if plan is not None:
             self.match.append(plan.match)
+            self.recent.append(int(plan.recent))
             self.expected.append(round(plan.expected, 3))
             self.decision_seconds += plan.decision_seconds
         for node in path[1:]:
