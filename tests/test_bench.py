@@ -378,3 +378,30 @@ def test_bench_compares_torch_linear_and_the_option_reaches_the_recycler(tmp_pat
     assert cli.parse_baselines("torch-linear,pld") == ("torch-linear", "pld")
     with pytest.raises(SystemExit):
         main(["bench", "--skinny-linear", "maybe"])
+
+
+def test_bench_runs_hf_decoding_through_skinny_linear_and_the_history_baseline(tmp_path, tiny_folder, monkeypatch):
+    """greedy-skinny / pld-skinny: HF's own decoding with every forward's linears through the op (the
+    kernel ours uses); no-history: the default with --ngram-history 0. All equal greedy in fp32."""
+    from token_recycling import skinny
+    rows = []
+    real = skinny._op()
+    monkeypatch.setattr(skinny, "_op", lambda: lambda x, *a: rows.append(x.numel() // x.shape[-1]) or real(x, *a))
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 7, "category": "math", "turns": ["Count to ten."]}])
+    out = tmp_path / "out"
+    rc = main(["bench", "--model", str(tiny_folder), "--dataset", str(data), "--max-new-tokens", "16",
+               "--dtype", "float32", "--baselines", "greedy,greedy-skinny,pld-skinny,no-history", "--skinny-linear",
+               "off", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    assert 1 in rows  # one-token forwards of greedy-skinny went through the op (ours has it off here)
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["methods"] == ["greedy", "greedy-skinny", "pld-skinny", "no-history", "ours"]
+    (s,) = results["samples"]
+    assert s["mismatch"] == {"greedy-skinny": None, "pld-skinny": None, "no-history": None, "ours": None}
+    text = (out / "report.md").read_text()
+    assert "speedup ours/greedy-skinny" in text and "speedup greedy-skinny/greedy" in text
+    assert "speedup ours/no-history" in text
+    from token_recycling import cli
+    assert cli.parse_baselines("pld-skinny,greedy-skinny") == ("pld-skinny", "greedy-skinny")
+    with pytest.raises(cli.UsageError, match="unknown skinny; choose from greedy,pld,greedy-skinny"):
+        cli.parse_baselines("greedy,skinny")

@@ -148,16 +148,19 @@ def test_routed_takes_few_row_forwards_only_and_restores_the_model(monkeypatch):
         with skinny.routed(model) as patched:
             assert patched == len(linears) > 0
             got = {n: model(ids[:, :n]).logits for n in (1, 3, 20)}
-            assert rows_seen == [3] * len(linears)  # 1 row and 20 rows stay with torch
+            assert rows_seen == [1] * len(linears) + [3] * len(linears)  # 20 rows (a prefill) stay with torch
             with torch.enable_grad():
                 model(ids[:, :3])  # autograd on: torch's linear
-            assert len(rows_seen) == len(linears)
+            assert len(rows_seen) == 2 * len(linears)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-5)
     assert all("forward" not in m.__dict__ for m in linears)
     rows_seen.clear()
     with torch.no_grad():
         model(ids[:, :3])
+    assert rows_seen == []
+    with torch.no_grad(), skinny.routed(model, min_rows=2):  # one row with torch when asked
+        model(ids[:, :1])
     assert rows_seen == []
 
 

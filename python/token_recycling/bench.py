@@ -22,10 +22,14 @@ from . import __version__
 from .datasets import Prompt
 from .models import hardware
 
-METHODS = ("greedy", "pld", "paper", "torch-linear", "no-history", "ours")
+METHODS = ("greedy", "pld", "greedy-skinny", "pld-skinny", "paper", "torch-linear", "no-history", "ours")
 # "paper": the paper's method (its 80-node tree, no n-gram drafts); "torch-linear": the default with
 # torch's linear layers (skinny_linear=False), which measures what skinny.py gives on the CPU;
-# "no-history": the default with ngram_history=0 (n-grams from the current context only).
+# "no-history": the default with ngram_history=0 (n-grams from the current context only);
+# "greedy-skinny" / "pld-skinny": HF's greedy / prompt lookup with every forward of 1..12 tokens through
+# skinny_linear (skinny.routed, as the decode loop routes them): the same kernel as ours, so ours
+# against them is what drafting gives, and greedy-skinny against greedy what the kernel gives.
+HF_METHODS = ("greedy", "pld", "greedy-skinny", "pld-skinny")
 RECYCLERS = ("paper", "torch-linear", "no-history", "ours")
 PRESET_PREFIX = "tr:"  # "tr:<tree>": Token Recycling with a fixed tree (+ the n-gram chain), e.g. tr:paper-8
 PRESET_ALIASES = {"chain": [[0]]}  # tr:chain: one matrix node + the n-gram chain
@@ -124,10 +128,11 @@ def run_method(method: str, model, rec, inputs: dict, max_new_tokens: int,
     with torch.inference_mode(), count_forwards(model) as forwards:
         _sync(device)
         start = time.perf_counter()
-        if method == "greedy":
-            out = model.generate(**inputs, **common)
-        elif method == "pld":
-            out = model.generate(**inputs, **common, prompt_lookup_num_tokens=PLD_TOKENS)
+        if method in HF_METHODS:
+            from . import skinny
+            lookup = {"prompt_lookup_num_tokens": PLD_TOKENS} if method.startswith("pld") else {}
+            with skinny.routed(model, method.endswith("-skinny")):
+                out = model.generate(**inputs, **common, **lookup)
         elif is_recycler(method):
             out = recs[method].generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                         max_new_tokens=max_new_tokens, eos_token_id=eos, **sampling)

@@ -59,11 +59,11 @@ def parse_baselines(text: str) -> tuple[str, ...]:
     from .bench import PRESET_PREFIX, preset_tree
 
     names = tuple(n.strip() for n in _split_baselines(text) if n.strip())
-    unknown = [n for n in names if n not in ("greedy", "pld", "paper", "torch-linear", "no-history")
-               and not n.startswith(PRESET_PREFIX)]
+    known = ("greedy", "pld", "greedy-skinny", "pld-skinny", "paper", "torch-linear", "no-history")
+    unknown = [n for n in names if n not in known and not n.startswith(PRESET_PREFIX)]
     if unknown:
-        raise UsageError(f"--baselines: unknown {', '.join(unknown)}; choose from greedy,pld,paper,torch-linear,"
-                         f"no-history,tr:<tree> (or '' for none)")
+        raise UsageError(f"--baselines: unknown {', '.join(unknown)}; choose from {','.join(known)},tr:<tree> "
+                         f"(or '' for none)")
     for n in names:
         if n.startswith(PRESET_PREFIX):
             try:
@@ -165,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{' or '.join(BUILTIN)}, or a JSONL file (Spec-Bench or HumanEval format)")
     b.add_argument("--limit", type=_positive, default=None, help="use only the first N prompts")
     b.add_argument("--baselines", default="greedy,pld",
-                   help="comma list from greedy,pld,paper,torch-linear,no-history,tr:<tree> (paper: the paper's tree "
+                   help="comma list from greedy,pld,greedy-skinny,pld-skinny,paper,torch-linear,no-history,"
+                        "tr:<tree> (greedy-skinny, pld-skinny: HF's greedy and prompt lookup with every forward's "
+                        "linears through skinny_linear, the kernel ours uses; paper: the paper's tree "
                         "without n-gram drafts; torch-linear: the default with --skinny-linear off; no-history: "
                         "the default with --ngram-history 0; tr:paper-8, tr:chain "
                         "(one node + n-gram chain), tr:[[0],[1]]: fixed trees with the n-gram chain, for the "

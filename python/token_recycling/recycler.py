@@ -51,9 +51,10 @@ class TokenRecycler:
             forward is captured once per generate() call and replayed; elsewhere, or where capture is
             impossible (``rec.graph.uncaptured_reason``), the same forward runs uncaptured.
         skinny_linear: during generate(), the model's float32 or bf16 CPU ``nn.Linear`` layers take
-            ``ops.skinny_linear`` for forwards of 2..12 tokens (skinny.py: a few-token forward then
-            costs about one token's instead of 1.7x). None (default): on where it applies and this
-            CPU has its AVX2/FMA path. The model is restored after each call.
+            ``ops.skinny_linear`` for forwards of 1..12 tokens (skinny.py: a forward of up to 4 tokens
+            then costs about what torch's one-token forward does, instead of 1.7-2x). None (default):
+            on where it applies and this CPU has its AVX2/FMA path. The model is restored after each
+            call.
     """
 
     def __init__(self, model, tree: TreeSpec = "auto", topk: int = 8, *, seed_from_prompt: bool = False,

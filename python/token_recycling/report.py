@@ -56,7 +56,8 @@ def summarize(results: dict) -> dict[str, dict]:
     return table
 
 
-PAIRS = (("ours", "greedy"), ("ours", "pld"), ("ours", "paper"), ("ours", "torch-linear"), ("ours", "no-history"),
+PAIRS = (("ours", "greedy"), ("ours", "pld"), ("ours", "greedy-skinny"), ("ours", "pld-skinny"), ("ours", "paper"),
+         ("ours", "torch-linear"), ("ours", "no-history"), ("greedy-skinny", "greedy"),
          ("pld", "greedy"), ("paper", "greedy"))
 PAIR_NAMES = tuple(f"{a}/{b}" for a, b in PAIRS)
 

@@ -4,14 +4,17 @@ A decode step forwards a handful of tokens. On the CPU, BLAS's matrix product pa
 before multiplying, and for two to a dozen rows that costs far more than the multiplication: on the
 2-core AVX2 machine this project measures on, a float32 forward of SmolLM2-135M costs 1.7x as much for
 2 tokens as for 1 (and 1.8x for 8), so every drafted token has to pay that back. ``skinny_linear``
-streams each weight row once for all the rows, which brings 2..8 tokens back to about one token's
-cost (bench/RESULTS.md, "What a verification forward costs on this CPU").
+streams each weight row once for all the rows, prefetching the next rows while it multiplies, so a
+forward of 1..4 tokens costs about what torch's one-token forward does (bench/RESULTS.md, "What a
+verification forward costs on this CPU").
 
 :func:`routed` is a context manager the decode loop enters for the length of one generate() call:
 inside it, every plain ``nn.Linear`` of the model with float32 or bfloat16 CPU weights takes
-``skinny_linear`` for inputs of 2..``max_rows`` rows (tokens x batch) of the weight's dtype when
-autograd is off; everything else (the prefill, one-token forwards, other dtypes) goes to torch as
-before. The model is restored on exit. The sums are in float32 in a different order than BLAS's,
+``skinny_linear`` for inputs of 1..``max_rows`` rows (tokens x batch) of the weight's dtype when
+autograd is off; everything else (the prefill, other dtypes) goes to torch as before. One-token
+forwards are routed too: the op is faster than torch's there as well, so part of the decode loop's
+speed on the CPU is the kernel's, not drafting's; the bench's "greedy-skinny" and "pld-skinny"
+baselines (HF's decoding with the same routing) measure the two apart. The model is restored on exit. The sums are in float32 in a different order than BLAS's,
 which verification tolerates like any other change of kernel: the lossless tests compare against
 ``model.generate`` with it on. In bfloat16 (no native bf16 arithmetic on an AVX2 CPU, where torch's
 bf16 product of a few rows costs ~0.45x a one-row forward per extra row) the op widens the bf16
@@ -28,6 +31,7 @@ import torch
 from . import ops
 
 MAX_ROWS = 12  # beyond this BLAS's packed product is as fast (measured on the AVX2 machine)
+MIN_ROWS = 1
 DTYPES = (torch.float32, torch.bfloat16)  # the weight dtypes the op takes (x and bias match the weight)
 
 
@@ -59,7 +63,7 @@ def _op():
     return torch.ops.token_recycling.skinny_linear.default
 
 
-def _routed_forward(module: torch.nn.Linear, original, max_rows: int):
+def _routed_forward(module: torch.nn.Linear, original, max_rows: int, min_rows: int):
     # Called ~200 times per forward: kept to a few attribute reads (the op takes x [..., in] itself).
     op, weight, bias = _op(), module.weight, module.bias
     dtype = weight.dtype
@@ -67,21 +71,23 @@ def _routed_forward(module: torch.nn.Linear, original, max_rows: int):
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         last = x.shape[-1] if x.dim() else 0
-        if last and 2 <= x.numel() // last <= max_rows and x.dtype is dtype and not grad_enabled():
+        if last and min_rows <= x.numel() // last <= max_rows and x.dtype is dtype and not grad_enabled():
             return op(x, weight, bias, True)
         return original(x)
     return forward
 
 
 @contextlib.contextmanager
-def routed(model, enabled: bool = True, max_rows: int = MAX_ROWS):
-    """Route ``model``'s float32/bf16 CPU linears through skinny_linear for 2..max_rows rows, then restore."""
+def routed(model, enabled: bool = True, max_rows: int = MAX_ROWS, min_rows: int = MIN_ROWS):
+    """Route ``model``'s float32/bf16 CPU linears through skinny_linear for min_rows..max_rows rows, then
+    restore. The decode loop and the bench's "greedy-skinny"/"pld-skinny" baselines (HF's own decoding)
+    use the same rows, 1..12, so ours against those baselines is what drafting gives."""
     patched = []
     if enabled:
         for module in _linears(model):
             had_own = "forward" in module.__dict__
             original = module.forward
-            module.forward = _routed_forward(module, original, max_rows)
+            module.forward = _routed_forward(module, original, max_rows, min_rows)
             patched.append((module, had_own, original))
     try:
         yield len(patched)
