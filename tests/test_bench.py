@@ -405,3 +405,12 @@ def test_bench_runs_hf_decoding_through_skinny_linear_and_the_history_baseline(t
     assert cli.parse_baselines("pld-skinny,greedy-skinny") == ("pld-skinny", "greedy-skinny")
     with pytest.raises(cli.UsageError, match="unknown skinny; choose from greedy,pld,greedy-skinny"):
         cli.parse_baselines("greedy,skinny")
+
+
+def test_skinny_baselines_refuse_where_the_op_has_no_fast_path(tmp_path, tiny_folder, monkeypatch, capsys):
+    from token_recycling import skinny
+    monkeypatch.setattr(skinny, "available", lambda: False)
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 7, "category": "math", "turns": ["Count to ten."]}])
+    rc = main(["bench", "--model", str(tiny_folder), "--dataset", str(data), "--max-new-tokens", "8",
+               "--dtype", "float32", "--baselines", "greedy,pld-skinny", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2 and "--baselines pld-skinny: skinny_linear needs" in capsys.readouterr().err

@@ -318,6 +318,12 @@ def cmd_bench(args) -> int:
         from .recycler import TokenRecycler
         recs["torch-linear"] = TokenRecycler(loaded.model, tree=tree, topk=args.topk, ngram=args.ngram,
                                              ngram_history=args.ngram_history, skinny_linear=False)
+    skinny_hf = [b for b in baselines if b in ("greedy-skinny", "pld-skinny")]
+    if skinny_hf:  # HF's decoding through skinny_linear: only where the op has its fast path and applies
+        from . import skinny
+        if not (skinny.available() and skinny.applies(loaded.model)):
+            raise UsageError(f"--baselines {','.join(skinny_hf)}: skinny_linear needs float32/bfloat16 nn.Linear "
+                             f"layers on a CPU with AVX2 and FMA; this model or CPU has no such path")
     if "no-history" in baselines:  # the default without earlier outputs in the n-gram lookup
         from .recycler import TokenRecycler
         recs["no-history"] = TokenRecycler(loaded.model, tree=tree, topk=args.topk, ngram=args.ngram,
