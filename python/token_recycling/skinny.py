@@ -14,9 +14,9 @@ inside it, every plain ``nn.Linear`` of the model with float32 or bfloat16 CPU w
 autograd is off; everything else (the prefill, other dtypes) goes to torch as before. One-token
 forwards are routed too: the op is faster than torch's there as well, so part of the decode loop's
 speed on the CPU is the kernel's, not drafting's; the bench's "greedy-skinny" and "pld-skinny"
-baselines (HF's decoding with the same routing) measure the two apart. The model is restored on exit. The sums are in float32 in a different order than BLAS's,
-which verification tolerates like any other change of kernel: the lossless tests compare against
-``model.generate`` with it on. In bfloat16 (no native bf16 arithmetic on an AVX2 CPU, where torch's
+baselines (HF's decoding with the same routing) measure the two apart. The model is restored on
+exit. The sums are in float32 in a different order than BLAS's, which verification tolerates like
+any other change of kernel: the lossless tests compare against ``model.generate`` with it on. In bfloat16 (no native bf16 arithmetic on an AVX2 CPU, where torch's
 bf16 product of a few rows costs ~0.45x a one-row forward per extra row) the op widens the bf16
 weights in registers; a bf16 result, rounded once from a float32 sum, can differ from torch's by an
 ulp, which is the documented bf16 near-tie divergence, not a loss in float32.
