@@ -2,6 +2,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def _shared_models_keep_their_attention():
+    """Shared tiny models (models.tiny_model) go back to the attention they were built with after each test."""
+    yield
+    import sys
+    models = sys.modules.get("models")
+    if models is not None and hasattr(models, "restore_shared_attention"):
+        models.restore_shared_attention()
+
+
 @pytest.fixture
 def gen():
     """A seeded generator per test, so failures reproduce; the seed differs per test."""

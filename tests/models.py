@@ -63,7 +63,20 @@ def tiny_model(arch: str, attn: str | None = None, dtype: torch.dtype = torch.fl
     # (repeats, like real text), which is what makes drafts get accepted.
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(sharpen or 8.0)
+    SHARED.append((model, attn))
     return model
+
+
+# Every cached model with the attention it was built with: a recycler made with the CPU defaults switches
+# its model to the "token_recycling" backend in place, and conftest switches the shared ones back after each
+# test, so a shared model used as the reference runs transformers' own attention.
+SHARED: list = []
+
+
+def restore_shared_attention() -> None:
+    for model, attn in SHARED:
+        if model.config._attn_implementation != attn:
+            model.set_attn_implementation(attn)
 
 
 def private_copy(arch: str):

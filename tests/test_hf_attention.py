@@ -175,3 +175,107 @@ def test_recycler_with_tree_attention_is_lossless_on_cpu():
         assert torch.equal(rec.generate(ids, max_new_tokens=40),
                            reference.generate(ids, max_new_tokens=40, do_sample=False))
     assert rec.stats.mean_accepted > 1.0
+
+
+@pytest.fixture
+def gqa_calls(monkeypatch):
+    """Counts the calls that take the CPU's folded grouped-query sdpa (hf_attention.gqa_sdpa)."""
+    calls = []
+    real = hf_attention.gqa_sdpa
+
+    def counting(query, key, *args, **kwargs):
+        calls.append((query.shape[1], key.shape[1], query.shape[2]))
+        return real(query, key, *args, **kwargs)
+
+    monkeypatch.setattr(hf_attention, "gqa_sdpa", counting)
+    return calls
+
+
+@pytest.mark.parametrize("additive", [False, True])
+@pytest.mark.parametrize("n,key_len", [(2, 9), (5, 40), (12, 12)])
+def test_gqa_sdpa_equals_repeated_heads(n, key_len, additive):
+    """The folded call against sdpa on K/V repeated per query head (transformers' repeat_kv path), in
+    float64 and float32; random masks with every row seeing at least one key."""
+    g = torch.Generator().manual_seed(n * 100 + key_len)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+        q = torch.randn(2, 6, n, 16, generator=g, dtype=dtype)
+        k = torch.randn(2, 2, key_len, 16, generator=g, dtype=dtype)
+        v = torch.randn(2, 2, key_len, 16, generator=g, dtype=dtype)
+        mask = torch.rand(2, 1, n, key_len, generator=g) > 0.5
+        mask[..., 0] = True
+        attn = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min) if additive else mask
+        got, _ = hf_attention.gqa_sdpa(q, k, v, attn, 0.3)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), attn_mask=attn, scale=0.3)
+        torch.testing.assert_close(got, want.transpose(1, 2), atol=tol, rtol=tol)
+
+
+def test_gqa_folds_only_where_it_applies():
+    q, k = torch.zeros(1, 4, 3, 16), torch.zeros(1, 2, 10, 16)
+    mask = torch.ones(1, 1, 3, 10, dtype=torch.bool)
+    assert hf_attention.gqa_folds(q, k, mask, {})
+    assert not hf_attention.gqa_folds(q, k, None, {})  # transformers folds unmasked calls itself
+    assert not hf_attention.gqa_folds(q[:, :, :1], k, mask[:, :, :1], {})  # and packs one-row queries
+    assert not hf_attention.gqa_folds(q, k[:, :1].expand(1, 4, 10, 16), mask, {})  # no groups
+    assert not hf_attention.gqa_folds(q, k, mask, {"position_bias": torch.zeros(1)})
+    assert not hf_attention.gqa_folds(q, k, mask, {"s_aux": torch.zeros(1)})
+    assert not hf_attention.gqa_folds(q, k, mask.view(3, 10), {})
+
+
+def test_padded_forward_through_the_backend_folds_on_cpu(gqa_calls):
+    """A padded (masked) multi-row forward reaches gqa_sdpa on the CPU and matches plain sdpa."""
+    model = tiny_llama("cpu")
+    tokens = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
+    padding = torch.ones(2, 11, dtype=torch.long)
+    padding[1, :3] = 0
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        expected = model(tokens, attention_mask=padding).logits
+        assert hf_attention.use_tree_attention(model)
+        got = model(tokens, attention_mask=padding).logits
+    assert gqa_calls and all(hq == 4 and hkv == 2 for hq, hkv, _ in gqa_calls)
+    torch.testing.assert_close(got[1, 3:], expected[1, 3:])
+    torch.testing.assert_close(got[0], expected[0])
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma"])
+def test_recycler_cpu_default_is_dense_gqa_and_lossless(arch, gqa_calls, kernel_calls):
+    """The CPU default for sdpa models: dense masks through the backend, grouped heads folded, fp32
+    output == greedy generate; tree_attention=False on another copy leaves its attention alone."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from models import private_copy
+
+    from token_recycling import TokenRecycler
+
+    reference, model = private_copy(arch)
+    assert model.config._attn_implementation == "sdpa"
+    rec = TokenRecycler(model, tree="paper-16")
+    assert rec.attention == "dense-gqa" and not rec.tree_attention
+    assert model.config._attn_implementation == hf_attention.NAME
+    ids = torch.tensor([[12, 13, 14, 12, 13, 14, 12]])
+    for _ in range(2):
+        assert torch.equal(rec.generate(ids, max_new_tokens=40),
+                           reference.generate(ids, max_new_tokens=40, do_sample=False)), arch
+    assert rec.stats.mean_accepted > 1.0
+    assert gqa_calls and kernel_calls == []
+    assert any(n > 1 for _, _, n in gqa_calls)
+
+    _, untouched = private_copy(arch)
+    plain = TokenRecycler(untouched, tree="paper-16", tree_attention=False)
+    assert plain.attention == "model" and untouched.config._attn_implementation == "sdpa"
+    # A second recycler on the switched model may ask for dense masks: they go through the backend.
+    assert TokenRecycler(model, tree_attention=False).attention == "dense-gqa"
+
+
+def test_recycler_cpu_default_leaves_eager_models_alone():
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from models import private_copy
+
+    from token_recycling import TokenRecycler
+
+    _, model = private_copy("llama")
+    model.set_attn_implementation("eager")
+    rec = TokenRecycler(model)
+    assert rec.attention == "model" and model.config._attn_implementation == "eager"

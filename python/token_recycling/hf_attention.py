@@ -9,8 +9,11 @@ extra forward keywords to the attention function untouched. The keys and values 
 receives are the cache ``[B, Hkv, S, D]`` with the prefix at ``[0, P)`` and the N tree nodes at
 ``[P, P + N)``; anything after them (the unused tail of a static cache) is never attended to. A tree
 mask without ``tree_prefix_len`` is an error, never a guess (``S - N`` is wrong for a static cache).
-Every other call (prefill, plain decoding, padding masks) goes to transformers' sdpa function, and
-mask creation for this implementation is sdpa's.
+Every other call (prefill, plain decoding, padding masks, dense tree masks) goes to transformers' sdpa
+function, and mask creation for this implementation is sdpa's; except that a masked call of several
+query rows on the CPU with grouped-query heads runs torch's sdpa with ``enable_gqa`` (``gqa_sdpa``):
+transformers would copy K/V once per query head (repeat_kv) because a mask is given, which costs a
+verification forward of SmolLM2-135M about 3 ms (the decode loop's CPU default, "dense-gqa").
 
 Batches of rows of different lengths (batch.py): ``attention_mask`` is ``[B, 1, N, N]`` with one
 tree per row, ``tree_prefix_len`` a LongTensor ``[B]`` (row b's cached tokens, at ``[0, P_b)``) and
@@ -90,6 +93,8 @@ def tree_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     prefix = kwargs.pop(PREFIX_KWARG, None)
     start = kwargs.pop(START_KWARG, None)
     tree = tree_mask_of(attention_mask, query, key, per_row=prefix is not None)
+    if tree is not None and prefix is None and key.shape[2] == query.shape[2]:
+        tree = None  # N keys only (a padded one-row prefill): the square mask is the dense one, either way
     if tree is None:
         return dense_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     batch, n, key_len = query.shape[0], query.shape[2], key.shape[2]
@@ -118,8 +123,13 @@ def tree_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
 def dense_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
     """sdpa, or for soft-capped logits (which sdpa refuses) the eager attention of the module's own
-    modeling file, with the mask made additive (None, sdpa's implied causal mask, made explicit)."""
+    modeling file, with the mask made additive (None, sdpa's implied causal mask, made explicit).
+
+    A masked multi-row call on the CPU folds grouped-query heads into sdpa (``gqa_sdpa``) where
+    transformers would copy K/V once per query head (repeat_kv) because a mask is given."""
     if kwargs.get("softcap") is None:
+        if gqa_folds(query, key, attention_mask, kwargs):
+            return gqa_sdpa(query, key, value, attention_mask, kwargs.get("scaling"), kwargs.get("dropout", 0.0))
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if eager is None:
@@ -134,6 +144,26 @@ def dense_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         attention_mask = additive.masked_fill_(~attention_mask, torch.finfo(query.dtype).min)
     out, _ = eager(module, query, key, value, attention_mask, **kwargs)
     return out, None
+
+
+def gqa_folds(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
+    """Whether ``gqa_sdpa`` takes this call: a mask, several query rows (transformers packs one-row
+    queries itself), more query heads than K/V heads, on the CPU (CUDA's sdpa falls back to its math
+    kernel for a masked GQA call), and no extra term sdpa would have to add (position bias, sinks)."""
+    return (attention_mask is not None and query.device.type == "cpu" and query.shape[2] > 1
+            and query.shape[1] != key.shape[1] and query.shape[1] % key.shape[1] == 0
+            and query.shape[-1] == key.shape[-1] and attention_mask.dim() == 4
+            and kwargs.get("position_bias") is None and kwargs.get("s_aux") is None
+            and not kwargs.get("output_attentions", False))
+
+
+def gqa_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor,
+             scaling: float | None, dropout: float = 0.0) -> tuple[torch.Tensor, None]:
+    """torch's sdpa with ``enable_gqa``: query ``[B, Hq, N, D]`` over key/value ``[B, Hkv, S, D]``,
+    no K/V copy; a 4-D bool or additive mask. Returns ``([B, N, Hq, D], None)``."""
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           dropout_p=dropout, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _has_kernel(op: str, device: torch.device) -> bool:

@@ -45,7 +45,12 @@ class TokenRecycler:
         tree_attention: run verification forwards through our tree-attention kernel (registered
             with transformers as attn_implementation "token_recycling"; every other call of the
             model goes to sdpa) instead of a dense [N, prefix + N] additive mask. None (default):
-            on CUDA builds for sdpa models. The model's attn_implementation is switched in place.
+            on CUDA builds for sdpa models; on the CPU, sdpa models keep the dense mask but take it
+            through the same backend, whose CPU path runs torch's sdpa with grouped-query heads
+            folded in (transformers copies K/V per query head whenever a mask is given, and our CPU
+            kernel is the slow reference). ``rec.attention`` says which ("tree-kernel",
+            "dense-gqa" or "model"). Both switch the model's attn_implementation in place; False
+            leaves it as it is (dense masks, through whichever backend the model has).
         cuda_graphs: verification forwards padded to bucket sizes over a static cache with a
             device-side prefix length (graph_step.py); implies tree_attention. On CUDA each bucket's
             forward is captured once per generate() call and replayed; elsewhere, or where capture is
@@ -313,15 +318,25 @@ class TokenRecycler:
         return wanted
 
     def _setup_tree_attention(self, wanted: bool | None) -> bool:
+        """Whether verification forwards send the bare tree mask to our kernel (else a dense mask).
+        Sets ``self.attention``: "tree-kernel", "dense-gqa" (the dense mask through our backend, whose
+        CPU path folds grouped-query heads into sdpa instead of copying K/V) or "model" (the model's
+        own attention)."""
         from ._extension import WITH_CUDA
+        from . import hf_attention
         impl = hf_model.attn_implementation(self.model)
+        self.attention = "model"
         if wanted is None:
+            if self.device.type == "cpu" and impl in ("sdpa", "token_recycling"):
+                if hf_attention.use_tree_attention(self.model):
+                    self.attention = "dense-gqa"
+                return False
             wanted = self.device.type == "cuda" and WITH_CUDA and impl in ("sdpa", "token_recycling")
         if not wanted:
-            if impl == "token_recycling":
-                raise ValueError("the model uses attn_implementation='token_recycling'; pass tree_attention=True")
+            if impl == "token_recycling":  # switched by an earlier recycler: dense masks through our backend
+                self.attention = "dense-gqa"
             return False
-        from . import hf_attention
+        self.attention = "tree-kernel"
         if not hf_attention.use_tree_attention(self.model):
             raise ValueError(f"{type(self.model).__name__} does not dispatch attention through transformers' "
                              f"AttentionInterface, so tree_attention=True cannot apply")
