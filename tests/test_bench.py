@@ -414,3 +414,32 @@ def test_skinny_baselines_refuse_where_the_op_has_no_fast_path(tmp_path, tiny_fo
     rc = main(["bench", "--model", str(tiny_folder), "--dataset", str(data), "--max-new-tokens", "8",
                "--dtype", "float32", "--baselines", "greedy,pld-skinny", "--out", str(tmp_path / "o"), "--no-progress"])
     assert rc == 2 and "--baselines pld-skinny: skinny_linear needs" in capsys.readouterr().err
+
+
+def test_hf_baselines_run_transformers_sdpa_after_a_recycler_switched_the_model(monkeypatch):
+    """The CPU default switches an sdpa model to the "token_recycling" backend; HF's greedy and prompt
+    lookup must still run as users have them (transformers' sdpa), and the switch is restored after."""
+    import torch
+    from models import private_copy
+
+    from token_recycling import TokenRecycler, hf_attention
+
+    _, model = private_copy("llama")
+    rec = TokenRecycler(model, tree="chain-4")
+    assert rec.attention == "dense-gqa"
+    seen = []
+    real = type(model).generate
+
+    def recording(self, *args, **kwargs):
+        seen.append(self.config._attn_implementation)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", recording)
+    ids = torch.tensor([[5, 6, 7, 5, 6]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    for method in ("greedy", "pld"):
+        bench.run_method(method, model, rec, inputs, 6)
+    assert seen == ["sdpa", "sdpa"]
+    assert model.config._attn_implementation == hf_attention.NAME
+    new, _ = bench.run_method("ours", model, rec, inputs, 6)
+    assert len(new) == 6

@@ -129,9 +129,10 @@ def run_method(method: str, model, rec, inputs: dict, max_new_tokens: int,
         _sync(device)
         start = time.perf_counter()
         if method in HF_METHODS:
-            from . import skinny
+            from . import hf_attention, skinny
             lookup = {"prompt_lookup_num_tokens": PLD_TOKENS} if method.startswith("pld") else {}
-            with skinny.routed(model, method.endswith("-skinny")):
+            # HF's methods as users have them: transformers' sdpa, not the backend a recycler switched to.
+            with skinny.routed(model, method.endswith("-skinny")), hf_attention.transformers_sdpa(model):
                 out = model.generate(**inputs, **common, **lookup)
         elif is_recycler(method):
             out = recs[method].generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],

@@ -40,6 +40,7 @@ a placeholder until bench/attention_vs_sdpa.py has measured on a GPU where two-p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -278,6 +279,21 @@ def use_tree_attention(model) -> bool:
     except (ValueError, KeyError, AttributeError):
         return False
     return getattr(model.config, "_attn_implementation", None) == NAME
+
+
+@contextlib.contextmanager
+def transformers_sdpa(model):
+    """Within the block a model switched to this backend runs transformers' own sdpa attention (which it
+    had before: the recycler switches sdpa models only); e.g. for HF baselines in a benchmark, which must
+    run as users have them. Other models are left as they are."""
+    switched = getattr(model.config, "_attn_implementation", None) == NAME
+    if switched:
+        model.set_attn_implementation("sdpa")
+    try:
+        yield model
+    finally:
+        if switched:
+            model.set_attn_implementation(NAME)
 
 
 register()
