@@ -42,6 +42,8 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
                              bool vectorized);
 bool skinny_linear_vectorized();  // true when skinny_linear has an AVX2/FMA path on this CPU
 
+at::Tensor greedy_topk_cpu(const at::Tensor& logits, int64_t k);
+
 }  // namespace token_recycling
 
 namespace token_recycling {

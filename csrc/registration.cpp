@@ -24,6 +24,7 @@ TORCH_LIBRARY(token_recycling, m) {
         "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias=None, bool vectorized=True) -> Tensor");
   m.def("skinny_linear_vectorized() -> bool", &token_recycling::skinny_linear_vectorized);
+  m.def("greedy_topk(Tensor logits, int k) -> Tensor");
   // Deferred device-error checks (device_errors.h): no tensor to dispatch on, one kernel for every backend.
   m.def("set_deferred_device_errors(Device device, bool enable) -> bool", &token_recycling::set_deferred_device_errors);
   m.def("take_device_errors(Device device) -> Tensor", &token_recycling::take_device_errors);
@@ -44,4 +45,5 @@ TORCH_LIBRARY_IMPL(token_recycling, CPU, m) {
   m.impl("ngram_candidates", &token_recycling::ngram_candidates_cpu);
   m.impl("graft_chain", &token_recycling::graft_chain_cpu);
   m.impl("skinny_linear", &token_recycling::skinny_linear_cpu);
+  m.impl("greedy_topk", &token_recycling::greedy_topk_cpu);
 }

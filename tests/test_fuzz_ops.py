@@ -826,6 +826,44 @@ def test_fuzz_skinny_linear_vectorized():
     drive("skinny_linear_vectorized", make_skinny_linear_vectorized)
 
 
+# ------------------------------------------------------------------------------------- greedy_topk
+
+def make_greedy_topk(rng, gen):
+    vocab = rng.randrange(0, 120)
+    lead = rng.choice([(), (rng.randrange(0, 5),), (1, rng.randrange(0, 5)), (2, rng.randrange(0, 3))])
+    dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
+    logits = ints(gen, -4, 5, (*lead, vocab)).to(dtype)  # small integers: many ties
+    if logits.numel() and rng.random() < 0.3:
+        flat = logits.view(-1)
+        flat[ints(gen, 0, flat.numel(), (3,))] = rng.choice([float("nan"), float("inf"), -float("inf")])
+    k = rng.randrange(1, min(vocab, 64) + 1) if vocab else 1
+    args = [logits, k]
+    fault = rng.choice([None] * 5 + ["dtype", "k", "rank", "python"])
+    raises = (ValueError,)
+    if fault == "dtype":
+        args[0], raises = wrong_dtype(rng, logits, [torch.float32, torch.bfloat16, torch.float16]), (TypeError,)
+    elif fault == "k":
+        args[1] = rng.choice([0, -1, vocab + rng.randrange(1, 3), 65, I64_MIN, I64_MAX])
+        if 1 <= args[1] <= min(vocab, 64):
+            args[1] = 0
+    elif fault == "rank":
+        args[0] = torch.tensor(1.0)
+    if fault is None and vocab == 0:
+        fault = "k"  # no k fits an empty vocabulary
+    case = Case(args, fault, raises)
+    if fault == "python":
+        python_value_fault(rng, case)
+    if case.fault is None:
+        want = reference.greedy_topk(logits, k)
+        case.args = [scramble(logits, rng), k]
+        case.check = lambda got: equal(got, want, "greedy_topk")
+    return case
+
+
+def test_fuzz_greedy_topk():
+    drive("greedy_topk", make_greedy_topk)
+
+
 # ---------------------------------------------------------------------------- deferred device checks
 # (the CPU side: the CUDA side is tested in test_step_sync.py and test_ops_cuda.py on a GPU)
 

@@ -7,6 +7,7 @@
 
 #include "../../kernels/compact_kv.h"
 #include "../../kernels/draft_tree.h"
+#include "../../kernels/greedy_topk.h"
 #include "../../kernels/skinny_linear.h"
 #include "../../kernels/tree_attention.h"
 #include "../../kernels/update_adjacency.h"
@@ -191,6 +192,29 @@ void skinny_linear(const Options& o, int64_t out, int64_t in, int64_t n, bool ve
             sizeof(W) * out * in + 4.0 * (n * in + n * out), 2.0 * n * out * in);
 }
 
+// Top-k ids (ties by the lower id) of `rows` logit rows of width `vocab`, against a stable sort.
+template <typename T>
+void greedy_topk(const Options& o, int64_t rows, int64_t vocab, int64_t kk) {
+  std::vector<T> x(rows * vocab);
+  std::vector<float> xf(x.size());
+  for (size_t i = 0; i < x.size(); ++i) xf[i] = k::to_float(x[i] = k::from_float<T>(randn()));
+  std::vector<int64_t> ids(rows * kk);
+  auto run = [&] { k::greedy_topk(x.data(), rows, vocab, vocab, kk, ids.data()); };
+  run();
+  bool same = true;
+  for (int64_t r = 0; r < rows; ++r) {
+    std::vector<int64_t> order(vocab);
+    for (int64_t i = 0; i < vocab; ++i) order[i] = i;
+    const float* row = xf.data() + r * vocab;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return row[a] > row[b]; });
+    for (int64_t j = 0; j < kk; ++j) same = same && ids[r * kk + j] == order[j];
+  }
+  expect(same, "cpu greedy_topk differs from a stable sort");
+  const double t = time_host(run, o.quick ? 3 : 50);
+  print_row("cpu", sizeof(T) == 2 ? "greedy_topk bf16" : "greedy_topk", shape_str({{"rows", rows}, {"V", vocab}, {"k", kk}}),
+            t, sizeof(T) * rows * vocab + 8.0 * rows * kk, static_cast<double>(rows * vocab));
+}
+
 }  // namespace
 
 void run_cpu_benchmarks(const Options& o) {
@@ -223,6 +247,12 @@ void run_cpu_benchmarks(const Options& o) {
     for (int64_t n : {1, 2, 4, 8}) skinny_linear<float>(o, out, in, n, true);
     skinny_linear<float>(o, out, in, 4, false);
     for (int64_t n : {1, 2, 4, 8}) skinny_linear<k::bfloat16>(o, out, in, n, true);
+  }
+  if (selected(o, "greedy_topk")) {
+    // SmolLM2's vocabulary, a verification forward's few rows.
+    const int64_t vocab = o.quick ? 500 : 49152;
+    for (int64_t rows : {1, 4}) greedy_topk<float>(o, rows, vocab, 8);
+    greedy_topk<k::bfloat16>(o, 4, vocab, 8);
   }
 }
 

@@ -22,6 +22,7 @@
 #include "../../kernels/compact_kv.h"
 #include "../../kernels/draft_tree.h"
 #include "../../kernels/graft_chain.h"
+#include "../../kernels/greedy_topk.h"
 #include "../../kernels/merge_attention_states.h"
 #include "../../kernels/ngram_index.h"
 #include "../../kernels/skinny_linear.h"
@@ -729,6 +730,53 @@ void fuzz_skinny_linear(int64_t iters) {
   }
 }
 
+// ------------------------------------------------------------------------------ greedy_topk
+// Random rows of small integer logits (many ties), now and then NaN and +-inf; random k (some outside
+// [1, min(vocab, 64)]) and row strides (some too small). The result must equal a stable sort by
+// (NaN first, larger value, lower id), computed here with std::stable_sort.
+template <typename T>
+void fuzz_greedy_topk(int64_t iters, const char* dtype) {
+  Tally t((std::string("greedy_topk/") + dtype).c_str());
+  for (int64_t it = 0; it < iters; ++it) {
+    const int64_t rows = pick_size(0, 5), vocab = pick_size(0, 300);
+    const int64_t R = alloc(rows), V = alloc(vocab);
+    int64_t kk = randint(1, std::min<int64_t>(std::max<int64_t>(V, 1), 64) + 1);
+    if (chance(0.08)) kk = chance(0.5) ? randint(-3, 1) : randint(std::min<int64_t>(V, 64) + 1, 80);
+    if (chance(0.02)) kk = chance(0.5) ? kMin : kMax;
+    const int64_t stride = chance(0.05) ? V - randint(1, 4) : V + randint(0, 3);
+    const bool valid = rows >= 0 && vocab >= 0 && stride >= 0 && kk >= 1 && kk <= 64 && kk <= vocab &&
+                       (rows <= 1 || stride >= vocab);
+    const size_t span = R > 0 && V > 0 ? static_cast<size_t>((R - 1) * std::max<int64_t>(stride, 0) + V) : 0;
+    std::vector<T> x(span);
+    std::vector<float> xf(span);
+    const int64_t spread = randint(1, 12);
+    for (size_t i = 0; i < span; ++i) {
+      float v = static_cast<float>(randint(-spread, spread + 1));
+      if (chance(0.01)) v = std::numeric_limits<float>::quiet_NaN();
+      else if (chance(0.01)) v = chance(0.5) ? INFINITY : -INFINITY;
+      x[i] = k::from_float<T>(v);
+      xf[i] = k::to_float(x[i]);
+    }
+    const int64_t K = kk >= 1 && kk <= 64 ? kk : 1;
+    std::vector<int64_t> ids(valid ? static_cast<size_t>(R * K) : 0, -77);
+    const Status s = k::greedy_topk(x.data(), rows, vocab, stride, kk, valid ? ids.data() : nullptr);
+    if (!t.verdict(s, valid, it)) continue;
+    bool same = true;
+    for (int64_t r = 0; r < rows; ++r) {
+      std::vector<int64_t> order(V);
+      for (int64_t i = 0; i < vocab; ++i) order[i] = i;
+      const float* row = xf.data() + r * stride;
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+        const bool na = std::isnan(row[a]), nb = std::isnan(row[b]);
+        if (na != nb) return na;
+        return !na && row[a] > row[b];
+      });
+      for (int64_t j = 0; j < kk; ++j) same = same && ids[r * kk + j] == order[j];
+    }
+    t.check(same, "call " + std::to_string(it) + ": ids differ from the stable sort");
+  }
+}
+
 // ------------------------------------------------------------------------------ ngram index
 // Brute force over the history: the largest end e in [lo_end, hi_end] with h[e-n:e] == h[len-n:len].
 int64_t last_end(const int64_t* h, int64_t len, int64_t n, int64_t lo_end, int64_t hi_end) {
@@ -952,5 +1000,10 @@ int main(int argc, char** argv) {
   if (bench::selected(opt, "graft_chain")) fuzz_graft_chain(iters);
   if (bench::selected(opt, "ngram")) fuzz_ngram(iters / 4);
   if (bench::selected(opt, "skinny_linear")) fuzz_skinny_linear(iters);
+  if (bench::selected(opt, "greedy_topk")) {
+    fuzz_greedy_topk<float>(iters, "float");
+    fuzz_greedy_topk<k::bfloat16>(iters / 2, "bfloat16");
+    fuzz_greedy_topk<k::float16>(iters / 2, "float16");
+  }
   return bench::exit_status();
 }

@@ -195,6 +195,21 @@ def skinny_linear_vectorized() -> bool:
     return _ops.skinny_linear_vectorized()
 
 
+GREEDY_TOPK_MAX_K = 64
+
+
+def greedy_topk(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-k token ids of every position: logits ``[..., vocab]`` (float32, bf16 or fp16) ->
+    int64 ``[..., k]``, ranked by logit, ties by the lower id, NaN above every number.
+
+    ``ids[..., 0]`` is therefore exactly ``logits.argmax(-1)`` (the first index of the maximum, the
+    token greedy decoding picks), and ``ids`` are the candidates recycling stores: one pass over the
+    logits where torch needs ``topk`` and ``argmax`` (whose tie rule ``topk`` does not promise).
+    ``1 <= k <= min(vocab, 64)``. CPU only.
+    """
+    return _ops.greedy_topk(logits, k)
+
+
 # ----------------------------------------------------------------------------- fake implementations
 @torch.library.register_fake("token_recycling::build_draft_tree")
 def _(matrix, roots, parents, ranks):
@@ -306,3 +321,8 @@ def _(tree_tokens, parents, chain, chain_len):
 @torch.library.register_fake("token_recycling::skinny_linear")
 def _(x, weight, bias=None, vectorized=True):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("token_recycling::greedy_topk")
+def _(logits, k):
+    return logits.new_empty((*logits.shape[:-1], k), dtype=torch.long)

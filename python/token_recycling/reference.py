@@ -277,3 +277,14 @@ def skinny_linear(x, weight, bias=None):
     if bias is not None:
         y = y + bias.double()
     return y.float()
+
+
+def greedy_topk(logits, k):
+    """The top-k ids ranked by (NaN first, larger logit, lower id), by two stable sorts over a copy
+    in float64: the second sort (NaN first) keeps the first's order (value, then id) within each class."""
+    v = logits.double()
+    nan = v.isnan()
+    by_value = torch.sort(v.masked_fill(nan, float("inf")), dim=-1, descending=True, stable=True).indices
+    nan_sorted = torch.gather(nan, -1, by_value).to(torch.int8)
+    order = torch.sort(nan_sorted, dim=-1, descending=True, stable=True).indices
+    return torch.gather(by_value, -1, order)[..., :k].contiguous()

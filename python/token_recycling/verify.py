@@ -72,9 +72,14 @@ def pending(tokens: torch.Tensor, accept_len: torch.Tensor, nodes: torch.Tensor,
 
 
 def greedy_and_candidates(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(argmax [1, N], top-k ids [1, N, k]) from one top-k pass. The top-1 id is the argmax unless
-    the two best logits tie (not rare in bf16); only then is argmax's first-index rule, which greedy
+    """(argmax [1, N], top-k ids [1, N, k]) from one top-k pass. On the CPU ops.greedy_topk ranks ties
+    by the lower id, so its first id is the argmax. Elsewhere the top-1 id is the argmax unless the
+    two best logits tie (not rare in bf16); only then is argmax's first-index rule, which greedy
     generate() uses, looked up."""
+    if logits.device.type == "cpu" and 1 <= topk <= min(ops.GREEDY_TOPK_MAX_K, logits.shape[-1]) \
+            and logits.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        ids = ops.greedy_topk(logits, topk)  # one pass, ranked with argmax's tie rule
+        return ids[..., 0], ids
     values, candidates = logits.topk(topk, dim=-1)
     greedy = candidates[..., 0]
     if topk == 1:
