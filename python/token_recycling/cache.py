@@ -41,9 +41,10 @@ def compact(cache, prefix_len: torch.Tensor, accepted_nodes: torch.Tensor, accep
             accepted: int, forwarded: int) -> None:
     """Keep the accepted path right after the prefix (one compact_kv call for all layers; window
     layers, which hold only the window's end, in a second call at their own prefix), then drop the
-    rest of the forwarded tree from every layer (window layers trim back to the window)."""
+    rest of the forwarded tree from every layer (window layers trim back to the window). With the
+    root alone accepted (``accepted == 1``, most steps) nothing moves: only the trim."""
     groups: dict[tuple, list[torch.Tensor]] = {}  # one call per (offset, length): compact_kv's caches agree in shape
-    for layer in cache_layers(cache):
+    for layer in cache_layers(cache) if accepted > 1 else ():
         if getattr(layer, "is_initialized", True) and isinstance(getattr(layer, "keys", None), torch.Tensor):
             groups.setdefault((window.offset(layer), layer.keys.shape[-2]), []).extend([layer.keys, layer.values])
     for (offset, _), tensors in groups.items():
