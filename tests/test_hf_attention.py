@@ -127,7 +127,8 @@ def test_prefix_len_checks():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_other_forwards_go_to_sdpa(device, kernel_calls):
+def test_other_forwards_go_to_sdpa(device, kernel_calls, gqa_calls):
+    """Padded (masked) forwards go to sdpa: on the CPU folded (gqa_sdpa), on CUDA transformers' own."""
     model = tiny_llama(device)
     tokens = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1)).to(device)
     padding = torch.ones(2, 11, dtype=torch.long, device=device)
@@ -138,6 +139,7 @@ def test_other_forwards_go_to_sdpa(device, kernel_calls):
         assert hf_attention.use_tree_attention(model)
         got = model(tokens, attention_mask=padding).logits
     assert kernel_calls == []
+    assert bool(gqa_calls) == (device == "cpu") and all(hq == 4 and hkv == 2 for hq, hkv, _ in gqa_calls)
     torch.testing.assert_close(got, expected)
 
 
@@ -220,22 +222,6 @@ def test_gqa_folds_only_where_it_applies():
     assert not hf_attention.gqa_folds(q, k, mask, {"position_bias": torch.zeros(1)})
     assert not hf_attention.gqa_folds(q, k, mask, {"s_aux": torch.zeros(1)})
     assert not hf_attention.gqa_folds(q, k, mask.view(3, 10), {})
-
-
-def test_padded_forward_through_the_backend_folds_on_cpu(gqa_calls):
-    """A padded (masked) multi-row forward reaches gqa_sdpa on the CPU and matches plain sdpa."""
-    model = tiny_llama("cpu")
-    tokens = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
-    padding = torch.ones(2, 11, dtype=torch.long)
-    padding[1, :3] = 0
-    with torch.no_grad():
-        model.set_attn_implementation("sdpa")
-        expected = model(tokens, attention_mask=padding).logits
-        assert hf_attention.use_tree_attention(model)
-        got = model(tokens, attention_mask=padding).logits
-    assert gqa_calls and all(hq == 4 and hkv == 2 for hq, hkv, _ in gqa_calls)
-    torch.testing.assert_close(got[1, 3:], expected[1, 3:])
-    torch.testing.assert_close(got[0], expected[0])
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma"])
