@@ -6,7 +6,8 @@
 #   3. tests/test_vllm_proposer.py and tests/test_vllm.py there (the engine: fp32 greedy with and
 #      without the proposer gives identical tokens at batch 1 and 4, seeded sampling, acceptance).
 # Where vLLM cannot be installed (no network, no wheel for this platform) it prints SKIP and exits 0;
-# a build or test failure exits non-zero. Times each part. First run about 12 minutes on 2 cores
+# a build or test failure exits non-zero. VLLM_CLEAN=1 removes the venv and build folder at the end.
+# Times each part. First run about 12 minutes on 2 cores
 # (install ~4, build ~3, tests ~4); a rerun reuses the venv and the build directory.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,10 @@ log=build/vllm_check.log
 mkdir -p build
 : > "$log"
 start=$SECONDS
+if [ "${VLLM_CLEAN:-0}" = 1 ]; then
+  # CI: the venv and its build folder go when the check ends, passed, skipped or failed.
+  trap 'rm -rf "$VENV" build/vllm-venv' EXIT
+fi
 skip() {
   echo "vllm_check: SKIP ($1); last lines of $log:"
   tail -n 15 "$log"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import errno
 import os
+import shutil
+import time
 
 import pytest
 import torch
@@ -178,6 +181,57 @@ def test_a_changed_gguf_gets_a_new_cache_folder(tmp_path, cache):
     assert models.converted_folder(gguf_path) != first
 
 
+def test_the_same_gguf_in_two_places_shares_one_folder(tmp_path, cache):
+    # One copy per virtual environment must not mean one 0.5 GB conversion per environment.
+    a, b = tmp_path / "a" / "tiny.gguf", tmp_path / "b" / "tiny.gguf"
+    a.parent.mkdir(), b.parent.mkdir()
+    cli_fixtures.llama_gguf(a, seed=0)
+    shutil.copy(a, b)
+    os.utime(b, ns=(0, 12345))
+    assert models.converted_folder(a) == models.converted_folder(b)
+    folder = models.convert_gguf(a, log=lambda m: None)
+    logs: list[str] = []
+    assert models.convert_gguf(b, logs.append) == folder and logs == []
+
+
+def test_a_cache_that_cannot_be_written_still_loads_the_model(tmp_path, cache, monkeypatch):
+    gguf_path = tmp_path / "tiny.gguf"
+    cli_fixtures.llama_gguf(gguf_path)
+    reference = models.load(str(gguf_path), torch.float32, "cpu", log=lambda m: None)
+    shutil.rmtree(cache)
+
+    def disk_full(folder, *args):
+        (folder / "model.safetensors").write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(models, "_write_converted", disk_full)
+    logs: list[str] = []
+    loaded = models.load(str(gguf_path), torch.bfloat16, "cpu", log=logs.append)
+    assert "No space left on device" in logs[-1] and models.CACHE_ENV in logs[-1] and "MiB free" in logs[-1]
+    assert list(cache.iterdir()) == []  # the half-written folder is gone
+    assert loaded.folder == gguf_path and "float weights" in loaded.note
+    assert loaded.model.dtype == torch.bfloat16 and not loaded.model.training
+    want = reference.model.state_dict()
+    for name, tensor in loaded.model.state_dict().items():
+        assert torch.equal(tensor, want[name].to(torch.bfloat16)), name
+    text = "def add(a, b) ü"
+    assert loaded.tokenizer(text)["input_ids"] == reference.tokenizer(text)["input_ids"]
+    with pytest.raises(models.CacheWriteError, match="cannot write the converted model"):
+        models.convert_gguf(gguf_path, log=lambda m: None)
+
+
+def test_stale_temporary_folders_are_removed_fresh_ones_kept(tmp_path):
+    old, new = tmp_path / ".m-abc.tmp-old", tmp_path / ".m-abc.tmp-new"
+    keep = tmp_path / "m-abc"
+    for p in (old, new, keep):
+        p.mkdir()
+        (p / "f").write_text("x")
+    an_hour_ago = time.time() - 3700
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    models.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m-abc.tmp-new", "m-abc"]
+
+
 def test_cuda_without_a_gpu_is_a_model_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -195,8 +249,10 @@ def test_smollm2_converts_and_recycler_matches_greedy(tmp_path_factory, monkeypa
     from token_recycling import TokenRecycler
     from token_recycling.bench import encode
 
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path_factory.mktemp("smollm2-cache")))
+    cache = tmp_path_factory.mktemp("smollm2-cache")
+    monkeypatch.setenv(models.CACHE_ENV, str(cache))
     loaded = models.load("smollm2", torch.float32, "cpu", log=lambda m: None)
+    shutil.rmtree(cache)  # 0.5 GB; pytest keeps the temporary folders of its last three runs
     assert "Q4_1" in loaded.note and "dequantized" in loaded.note
     model, tok = loaded.model, loaded.tokenizer
     inputs = encode(tok, [{"role": "user", "content": "What is the capital of France?"}], True, "cpu")

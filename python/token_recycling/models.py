@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,11 +133,47 @@ def resolve(spec: str) -> tuple[str, Path]:
     return "gguf", path
 
 
+def content_key(path: Path, chunk: int = 1 << 20) -> str:
+    """A hash of the file's bytes (about 1 s per GB): the same GGUF installed in several places
+    (one per virtual environment, say) shares one converted folder, and a replaced file gets a new one."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
 def converted_folder(gguf: Path) -> Path:
-    """Cache folder for one GGUF file; its size and mtime are in the key so a replaced file reconverts."""
-    st = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
-    return cache_dir() / f"{gguf.stem}-{key}"
+    """Cache folder for one GGUF file, keyed by its content (see ``content_key``)."""
+    return cache_dir() / f"{gguf.stem}-{content_key(gguf)}"
+
+
+def remove_stale_temporaries(folder: Path, max_age_s: float = 3600.0) -> None:
+    """Remove half-written conversions (``.<name>.tmp-*``) that a killed process left behind.
+
+    An interrupted conversion removes its own temporary folder; only a process killed outright
+    (SIGKILL, power loss) cannot. One younger than ``max_age_s`` may belong to a conversion running
+    now and is left alone.
+    """
+    now = time.time()
+    for tmp in folder.glob(".*.tmp-*"):
+        try:
+            if now - tmp.stat().st_mtime > max_age_s:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
+
+
+class CacheWriteError(ModelError):
+    """The converted folder could not be written (a full disk, a read-only cache).
+
+    It carries the model and tokenizer already dequantized in memory, so ``load`` can go on without
+    the cache instead of failing or converting twice.
+    """
+
+    def __init__(self, message: str, model, tokenizer):
+        super().__init__(message)
+        self.model, self.tokenizer = model, tokenizer
 
 
 # ----------------------------------------------------------------------------------- conversion
@@ -184,11 +221,21 @@ def _load_gguf(gguf: Path):
     return model.eval(), tokenizer
 
 
+def _write_converted(folder: Path, gguf: Path, model, tokenizer) -> None:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    types = gguf_tensor_types(gguf)
+    source = {"gguf": str(gguf.resolve()), "tensor_types": types, "note": quantization_note(types)}
+    (folder / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
+
+
 def convert_gguf(gguf: Path, log: Log = stderr_log) -> Path:
     """The safetensors folder for ``gguf``, converting it first if the cache does not have it.
 
     The folder is written under a temporary name and renamed into place, so a conversion that is
-    interrupted leaves no folder that a later run would take for a finished one.
+    interrupted leaves no folder that a later run would take for a finished one. Where the folder
+    cannot be written (``OSError``: no space left, a read-only cache), the temporary folder is
+    removed and ``CacheWriteError`` is raised with the model and tokenizer already in memory.
     """
     target = converted_folder(gguf)
     if (target / SOURCE_FILE).is_file():
@@ -198,22 +245,24 @@ def convert_gguf(gguf: Path, log: Log = stderr_log) -> Path:
     set_offline()
     log(f"[token-recycling] converting {gguf.name} to a safetensors folder once (~20-40 s); "
         f"later runs load {target}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    model, tokenizer = _load_gguf(gguf)
+    tmp = None
     try:
-        model, tokenizer = _load_gguf(gguf)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        types = gguf_tensor_types(gguf)
-        source = {"gguf": str(gguf.resolve()), "tensor_types": types, "note": quantization_note(types)}
-        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        _write_converted(tmp, gguf, model, tokenizer)
         try:
             os.rename(tmp, target)
         except OSError:
             if not (target / SOURCE_FILE).is_file():  # not another process winning the same race
                 raise
+    except OSError as exc:
+        raise CacheWriteError(f"cannot write the converted model under {target.parent}: {exc}",
+                              model, tokenizer) from exc
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -225,7 +274,7 @@ class Loaded:
     model: torch.nn.Module
     tokenizer: object
     name: str  # what the user asked for, e.g. "smollm2"
-    folder: Path  # the folder the weights were loaded from
+    folder: Path  # where the weights came from: a folder, or the GGUF where no cache could be written
     note: str  # quantization note for reports ("" for a plain folder)
 
 
@@ -234,7 +283,16 @@ def load(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: 
     """Load a model and its tokenizer from a --model value (see ``resolve``)."""
     check_device(device)
     kind, path = resolve(spec)
-    folder = convert_gguf(path, log) if kind == "gguf" else path
+    try:
+        folder = convert_gguf(path, log) if kind == "gguf" else path
+    except CacheWriteError as exc:
+        # The model is in memory already; only the next run pays for the conversion again.
+        need = sum(t.numel() * t.element_size() for t in exc.model.state_dict().values())
+        log(f"[token-recycling] {exc}; using the model converted in memory this time (set "
+            f"{CACHE_ENV} to a folder with {need / 2**20:.0f} MiB free to keep the conversion)")
+        types = gguf_tensor_types(path)
+        model = exc.model.to(dtype=dtype, device=device).eval()
+        return Loaded(model, exc.tokenizer, spec, path, quantization_note(types))
     set_offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
