@@ -167,3 +167,14 @@ def test_bad_padding_is_refused():
         rec.generate(ids, attention_mask=torch.ones(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="streamer"):
         rec.generate(ids, streamer=object())
+
+
+def test_a_batch_adds_every_rows_output_to_the_recent_history():
+    # As a one-row generate does: later requests' n-gram lookups search what the batch generated
+    # (each row's own tokens, not the padding or another row's eos tail).
+    model = tiny_model("llama")
+    rec = TokenRecycler(model)
+    ids, mask = _batch(_prompts(model.config.vocab_size, [5, 9]))
+    got = rec.generate(ids, attention_mask=mask, max_new_tokens=12)
+    rows = [got[b, ids.shape[1]:] for b in range(2)]
+    assert rec.drafter.recent.tokens.tolist() == torch.cat(rows).tolist()

@@ -106,6 +106,8 @@ class BatchDecoder:
         finally:
             if policy is not None:
                 policy.cost = saved_cost
+        for row in rows:  # later requests' n-grams search these outputs, as after a one-row generate
+            rec.drafter.finish(row.seq[0, input_ids.shape[1]:])
         rec.stats = summed_stats(rows, steps, time.perf_counter() - start, input_ids.shape[1], verifier.description)
         rec.stats.tree, rec.stats.tree_size = rec.describe(), rec.tree.num_nodes - 1
         return padded_output(rows, pad_token_id)
