@@ -2,6 +2,7 @@
 // compared with a naive loop written here, so a benchmark of a broken kernel cannot pass silently.
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -192,6 +193,64 @@ void skinny_linear(const Options& o, int64_t out, int64_t in, int64_t n, bool ve
             sizeof(W) * out * in + 4.0 * (n * in + n * out), 2.0 * n * out * in);
 }
 
+#ifdef TOKEN_RECYCLING_SKINNY_AVX2
+// The CPU's float32 FMA throughput (12 independent 8-wide chains): the ceiling skinny_model's rows
+// run into once the weight stream no longer hides the arithmetic.
+__attribute__((target("avx2,fma"))) void fma_peak(const Options& o) {
+  const int64_t iters = o.quick ? 100000 : 20000000;
+  __m256 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(static_cast<float>(i));
+  const __m256 a = _mm256_set1_ps(0.999f), b = _mm256_set1_ps(1e-3f);
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t t = 0; t < iters; ++t)
+    for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], a, b);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  float sink = 0;
+  for (int i = 0; i < 12; ++i) sink += _mm256_cvtss_f32(acc[i]);
+  expect(std::isfinite(sink), "fma_peak: the chains overflowed");
+  print_row("cpu", "fma_peak avx2", shape_str({{"fma8", 12 * iters}}), s, 0, 16.0 * 12 * iters);
+}
+#endif
+
+// A whole model's linear layers for n rows of x: SmolLM2-135M's 30 x 7 projections and its tied
+// 49152-row vocabulary projection (537 MB of float32 weights, far beyond any cache), so the weights
+// stream from DRAM as in a real verification forward, where the one-layer rows above keep them in
+// cache. The ratio to n = 1 is what a drafted token costs in the linear layers on this CPU: it stays
+// near 1 while the arithmetic hides under the weight stream and grows once the FMAs are the bound.
+void skinny_model(const Options& o, const std::vector<int64_t>& rows) {
+  struct Layer { int64_t out, in; std::vector<float> w; };
+  const int64_t hidden = o.quick ? 64 : 576, kv = o.quick ? 32 : 192, mlp = o.quick ? 160 : 1536;
+  const int64_t vocab = o.quick ? 1000 : 49152, layers = o.quick ? 2 : 30;
+  std::vector<Layer> stack;
+  for (int64_t l = 0; l < layers; ++l)
+    for (auto [out, in] : {std::pair{hidden, hidden}, {kv, hidden}, {kv, hidden}, {hidden, hidden}, {mlp, hidden},
+                           {mlp, hidden}, {hidden, mlp}})
+      stack.push_back({out, in, {}});
+  stack.push_back({vocab, hidden, {}});
+  double bytes = 0;
+  for (auto& layer : stack) {
+    layer.w.resize(layer.out * layer.in);
+    for (auto& v : layer.w) v = 0.05f * randn();
+    bytes += 4.0 * layer.w.size();
+  }
+  const int64_t max_n = *std::max_element(rows.begin(), rows.end());
+  std::vector<float> x(max_n * mlp), y(max_n * vocab);
+  for (auto& v : x) v = randn();
+  double base = 0;
+  for (int64_t n : rows) {
+    auto run = [&] {
+      for (auto& l : stack)
+        k::skinny_linear(x.data(), n, l.in, l.w.data(), l.out, l.in, l.in, nullptr, y.data(), l.out, 0, l.out, true);
+    };
+    const double t = time_host(run, o.quick ? 2 : 5);
+    if (n == rows.front()) base = t;
+    char ratio[32];
+    std::snprintf(ratio, sizeof ratio, " time/n1=%.2f", t / base);
+    print_row("cpu", "skinny_model", shape_str({{"layers", static_cast<int64_t>(stack.size())}, {"n", n}}) + ratio,
+              t, bytes, 2.0 * n * bytes / 4);
+  }
+}
+
 // Top-k ids (ties by the lower id) of `rows` logit rows of width `vocab`, against a stable sort.
 template <typename T>
 void greedy_topk(const Options& o, int64_t rows, int64_t vocab, int64_t kk) {
@@ -247,6 +306,12 @@ void run_cpu_benchmarks(const Options& o) {
     for (int64_t n : {1, 2, 4, 8}) skinny_linear<float>(o, out, in, n, true);
     skinny_linear<float>(o, out, in, 4, false);
     for (int64_t n : {1, 2, 4, 8}) skinny_linear<k::bfloat16>(o, out, in, n, true);
+  }
+#ifdef TOKEN_RECYCLING_SKINNY_AVX2
+  if (selected(o, "fma_peak") && k::skinny_linear_vectorized()) fma_peak(o);
+#endif
+  if (selected(o, "skinny_model")) {  // the first size is the ratio's base
+    skinny_model(o, o.quick ? std::vector<int64_t>{1, 4} : std::vector<int64_t>{1, 2, 3, 4, 6, 8, 12});
   }
   if (selected(o, "greedy_topk")) {
     // SmolLM2's vocabulary, a verification forward's few rows.
