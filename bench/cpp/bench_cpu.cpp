@@ -244,6 +244,15 @@ void skinny_model(const Options& o, const std::vector<int64_t>& rows) {
     };
     const double t = time_host(run, o.quick ? 2 : 5);
     if (n == rows.front()) base = t;
+    const Layer& last = stack.back();  // y holds the last layer's output: check a sample of it
+    bool close = true;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t r = 0; r < last.out; r += std::max<int64_t>(1, last.out / 64)) {
+        double want = 0;
+        for (int64_t c = 0; c < last.in; ++c) want += static_cast<double>(x[i * last.in + c]) * last.w[r * last.in + c];
+        close = close && std::abs(y[i * last.out + r] - want) <= 1e-5 * last.in + 1e-4;
+      }
+    expect(close, "cpu skinny_model: the last layer differs from the naive loop");
     char ratio[32];
     std::snprintf(ratio, sizeof ratio, " time/n1=%.2f", t / base);
     print_row("cpu", "skinny_model", shape_str({{"layers", static_cast<int64_t>(stack.size())}, {"n", n}}) + ratio,
