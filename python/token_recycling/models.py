@@ -229,13 +229,27 @@ def _write_converted(folder: Path, gguf: Path, model, tokenizer) -> None:
     (folder / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
 
 
+def _write_errors() -> tuple[type[BaseException], ...]:
+    """What writing the folder raises when the disk is full or read-only: OSError, and safetensors'
+    own error (not an OSError: "Error while serializing: I/O error: No space left on device")."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # transformers needs safetensors; kept optional here all the same
+        return (OSError,)
+    return (OSError, SafetensorError)
+
+
+_WRITE_ERRORS = _write_errors()
+
+
 def convert_gguf(gguf: Path, log: Log = stderr_log) -> Path:
     """The safetensors folder for ``gguf``, converting it first if the cache does not have it.
 
     The folder is written under a temporary name and renamed into place, so a conversion that is
     interrupted leaves no folder that a later run would take for a finished one. Where the folder
-    cannot be written (``OSError``: no space left, a read-only cache), the temporary folder is
-    removed and ``CacheWriteError`` is raised with the model and tokenizer already in memory.
+    cannot be written (no space left, a read-only cache: ``OSError`` or safetensors' error), the
+    temporary folder is removed and ``CacheWriteError`` is raised with the model and tokenizer
+    already in memory.
     """
     target = converted_folder(gguf)
     if (target / SOURCE_FILE).is_file():
@@ -257,7 +271,7 @@ def convert_gguf(gguf: Path, log: Log = stderr_log) -> Path:
         except OSError:
             if not (target / SOURCE_FILE).is_file():  # not another process winning the same race
                 raise
-    except OSError as exc:
+    except _WRITE_ERRORS as exc:
         raise CacheWriteError(f"cannot write the converted model under {target.parent}: {exc}",
                               model, tokenizer) from exc
     finally:
