@@ -17,8 +17,11 @@ mkdir -p build
 : > "$log"
 start=$SECONDS
 if [ "${VLLM_CLEAN:-0}" = 1 ]; then
-  # CI: the venv and its build folder go when the check ends, passed, skipped or failed.
-  trap 'rm -rf "$VENV" build/vllm-venv' EXIT
+  # CI: the venv and its build folder go when the check ends, passed, skipped or failed. Absolute
+  # paths, fixed now: the tests run from tests/, so relative ones would miss them at exit.
+  case "$VENV" in /*) venv_abs=$VENV ;; *) venv_abs=$PWD/$VENV ;; esac
+  build_abs=$PWD/build/vllm-venv
+  trap 'rm -rf "$venv_abs" "$build_abs"' EXIT
 fi
 skip() {
   echo "vllm_check: SKIP ($1); last lines of $log:"
