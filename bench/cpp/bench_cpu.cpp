@@ -169,6 +169,21 @@ void tree_attention(const Options& o, const ModelShape& m, int64_t batch, int64_
             t, 2.0 * batch * kv_heads * seq * d * sizeof(float), 4.0 * batch * hq * n * seq * d);
 }
 
+// Whether y [n, out] = x [n, in] @ w^T, checked against a double-precision loop on a sample of
+// ~64 outputs per row, within tol.
+template <typename W>
+bool matches_naive_linear(const float* x, const W* w, const float* y, int64_t n, int64_t out, int64_t in,
+                          double tol) {
+  bool close = true;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t r = 0; r < out; r += std::max<int64_t>(1, out / 64)) {
+      double want = 0;
+      for (int64_t c = 0; c < in; ++c) want += static_cast<double>(x[i * in + c]) * k::to_float(w[r * in + c]);
+      close = close && std::abs(y[i * out + r] - want) <= tol;
+    }
+  return close;
+}
+
 // W: float or bf16 weights (x and y float32 either way).
 template <typename W>
 void skinny_linear(const Options& o, int64_t out, int64_t in, int64_t n, bool vectorized) {
@@ -178,14 +193,10 @@ void skinny_linear(const Options& o, int64_t out, int64_t in, int64_t n, bool ve
   for (auto& v : w) v = k::from_float<W>(randn());
   auto run = [&] { k::skinny_linear(x.data(), n, in, w.data(), out, in, in, nullptr, y.data(), out, 0, out, vectorized); };
   run();
-  bool close = true;  // naive double loop; float sums of `in` terms of size ~1 are off by ~in * 2^-24 at most
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t r = 0; r < out; r += std::max<int64_t>(1, out / 64)) {
-      double want = 0;
-      for (int64_t c = 0; c < in; ++c) want += static_cast<double>(x[i * in + c]) * k::to_float(w[r * in + c]);
-      close = close && std::abs(y[i * out + r] - want) <= 1e-6 * in * std::sqrt(static_cast<double>(in)) + 1e-4;
-    }
-  expect(close, "cpu skinny_linear differs from the naive loop");
+  // Float sums of `in` terms of size ~1 are off by ~in * 2^-24 at most.
+  expect(matches_naive_linear(x.data(), w.data(), y.data(), n, out, in,
+                              1e-6 * in * std::sqrt(static_cast<double>(in)) + 1e-4),
+         "cpu skinny_linear differs from the naive loop");
   const double t = time_host(run, o.quick ? 3 : 20);
   const std::string name = std::string(vectorized && k::skinny_linear_vectorized() ? "skinny_linear avx2" : "skinny_linear scalar") +
                            (sizeof(W) == 2 ? " bf16w" : "");
@@ -245,14 +256,8 @@ void skinny_model(const Options& o, const std::vector<int64_t>& rows) {
     const double t = time_host(run, o.quick ? 2 : 5);
     if (n == rows.front()) base = t;
     const Layer& last = stack.back();  // y holds the last layer's output: check a sample of it
-    bool close = true;
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t r = 0; r < last.out; r += std::max<int64_t>(1, last.out / 64)) {
-        double want = 0;
-        for (int64_t c = 0; c < last.in; ++c) want += static_cast<double>(x[i * last.in + c]) * last.w[r * last.in + c];
-        close = close && std::abs(y[i * last.out + r] - want) <= 1e-5 * last.in + 1e-4;
-      }
-    expect(close, "cpu skinny_model: the last layer differs from the naive loop");
+    expect(matches_naive_linear(x.data(), last.w.data(), y.data(), n, last.out, last.in, 1e-5 * last.in + 1e-4),
+           "cpu skinny_model: the last layer differs from the naive loop");
     char ratio[32];
     std::snprintf(ratio, sizeof ratio, " time/n1=%.2f", t / base);
     print_row("cpu", "skinny_model", shape_str({{"layers", static_cast<int64_t>(stack.size())}, {"n", n}}) + ratio,

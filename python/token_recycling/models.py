@@ -229,19 +229,6 @@ def _write_converted(folder: Path, gguf: Path, model, tokenizer) -> None:
     (folder / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
 
 
-def _write_errors() -> tuple[type[BaseException], ...]:
-    """What writing the folder raises when the disk is full or read-only: OSError, and safetensors'
-    own error (not an OSError: "Error while serializing: I/O error: No space left on device")."""
-    try:
-        from safetensors import SafetensorError
-    except ImportError:  # transformers needs safetensors; kept optional here all the same
-        return (OSError,)
-    return (OSError, SafetensorError)
-
-
-_WRITE_ERRORS = _write_errors()
-
-
 def convert_gguf(gguf: Path, log: Log = stderr_log) -> Path:
     """The safetensors folder for ``gguf``, converting it first if the cache does not have it.
 
@@ -256,6 +243,8 @@ def convert_gguf(gguf: Path, log: Log = stderr_log) -> Path:
         return target
     if importlib.util.find_spec("gguf") is None:
         raise ModelError(f"reading {gguf.name} needs the gguf package: `pip install gguf`")
+    from safetensors import SafetensorError  # a full disk while saving: not an OSError
+
     set_offline()
     log(f"[token-recycling] converting {gguf.name} to a safetensors folder once (~20-40 s); "
         f"later runs load {target}")
@@ -271,7 +260,7 @@ def convert_gguf(gguf: Path, log: Log = stderr_log) -> Path:
         except OSError:
             if not (target / SOURCE_FILE).is_file():  # not another process winning the same race
                 raise
-    except _WRITE_ERRORS as exc:
+    except (OSError, SafetensorError) as exc:
         raise CacheWriteError(f"cannot write the converted model under {target.parent}: {exc}",
                               model, tokenizer) from exc
     finally:
