@@ -1,5 +1,7 @@
 #include "../kernels/tree_attention.h"
 
+#include <ATen/Parallel.h>
+
 #include "checks.h"
 #include "ops.h"
 
@@ -50,12 +52,19 @@ kernels::Strided4D<T> view(const at::Tensor& t) {
 }
 
 template <typename T>
-kernels::Status run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                    const int64_t* prefix, const uint8_t* mask, int64_t mask_stride_b, float scale, float* lse,
-                    int64_t tree_start) {
+void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, const int64_t* prefix,
+         const uint8_t* mask, int64_t mask_stride_b, float scale, float* lse, int64_t tree_start, const char* op) {
   const kernels::TreeAttentionShape shape{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
-  return kernels::tree_attention<T>(view<const T>(q), view<const T>(k), view<const T>(v), view<T>(out), shape,
-                                    prefix, mask, scale, lse, tree_start, mask_stride_b);
+  const auto call = [&](int64_t begin, int64_t end) {
+    return kernels::tree_attention<T>(view<const T>(q), view<const T>(k), view<const T>(v), view<T>(out), shape,
+                                      prefix, mask, scale, lse, tree_start, mask_stride_b, begin, end);
+  };
+  // The sizes are checked once (an empty range), then the threads split the (row, kv head) pairs.
+  throw_if_error(call(0, 0), op);
+  at::parallel_for(0, shape.batch * shape.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    const auto s = call(begin, end);
+    TORCH_INTERNAL_ASSERT(s.ok, s.message);  // checked above: the ranges are inside [0, batch * kv_heads)
+  });
 }
 
 void run_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_len,
@@ -67,13 +76,11 @@ void run_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   const uint8_t* mp = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
   const float sc = static_cast<float>(scale);
   const int64_t ms = m.dim() == 3 ? m.size(1) * m.size(2) : 0;
-  kernels::Status s;
   switch (q.scalar_type()) {
-    case at::kFloat: s = run<float>(q, k, v, out, pp, mp, ms, sc, lse, tree_start); break;
-    case at::kHalf: s = run<kernels::float16>(q, k, v, out, pp, mp, ms, sc, lse, tree_start); break;
-    default: s = run<kernels::bfloat16>(q, k, v, out, pp, mp, ms, sc, lse, tree_start); break;
+    case at::kFloat: run<float>(q, k, v, out, pp, mp, ms, sc, lse, tree_start, op); break;
+    case at::kHalf: run<kernels::float16>(q, k, v, out, pp, mp, ms, sc, lse, tree_start, op); break;
+    default: run<kernels::bfloat16>(q, k, v, out, pp, mp, ms, sc, lse, tree_start, op); break;
   }
-  throw_if_error(s, op);
 }
 }  // namespace
 

@@ -20,12 +20,8 @@
 #include <type_traits>
 
 #include "numeric.h"
+#include "simd.h"
 #include "status.h"
-
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define TOKEN_RECYCLING_SKINNY_AVX2 1
-#include <immintrin.h>
-#endif
 
 namespace token_recycling::kernels {
 
@@ -47,20 +43,9 @@ inline void rows_scalar(const float* x, int64_t n, int64_t x_stride, const W* w,
   }
 }
 
-#ifdef TOKEN_RECYCLING_SKINNY_AVX2
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// Eight weights as float32: a load, or for bf16 a widening (bf16 is the top half of a float32).
-__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-__attribute__((target("avx2,fma"))) inline __m256 load8(const bfloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
+#ifdef TOKEN_RECYCLING_AVX2
+using simd::hsum;
+using simd::load8;
 
 // R weight rows times C rows of x: R*C accumulators; per 8 inputs, C loads of x and R of w feed R*C FMAs.
 // next: the first of the R weight rows the caller takes after these (row stride w_stride; or null):
@@ -129,17 +114,14 @@ __attribute__((target("avx2,fma"))) inline void rows_avx2(const float* x, int64_
   for (; o < o_end; ++o) weight_rows<1>(x, n, x_stride, w, in, w_stride, bias, y, y_stride, o, o + 2 <= o_end);
 }
 
-inline bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
+using simd::cpu_has_avx2_fma;
 #endif
 
 }  // namespace skinny_detail
 
 // True when skinny_linear(..., vectorized=true) takes the AVX2/FMA path on this CPU.
 inline bool skinny_linear_vectorized() {
-#ifdef TOKEN_RECYCLING_SKINNY_AVX2
+#ifdef TOKEN_RECYCLING_AVX2
   return skinny_detail::cpu_has_avx2_fma();
 #else
   return false;
@@ -162,7 +144,7 @@ inline Status skinny_linear(const float* x, int64_t n, int64_t x_stride, const W
                          ") is not inside [0, " + std::to_string(out_features) + ")");
   }
   if (n == 0 || o_end == o_begin) return Status::Ok();
-#ifdef TOKEN_RECYCLING_SKINNY_AVX2
+#ifdef TOKEN_RECYCLING_AVX2
   if (vectorized && skinny_detail::cpu_has_avx2_fma()) {
     skinny_detail::rows_avx2(x, n, x_stride, w, in_features, w_stride, bias, y, y_stride, o_begin, o_end);
     return Status::Ok();

@@ -2,6 +2,14 @@
 // (all visible) and the tree block (visible where tree_mask[i, j]). GQA: query head h reads kv head
 // h / (q_heads / kv_heads). Scores, softmax and the weighted sum are computed in float.
 //
+// Two implementations. The portable loop below is the reference (and the CUDA kernel's). On an x86-64
+// CPU with AVX2/FMA, float32 and bfloat16 inputs whose head_dim is a multiple of 8 and whose elements
+// are contiguous along head_dim take a vectorized path instead (tree_attention_detail): four keys'
+// dot products at a time, the exponentials eight at a time (simd::exp8_nonpositive, ~2 ulp), the
+// weighted sum of values with head_dim in registers. It sums in a different order, so it matches the
+// reference to float rounding, not bit for bit. Each call covers the (row, kv-head) pairs
+// [pair_begin, pair_end) of batch * kv_heads, so a caller can split the work between threads.
+//
 // Where the tree block sits: by default right after each row's prefix, at [prefix_len[b],
 // prefix_len[b] + N). With tree_start >= 0 it sits at [tree_start, tree_start + N) in every row and
 // row b sees the prefix [0, prefix_len[b]) (prefix_len[b] <= tree_start; keys in between are never
@@ -12,9 +20,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "numeric.h"
+#include "simd.h"
 #include "status.h"
 
 namespace token_recycling::kernels {
@@ -61,59 +71,262 @@ inline Status CheckTreeAttentionShape(const TreeAttentionShape& s, const int64_t
   return Status::Ok();
 }
 
+namespace tree_attention_detail {
+
+// The visible keys of node i: the whole prefix [0, prefix), then tree slot tree_at + j where mask[i, j].
+inline int64_t tree_slots(const uint8_t* mask, int64_t n, int64_t i, int64_t tree_at, int64_t* slots) {
+  int64_t m = 0;
+  for (int64_t j = 0; j < n; ++j)
+    if (mask[i * n + j]) slots[m++] = tree_at + j;
+  return m;
+}
+
+// The reference: one query row at a time, in the order the scores are written.
+template <typename T>
+void pair_scalar(const Strided4D<const T>& q, const Strided4D<const T>& k, const Strided4D<const T>& v,
+                 const Strided4D<T>& out, const TreeAttentionShape& s, int64_t b, int64_t hk, int64_t prefix,
+                 int64_t tree_at, const uint8_t* mask, float scale, float* lse) {
+  const int64_t group = s.q_heads / s.kv_heads;
+  std::vector<float> qf(s.head_dim), acc(s.head_dim), scores(static_cast<size_t>(prefix + s.num_nodes));
+  std::vector<int64_t> slots(s.num_nodes);
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    for (int64_t i = 0; i < s.num_nodes; ++i) {
+      for (int64_t d = 0; d < s.head_dim; ++d) qf[d] = to_float(q.at(b, h, i, d));
+      const int64_t visible_tree = tree_slots(mask, s.num_nodes, i, tree_at, slots.data());
+      auto key_at = [&](int64_t c) { return c < prefix ? c : slots[c - prefix]; };
+      const int64_t count = prefix + visible_tree;
+      float max_score = -INFINITY;
+      for (int64_t c = 0; c < count; ++c) {
+        float dot = 0.f;
+        for (int64_t d = 0; d < s.head_dim; ++d) dot += qf[d] * to_float(k.at(b, hk, key_at(c), d));
+        scores[c] = dot * scale;
+        max_score = std::fmax(max_score, scores[c]);
+      }
+      float denom = 0.f;
+      for (int64_t c = 0; c < count; ++c) denom += (scores[c] = std::exp(scores[c] - max_score));
+      for (int64_t d = 0; d < s.head_dim; ++d) acc[d] = 0.f;
+      for (int64_t c = 0; c < count; ++c)
+        for (int64_t d = 0; d < s.head_dim; ++d) acc[d] += scores[c] * to_float(v.at(b, hk, key_at(c), d));
+      const float inv = count > 0 ? 1.f / denom : 0.f;
+      if (lse) lse[(b * s.q_heads + h) * s.num_nodes + i] = count > 0 ? max_score + std::log(denom) : -INFINITY;
+      for (int64_t d = 0; d < s.head_dim; ++d) out.at(b, h, i, d) = from_float<T>(acc[d] * inv);
+    }
+  }
+}
+
+#ifdef TOKEN_RECYCLING_AVX2
+// The four dot products whose eight-lane partial sums are a0..a3, as one 128-bit vector.
+__attribute__((target("avx2,fma"))) inline __m128 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  // hadd(hadd(a0, a1), hadd(a2, a3)) holds each key's two half-sums in the two 128-bit lanes.
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// Scores of RB query rows (float, head_dim D a multiple of 8, row stride D) against the prefix keys
+// [0, prefix), times scale, into scores[r * ld + c]: per eight dimensions, four keys and RB rows are
+// loaded once for 4 * RB FMAs (a small matrix product, the keys shared by every row of the kv head).
+template <int RB, typename T>
+__attribute__((target("avx2,fma"))) inline void prefix_scores_avx2(const float* qf, int64_t D, const T* k,
+                                                                   int64_t k_stride, int64_t prefix, float scale,
+                                                                   float* scores, int64_t ld) {
+  int64_t c = 0;
+  for (; c + 4 <= prefix; c += 4) {
+    __m256 acc[RB][4];
+    for (int r = 0; r < RB; ++r)
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+    const T* kc = k + c * k_stride;
+    for (int64_t d = 0; d < D; d += 8) {
+      __m256 qv[RB];
+      for (int r = 0; r < RB; ++r) qv[r] = _mm256_loadu_ps(qf + r * D + d);
+      for (int j = 0; j < 4; ++j) {
+        const __m256 kv = simd::load8(kc + j * k_stride + d);
+        for (int r = 0; r < RB; ++r) acc[r][j] = _mm256_fmadd_ps(qv[r], kv, acc[r][j]);
+      }
+    }
+    for (int r = 0; r < RB; ++r)
+      _mm_storeu_ps(scores + r * ld + c,
+                    _mm_mul_ps(reduce4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]), _mm_set1_ps(scale)));
+  }
+  for (; c < prefix; ++c) {
+    const T* kc = k + c * k_stride;
+    for (int r = 0; r < RB; ++r) {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qf + r * D + d), simd::load8(kc + d), a);
+      scores[r * ld + c] = simd::hsum(a) * scale;
+    }
+  }
+}
+
+// out[r, d0 + 8 j] += sum over c in [0, prefix) of w[r * ld + c] * v[c, d0 + 8 j] for RB rows and
+// NB vectors of eight dimensions: RB * NB accumulators in registers, each value vector loaded once.
+template <int RB, int NB, typename T>
+__attribute__((target("avx2,fma"))) inline void prefix_values_avx2(const float* w, int64_t ld, const T* v,
+                                                                   int64_t v_stride, int64_t prefix, int64_t d0,
+                                                                   float* acc, int64_t D) {
+  __m256 a[RB][NB];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < NB; ++j) a[r][j] = _mm256_loadu_ps(acc + r * D + d0 + 8 * j);
+  for (int64_t c = 0; c < prefix; ++c) {
+    const T* vc = v + c * v_stride + d0;
+    __m256 vv[NB];
+    for (int j = 0; j < NB; ++j) vv[j] = simd::load8(vc + 8 * j);
+    for (int r = 0; r < RB; ++r) {
+      const __m256 wr = _mm256_set1_ps(w[r * ld + c]);
+      for (int j = 0; j < NB; ++j) a[r][j] = _mm256_fmadd_ps(wr, vv[j], a[r][j]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < NB; ++j) _mm256_storeu_ps(acc + r * D + d0 + 8 * j, a[r][j]);
+}
+
+template <int RB, typename T>
+__attribute__((target("avx2,fma"))) inline void prefix_values_rows(const float* w, int64_t ld, const T* v,
+                                                                   int64_t v_stride, int64_t prefix, float* acc,
+                                                                   int64_t D) {
+  int64_t d0 = 0;
+  for (; d0 + 32 <= D; d0 += 32) prefix_values_avx2<RB, 4, T>(w, ld, v, v_stride, prefix, d0, acc, D);
+  for (; d0 < D; d0 += 8) prefix_values_avx2<RB, 1, T>(w, ld, v, v_stride, prefix, d0, acc, D);
+}
+
+template <typename T>
+__attribute__((target("avx2,fma"))) inline float dot_avx2(const float* qf, const T* key, int64_t D) {
+  __m256 a = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qf + d), simd::load8(key + d), a);
+  return simd::hsum(a);
+}
+
+// One kv head of one row: its R = group * N query rows (row r: node r / group, query head
+// hk * group + r % group). The prefix, which every row sees, goes through the blocked products
+// above; each row's few visible tree keys one at a time.
+template <typename T>
+__attribute__((target("avx2,fma"))) void pair_avx2(const Strided4D<const T>& q, const Strided4D<const T>& k,
+                                                   const Strided4D<const T>& v, const Strided4D<T>& out,
+                                                   const TreeAttentionShape& s, int64_t b, int64_t hk,
+                                                   int64_t prefix, int64_t tree_at, const uint8_t* mask,
+                                                   float scale, float* lse) {
+  const int64_t group = s.q_heads / s.kv_heads, D = s.head_dim, n = s.num_nodes, R = group * n;
+  const int64_t ld = (prefix + n + 7) / 8 * 8;  // each row's scores, padded to whole vectors
+  std::vector<float> qf(R * D), acc(R * D, 0.f), scores(R * ld, -INFINITY), denoms(R);
+  std::vector<int64_t> slots(n * n), visible(n);
+  for (int64_t i = 0; i < n; ++i) visible[i] = tree_slots(mask, n, i, tree_at, slots.data() + i * n);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_float(q.at(b, hk * group + r % group, r / group, d));
+  const T* kb = &k.at(b, hk, 0, 0);
+  const T* vb = &v.at(b, hk, 0, 0);
+  int64_t r = 0;
+  for (; r + 3 <= R; r += 3) prefix_scores_avx2<3, T>(qf.data() + r * D, D, kb, k.stride_s, prefix, scale, scores.data() + r * ld, ld);
+  for (; r < R; ++r) prefix_scores_avx2<1, T>(qf.data() + r * D, D, kb, k.stride_s, prefix, scale, scores.data() + r * ld, ld);
+  for (r = 0; r < R; ++r) {  // tree keys, then the softmax weights of the row
+    const int64_t i = r / group;
+    float* row = scores.data() + r * ld;
+    for (int64_t j = 0; j < visible[i]; ++j)
+      row[prefix + j] = dot_avx2(qf.data() + r * D, kb + slots[i * n + j] * k.stride_s, D) * scale;
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int64_t c = 0; c < ld; c += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(row + c));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float max_score = _mm_cvtss_f32(m4);
+    if (prefix + visible[i] == 0) {  // sees no key: weights 0, zero output and lse -inf (as the reference)
+      for (int64_t c = 0; c < ld; ++c) row[c] = 0.f;
+      denoms[r] = 0.f;
+      continue;
+    }
+    const __m256 mv = _mm256_set1_ps(max_score);
+    __m256 den = _mm256_setzero_ps();
+    for (int64_t c = 0; c < ld; c += 8) {  // the padding (-inf) weighs 0
+      const __m256 e = simd::exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + c), mv));
+      _mm256_storeu_ps(row + c, e);
+      den = _mm256_add_ps(den, e);
+    }
+    denoms[r] = simd::hsum(den);
+    if (lse) {
+      const int64_t h = hk * group + r % group;
+      lse[(b * s.q_heads + h) * n + i] = max_score + std::log(denoms[r]);
+    }
+  }
+  for (r = 0; r + 3 <= R; r += 3) prefix_values_rows<3, T>(scores.data() + r * ld, ld, vb, v.stride_s, prefix, acc.data() + r * D, D);
+  for (; r < R; ++r) prefix_values_rows<1, T>(scores.data() + r * ld, ld, vb, v.stride_s, prefix, acc.data() + r * D, D);
+  for (r = 0; r < R; ++r) {
+    const int64_t i = r / group, h = hk * group + r % group;
+    float* a = acc.data() + r * D;
+    const float* w = scores.data() + r * ld + prefix;
+    for (int64_t j = 0; j < visible[i]; ++j) {
+      const T* vj = vb + slots[i * n + j] * v.stride_s;
+      const __m256 wj = _mm256_set1_ps(w[j]);
+      for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(a + d, _mm256_fmadd_ps(wj, simd::load8(vj + d), _mm256_loadu_ps(a + d)));
+    }
+    if (denoms[r] == 0.f) {
+      if (lse) lse[(b * s.q_heads + h) * n + i] = -INFINITY;
+      for (int64_t d = 0; d < D; ++d) out.at(b, h, i, d) = from_float<T>(0.f);
+      continue;
+    }
+    const float inv = 1.f / denoms[r];
+    for (int64_t d = 0; d < D; ++d) out.at(b, h, i, d) = from_float<T>(a[d] * inv);
+  }
+}
+#endif
+
+template <typename T>
+bool takes_avx2(const Strided4D<const T>& q, const Strided4D<const T>& k, const Strided4D<const T>& v,
+                const TreeAttentionShape& s) {
+#ifdef TOKEN_RECYCLING_AVX2
+  // (head_dim 0 or no nodes: nothing to vectorize, and the portable loop never forms a pointer to k or v)
+  return (std::is_same_v<T, float> || std::is_same_v<T, bfloat16>) && s.head_dim > 0 && s.num_nodes > 0 &&
+         s.head_dim % 8 == 0 && q.stride_d == 1 &&
+         k.stride_d == 1 && v.stride_d == 1 && simd::cpu_has_avx2_fma();
+#else
+  (void)q, (void)k, (void)v, (void)s;
+  return false;
+#endif
+}
+
+}  // namespace tree_attention_detail
+
+// True when tree_attention(..., vectorized=true) takes the AVX2/FMA path for these inputs on this CPU.
+template <typename T>
+bool tree_attention_vectorized(const Strided4D<const T>& q, const Strided4D<const T>& k,
+                               const Strided4D<const T>& v, const TreeAttentionShape& s) {
+  return tree_attention_detail::takes_avx2(q, k, v, s);
+}
+
 // tree_mask: [num_nodes, num_nodes] row-major bytes (non-zero = visible), row b's at
 // tree_mask + b * mask_stride_b. out: [batch, q_heads, num_nodes, head_dim]
 // view. A node that sees no key at all gets a zero output. lse (optional): [batch, q_heads, num_nodes]
 // contiguous, the natural log of each row's softmax denominator of the scaled scores (-inf: no key),
 // what merge_attention_states.h needs to combine this with attention over other keys.
+// pair_begin, pair_end: the (row b, kv head hk) pairs p = b * kv_heads + hk computed by this call
+// (default: all); vectorized = false forces the portable reference loop.
 template <typename T>
 Status tree_attention(const Strided4D<const T>& q, const Strided4D<const T>& k, const Strided4D<const T>& v,
                       const Strided4D<T>& out, const TreeAttentionShape& s, const int64_t* prefix_len,
                       const uint8_t* tree_mask, float scale, float* lse = nullptr, int64_t tree_start = -1,
-                      int64_t mask_stride_b = 0) {
+                      int64_t mask_stride_b = 0, int64_t pair_begin = 0, int64_t pair_end = -1,
+                      bool vectorized = true) {
   Status st = CheckTreeAttentionShape(s, prefix_len, tree_start);
   if (!st.ok) return st;
-  const int64_t group = s.q_heads / s.kv_heads;
-  std::vector<float> qf(s.head_dim), acc(s.head_dim), scores;
-  for (int64_t b = 0; b < s.batch; ++b) {
+  const int64_t pairs = s.batch * s.kv_heads;
+  if (pair_end < 0) pair_end = pairs;
+  if (pair_begin < 0 || pair_begin > pair_end || pair_end > pairs) {
+    return Status::Error("pair range [" + std::to_string(pair_begin) + ", " + std::to_string(pair_end) +
+                         ") is not inside [0, batch * kv_heads = " + std::to_string(pairs) + ")");
+  }
+  const bool fast = vectorized && tree_attention_detail::takes_avx2(q, k, v, s);
+  for (int64_t p = pair_begin; p < pair_end; ++p) {
+    const int64_t b = p / s.kv_heads, hk = p % s.kv_heads;
     const int64_t prefix = prefix_len[b];
     const int64_t tree_at = tree_start >= 0 ? tree_start : prefix;  // slot of tree node 0
     const uint8_t* mask = tree_mask + b * mask_stride_b;
-    scores.resize(static_cast<size_t>(prefix + s.num_nodes));
-    for (int64_t h = 0; h < s.q_heads; ++h) {
-      const int64_t hk = h / group;
-      for (int64_t i = 0; i < s.num_nodes; ++i) {
-        for (int64_t d = 0; d < s.head_dim; ++d) qf[d] = to_float(q.at(b, h, i, d));
-        float max_score = -INFINITY;
-        auto score_at = [&](int64_t pos) {
-          float dot = 0.f;
-          for (int64_t d = 0; d < s.head_dim; ++d) dot += qf[d] * to_float(k.at(b, hk, pos, d));
-          return dot * scale;
-        };
-        // Keys visible to node i: the whole prefix, then tree nodes j with tree_mask[i, j].
-        int64_t count = 0;
-        for (int64_t pos = 0; pos < prefix; ++pos) scores[count++] = score_at(pos);
-        for (int64_t j = 0; j < s.num_nodes; ++j) {
-          if (mask[i * s.num_nodes + j]) scores[count++] = score_at(tree_at + j);
-        }
-        for (int64_t c = 0; c < count; ++c) max_score = std::fmax(max_score, scores[c]);
-        float denom = 0.f;
-        for (int64_t c = 0; c < count; ++c) denom += (scores[c] = std::exp(scores[c] - max_score));
-        for (int64_t d = 0; d < s.head_dim; ++d) acc[d] = 0.f;
-        int64_t c = 0;
-        auto accumulate = [&](int64_t pos) {
-          const float w = scores[c++];
-          for (int64_t d = 0; d < s.head_dim; ++d) acc[d] += w * to_float(v.at(b, hk, pos, d));
-        };
-        for (int64_t pos = 0; pos < prefix; ++pos) accumulate(pos);
-        for (int64_t j = 0; j < s.num_nodes; ++j) {
-          if (mask[i * s.num_nodes + j]) accumulate(tree_at + j);
-        }
-        const float inv = count > 0 ? 1.f / denom : 0.f;
-        if (lse) lse[(b * s.q_heads + h) * s.num_nodes + i] = count > 0 ? max_score + std::log(denom) : -INFINITY;
-        for (int64_t d = 0; d < s.head_dim; ++d) out.at(b, h, i, d) = from_float<T>(acc[d] * inv);
+#ifdef TOKEN_RECYCLING_AVX2
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bfloat16>) {
+      if (fast) {
+        tree_attention_detail::pair_avx2<T>(q, k, v, out, s, b, hk, prefix, tree_at, mask, scale, lse);
+        continue;
       }
     }
+#endif
+    (void)fast;
+    tree_attention_detail::pair_scalar<T>(q, k, v, out, s, b, hk, prefix, tree_at, mask, scale, lse);
   }
   return Status::Ok();
 }

@@ -130,7 +130,11 @@ def _attention_inputs(gen, dtype, batch, hq, hkv, n, prefix_max, d):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("batch,hq,hkv,n,prefix_max,d", [(1, 4, 4, 1, 0, 16), (2, 8, 2, 17, 40, 64), (1, 6, 3, 81, 100, 32)])
+@pytest.mark.parametrize("batch,hq,hkv,n,prefix_max,d", [
+    (1, 4, 4, 1, 0, 16), (2, 8, 2, 17, 40, 64), (1, 6, 3, 81, 100, 32),
+    # the CPU's vectorized path (head_dim % 8 == 0): SmolLM2's heads, a head_dim of 32 + 32 + 8 + 8,
+    # row and key counts that leave remainders; head_dim 12 takes the portable path in every dtype
+    (1, 9, 3, 4, 203, 64), (2, 5, 5, 3, 37, 80), (2, 4, 2, 6, 25, 12)])
 def test_tree_attention_error_bound(gen, dtype, batch, hq, hkv, n, prefix_max, d):
     q64, k64, v64, prefix, mask = _attention_inputs(gen, dtype, batch, hq, hkv, n, prefix_max, d)
     scale = d ** -0.5
@@ -147,12 +151,31 @@ def test_tree_attention_error_bound(gen, dtype, batch, hq, hkv, n, prefix_max, d
     assert (ours.double() - exact).abs().max().item() < (0.05 if dtype != torch.float32 else 1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tree_attention_strided_inputs(gen, dtype):
+    """q, k, v not contiguous along head_dim (the portable path) or along other dims only (the
+    vectorized one): both as the fp64 reference."""
+    q64, k64, v64, prefix, mask = _attention_inputs(gen, dtype, 2, 6, 2, 5, 30, 16)
+    exact = reference.tree_attention(q64, k64, v64, prefix, mask, 0.25)
+    for layout in ("heads-last", "head-dim-strided"):
+        if layout == "heads-last":  # [B, S, H, D] storage viewed as [B, H, S, D]
+            q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2).to(dtype) for t in (q64, k64, v64))
+        else:  # every other element of a twice-as-wide head_dim
+            q, k, v = (torch.stack([t, t], -1).to(dtype).flatten(-2)[..., ::2] for t in (q64, k64, v64))
+            assert q.stride(-1) == 2
+        ours = ops.tree_attention(q, k, v, prefix, mask, 0.25)
+        assert (ours.double() - exact).abs().max().item() < (1e-4 if dtype == torch.float32 else 0.05), layout
+
+
 def test_tree_attention_row_that_sees_nothing_is_zero():
-    q = torch.randn(1, 2, 2, 8)
-    k = torch.randn(1, 2, 2, 8)
-    mask = torch.tensor([[True, False], [False, False]])
-    out = ops.tree_attention(q, k, k.clone(), torch.tensor([0]), mask, 0.3)
-    assert torch.equal(out[0, :, 1], torch.zeros(2, 8))
+    for d in (8, 6):  # the vectorized path (on AVX2 CPUs) and the portable one
+        q = torch.randn(1, 2, 2, d)
+        k = torch.randn(1, 2, 2, d)
+        mask = torch.tensor([[True, False], [False, False]])
+        out, lse = ops.tree_attention_lse(q, k, k.clone(), torch.tensor([0]), mask, 0.3)
+        assert torch.equal(out[0, :, 1], torch.zeros(2, d))
+        assert torch.isinf(lse[0, :, 1]).all() and (lse[0, :, 1] < 0).all()
+        assert torch.equal(ops.tree_attention(q, k, k.clone(), torch.tensor([0]), mask, 0.3), out)
 
 
 # ------------------------------------------------------------------------------------------ opcheck

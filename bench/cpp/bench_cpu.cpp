@@ -120,8 +120,9 @@ void compact_kv(const Options& o, const ModelShape& m, int64_t batch, int64_t kv
             2.0 * tensors * batch * kv_heads * accept * d * sizeof(uint16_t), 0);
 }
 
+// vectorized: the AVX2/FMA path where the CPU has it (else, and with false, the portable loop).
 void tree_attention(const Options& o, const ModelShape& m, int64_t batch, int64_t kv_heads, const Tree& tree,
-                    int64_t prefix) {
+                    int64_t prefix, bool vectorized) {
   const int64_t n = tree.size(), d = m.head_dim, hq = m.q_heads, seq = prefix + n;
   std::vector<float> q(batch * hq * n * d), kk(batch * kv_heads * seq * d), v(kk.size()), out(q.size());
   for (auto* buf : {&q, &kk, &v})
@@ -138,8 +139,10 @@ void tree_attention(const Options& o, const ModelShape& m, int64_t batch, int64_
   auto run = [&] {
     k::tree_attention<float>(strided(q, hq, n), strided(kk, kv_heads, seq), strided(v, kv_heads, seq),
                              k::Strided4D<float>{out.data(), hq * n * d, n * d, d, 1}, shape, prefix_len.data(),
-                             mask.data(), scale);
+                             mask.data(), scale, nullptr, -1, 0, 0, -1, vectorized);
   };
+  const bool fast = vectorized && k::tree_attention_vectorized<float>(strided(q, hq, n), strided(kk, kv_heads, seq),
+                                                                      strided(v, kv_heads, seq), shape);
   run();
   // Naive, in double, for one (b, h, node): the last row of the last head sees the most tree nodes.
   {
@@ -162,10 +165,11 @@ void tree_attention(const Options& o, const ModelShape& m, int64_t batch, int64_
       for (size_t c = 0; c < keys.size(); ++c) acc += w[c] / sum * v[((b * kv_heads + hk) * seq + keys[c]) * d + x];
       worst = std::max(worst, std::fabs(acc - out[((b * hq + h) * n + i) * d + x]));
     }
-    expect(worst < 1e-4, "cpu tree_attention differs from the naive loop by " + std::to_string(worst));
+    expect(worst < 1e-4, std::string("cpu tree_attention") + (fast ? " (avx2)" : "") +
+                             " differs from the naive loop by " + std::to_string(worst));
   }
   const double t = time_host(run, o.quick ? 2 : 3);
-  print_row("cpu", "tree_attention", shape_str({{"B", batch}, {"Hq", hq}, {"Hkv", kv_heads}, {"N", n}, {"D", d}, {"P", prefix}}),
+  print_row("cpu", fast ? "tree_attention avx2" : "tree_attention", shape_str({{"B", batch}, {"Hq", hq}, {"Hkv", kv_heads}, {"N", n}, {"D", d}, {"P", prefix}}),
             t, 2.0 * batch * kv_heads * seq * d * sizeof(float), 4.0 * batch * hq * n * seq * d);
 }
 
@@ -204,7 +208,7 @@ void skinny_linear(const Options& o, int64_t out, int64_t in, int64_t n, bool ve
             sizeof(W) * out * in + 4.0 * (n * in + n * out), 2.0 * n * out * in);
 }
 
-#ifdef TOKEN_RECYCLING_SKINNY_AVX2
+#ifdef TOKEN_RECYCLING_AVX2
 // The CPU's float32 FMA throughput (12 independent 8-wide chains): the ceiling skinny_model's rows
 // run into once the weight stream no longer hides the arithmetic.
 __attribute__((target("avx2,fma"))) void fma_peak(const Options& o) {
@@ -310,9 +314,16 @@ void run_cpu_benchmarks(const Options& o) {
     if (!o.quick) compact_kv(o, m, 1, 32, 2048, 6);
   }
   if (selected(o, "tree_attention")) {
-    // The CPU kernel is a scalar reference: short prefixes only.
+    // The portable loop (the reference) and the AVX2 path, each checked against a double-precision loop.
     const std::vector<int64_t> prefixes = o.quick ? std::vector<int64_t>{40} : std::vector<int64_t>{512, 2048};
-    for (int64_t p : prefixes) tree_attention(o, m, 1, o.quick ? 2 : 8, tree, p);
+    for (bool vectorized : {false, true})
+      for (int64_t p : prefixes) tree_attention(o, m, 1, o.quick ? 2 : 8, tree, p, vectorized);
+    // SmolLM2-135M (the CPU model of bench/RESULTS.md): 9 query and 3 kv heads of 64, a chain of 4 nodes.
+    const ModelShape smol{30, 9, 64, 49152, 8};
+    Tree chain;
+    chain.parents = {-1, 0, 1, 2};
+    chain.ranks = {0, 0, 0, 0};
+    for (bool vectorized : {false, true}) tree_attention(o, smol, 1, 3, chain, 200, vectorized);
   }
   if (selected(o, "skinny_linear")) {
     // SmolLM2-135M's MLP up-projection (the CPU model of bench/RESULTS.md); the scalar loop once.
@@ -321,7 +332,7 @@ void run_cpu_benchmarks(const Options& o) {
     skinny_linear<float>(o, out, in, 4, false);
     for (int64_t n : {1, 2, 4, 8}) skinny_linear<k::bfloat16>(o, out, in, n, true);
   }
-#ifdef TOKEN_RECYCLING_SKINNY_AVX2
+#ifdef TOKEN_RECYCLING_AVX2
   if (selected(o, "fma_peak") && k::skinny_linear_vectorized()) fma_peak(o);
 #endif
   if (selected(o, "skinny_model")) {  // the first size is the ratio's base
