@@ -7,6 +7,7 @@ CPU (the op has a CPU kernel) and, when available, on CUDA.
 
 from __future__ import annotations
 
+import copy
 
 import pytest
 import torch
@@ -224,34 +225,62 @@ def test_gqa_folds_only_where_it_applies():
     assert not hf_attention.gqa_folds(q, k, mask.view(3, 10), {})
 
 
+@pytest.mark.parametrize("vectorized", [True, False])
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma"])
-def test_recycler_cpu_default_is_dense_gqa_and_lossless(arch, gqa_calls, kernel_calls):
-    """The CPU default for sdpa models: dense masks through the backend, grouped heads folded, fp32
-    output == greedy generate; tree_attention=False on another copy leaves its attention alone."""
+def test_recycler_cpu_default_is_lossless(arch, vectorized, gqa_calls, kernel_calls, monkeypatch):
+    """The CPU default for sdpa models: the tree kernel where its vectorized path applies, else dense
+    masks through the backend with grouped heads folded; fp32 output == greedy generate either way.
+    tree_attention=False on another copy leaves its attention alone."""
     import sys
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from models import private_copy
 
     from token_recycling import TokenRecycler
 
+    if vectorized and not hf_attention.ops.skinny_linear_vectorized():
+        pytest.skip("this CPU has no AVX2/FMA: the kernel's vectorized path cannot run")
+    if not vectorized:
+        monkeypatch.setattr(hf_attention, "cpu_kernel_vectorized", lambda model: False)
     reference, model = private_copy(arch)
     assert model.config._attn_implementation == "sdpa"
+    assert hf_attention.cpu_kernel_vectorized(model) == vectorized  # float32, head_dim 16
     rec = TokenRecycler(model, tree="paper-16")
-    assert rec.attention == "dense-gqa" and not rec.tree_attention
+    assert rec.attention == ("tree-kernel" if vectorized else "dense-gqa")
+    assert rec.tree_attention == vectorized
     assert model.config._attn_implementation == hf_attention.NAME
     ids = torch.tensor([[12, 13, 14, 12, 13, 14, 12]])
     for _ in range(2):
         assert torch.equal(rec.generate(ids, max_new_tokens=40),
                            reference.generate(ids, max_new_tokens=40, do_sample=False)), arch
     assert rec.stats.mean_accepted > 1.0
-    assert gqa_calls and kernel_calls == []
-    assert any(n > 1 for _, _, n in gqa_calls)
+    if vectorized:
+        assert kernel_calls and gqa_calls == []
+    else:
+        assert gqa_calls and kernel_calls == []
+        assert any(n > 1 for _, _, n in gqa_calls)
 
     _, untouched = private_copy(arch)
     plain = TokenRecycler(untouched, tree="paper-16", tree_attention=False)
     assert plain.attention == "model" and untouched.config._attn_implementation == "sdpa"
     # A second recycler on the switched model may ask for dense masks: they go through the backend.
     assert TokenRecycler(model, tree_attention=False).attention == "dense-gqa"
+
+
+def test_cpu_kernel_vectorized_needs_float_and_head_dim_multiple_of_8():
+    """The CPU default takes the kernel only where its vectorized path runs (else it is the slow
+    reference): float32/bf16 weights and head_dim % 8 == 0."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from models import tiny_model
+
+    if not hf_attention.ops.skinny_linear_vectorized():
+        pytest.skip("this CPU has no AVX2/FMA")
+    assert hf_attention.cpu_kernel_vectorized(tiny_model("llama"))  # head_dim 64 / 4 = 16
+    assert hf_attention.cpu_kernel_vectorized(tiny_model("llama", dtype=torch.bfloat16))
+    assert not hf_attention.cpu_kernel_vectorized(tiny_model("llama", dtype=torch.float16))
+    odd = copy.deepcopy(tiny_model("qwen3"))  # tiny_model's models are shared: change a copy
+    odd.config.head_dim = 12
+    assert not hf_attention.cpu_kernel_vectorized(odd)
 
 
 def test_recycler_cpu_default_leaves_eager_models_alone():

@@ -13,7 +13,9 @@ Every other call (prefill, plain decoding, padding masks, dense tree masks) goes
 function, and mask creation for this implementation is sdpa's; except that a masked call of several
 query rows on the CPU with grouped-query heads runs torch's sdpa with ``enable_gqa`` (``gqa_sdpa``):
 transformers would copy K/V once per query head (repeat_kv) because a mask is given, which costs a
-verification forward of SmolLM2-135M about 3 ms (the decode loop's CPU default, "dense-gqa").
+verification forward of SmolLM2-135M about 3 ms. The decode loop's CPU default sends the bare tree
+mask to our kernel where its vectorized CPU path runs (``cpu_kernel_vectorized``: "tree-kernel"),
+else the dense mask through ``gqa_sdpa`` ("dense-gqa").
 
 Batches of rows of different lengths (batch.py): ``attention_mask`` is ``[B, 1, N, N]`` with one
 tree per row, ``tree_prefix_len`` a LongTensor ``[B]`` (row b's cached tokens, at ``[0, P_b)``) and
@@ -279,6 +281,23 @@ def use_tree_attention(model) -> bool:
     except (ValueError, KeyError, AttributeError):
         return False
     return getattr(model.config, "_attn_implementation", None) == NAME
+
+
+def cpu_kernel_vectorized(model) -> bool:
+    """Whether ops.tree_attention takes its vectorized CPU path for ``model``'s attention: float32 or
+    bf16, head_dim a multiple of 8, and a CPU with AVX2/FMA (the check skinny_linear's path makes
+    too). The portable path is the slow reference, so the CPU default uses the kernel only then."""
+    if not ops.skinny_linear_vectorized():
+        return False
+    param = next(model.parameters(), None)
+    if param is None or param.device.type != "cpu" or param.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is None:
+        heads = getattr(config, "num_attention_heads", 0)
+        head_dim = config.hidden_size // heads if heads else 0
+    return head_dim > 0 and head_dim % 8 == 0
 
 
 @contextlib.contextmanager

@@ -45,11 +45,12 @@ class TokenRecycler:
         tree_attention: run verification forwards through our tree-attention kernel (registered
             with transformers as attn_implementation "token_recycling"; every other call of the
             model goes to sdpa) instead of a dense [N, prefix + N] additive mask. None (default):
-            on CUDA builds for sdpa models; on the CPU, sdpa models keep the dense mask but take it
-            through the same backend, whose CPU path runs torch's sdpa with grouped-query heads
-            folded in (transformers copies K/V per query head whenever a mask is given, and our CPU
-            kernel is the slow reference). ``rec.attention`` says which ("tree-kernel",
-            "dense-gqa" or "model"). Both switch the model's attn_implementation in place; False
+            for sdpa models on CUDA builds, and on a CPU with AVX2/FMA when the model is float32 or
+            bf16 with a head_dim that is a multiple of 8 (the kernel's vectorized path,
+            ``hf_attention.cpu_kernel_vectorized``). Other CPU sdpa models keep the dense mask but
+            take it through the same backend, whose CPU path runs torch's sdpa with grouped-query
+            heads folded in (transformers copies K/V per query head whenever a mask is given).
+            ``rec.attention`` says which ("tree-kernel", "dense-gqa" or "model"). Both switch the model's attn_implementation in place; False
             leaves it as it is (dense masks, through whichever backend the model has).
         cuda_graphs: verification forwards padded to bucket sizes over a static cache with a
             device-side prefix length (graph_step.py); implies tree_attention. On CUDA each bucket's
@@ -328,8 +329,12 @@ class TokenRecycler:
         self.attention = "model"
         if wanted is None:
             if self.device.type == "cpu" and impl in ("sdpa", "token_recycling"):
-                if hf_attention.use_tree_attention(self.model):
-                    self.attention = "dense-gqa"
+                if not hf_attention.use_tree_attention(self.model):
+                    return False
+                if hf_attention.cpu_kernel_vectorized(self.model):
+                    self.attention = "tree-kernel"
+                    return True
+                self.attention = "dense-gqa"
                 return False
             wanted = self.device.type == "cuda" and WITH_CUDA and impl in ("sdpa", "token_recycling")
         if not wanted:
