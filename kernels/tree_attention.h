@@ -122,6 +122,14 @@ __attribute__((target("avx2,fma"))) inline __m128 reduce4(__m256 a0, __m256 a1, 
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
+// One query row (float, head_dim D a multiple of 8) against one key.
+template <typename T>
+__attribute__((target("avx2,fma"))) inline float dot_avx2(const float* qf, const T* key, int64_t D) {
+  __m256 a = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qf + d), simd::load8(key + d), a);
+  return simd::hsum(a);
+}
+
 // Scores of RB query rows (float, head_dim D a multiple of 8, row stride D) against the prefix keys
 // [0, prefix), times scale, into scores[r * ld + c]: per eight dimensions, four keys and RB rows are
 // loaded once for 4 * RB FMAs (a small matrix product, the keys shared by every row of the kv head).
@@ -149,11 +157,7 @@ __attribute__((target("avx2,fma"))) inline void prefix_scores_avx2(const float* 
   }
   for (; c < prefix; ++c) {
     const T* kc = k + c * k_stride;
-    for (int r = 0; r < RB; ++r) {
-      __m256 a = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qf + r * D + d), simd::load8(kc + d), a);
-      scores[r * ld + c] = simd::hsum(a) * scale;
-    }
+    for (int r = 0; r < RB; ++r) scores[r * ld + c] = dot_avx2(qf + r * D, kc, D) * scale;
   }
 }
 
@@ -188,13 +192,6 @@ __attribute__((target("avx2,fma"))) inline void prefix_values_rows(const float* 
   for (; d0 < D; d0 += 8) prefix_values_avx2<RB, 1, T>(w, ld, v, v_stride, prefix, d0, acc, D);
 }
 
-template <typename T>
-__attribute__((target("avx2,fma"))) inline float dot_avx2(const float* qf, const T* key, int64_t D) {
-  __m256 a = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qf + d), simd::load8(key + d), a);
-  return simd::hsum(a);
-}
-
 // One kv head of one row: its R = group * N query rows (row r: node r / group, query head
 // hk * group + r % group). The prefix, which every row sees, goes through the blocked products
 // above; each row's few visible tree keys one at a time.
@@ -223,10 +220,7 @@ __attribute__((target("avx2,fma"))) void pair_avx2(const Strided4D<const T>& q, 
       row[prefix + j] = dot_avx2(qf.data() + r * D, kb + slots[i * n + j] * k.stride_s, D) * scale;
     __m256 mx = _mm256_set1_ps(-INFINITY);
     for (int64_t c = 0; c < ld; c += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(row + c));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float max_score = _mm_cvtss_f32(m4);
+    const float max_score = simd::hmax(mx);
     if (prefix + visible[i] == 0) {  // sees no key: weights 0, zero output and lse -inf (as the reference)
       for (int64_t c = 0; c < ld; ++c) row[c] = 0.f;
       denoms[r] = 0.f;

@@ -50,8 +50,9 @@ class TokenRecycler:
             ``hf_attention.cpu_kernel_vectorized``). Other CPU sdpa models keep the dense mask but
             take it through the same backend, whose CPU path runs torch's sdpa with grouped-query
             heads folded in (transformers copies K/V per query head whenever a mask is given).
-            ``rec.attention`` says which ("tree-kernel", "dense-gqa" or "model"). Both switch the model's attn_implementation in place; False
-            leaves it as it is (dense masks, through whichever backend the model has).
+            ``rec.attention`` says which ("tree-kernel", "dense-gqa" or "model"). Both switch the
+            model's attn_implementation in place; False leaves it as it is (dense masks, through
+            whichever backend the model has).
         cuda_graphs: verification forwards padded to bucket sizes over a static cache with a
             device-side prefix length (graph_step.py); implies tree_attention. On CUDA each bucket's
             forward is captured once per generate() call and replayed; elsewhere, or where capture is
