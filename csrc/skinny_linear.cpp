@@ -11,12 +11,13 @@ namespace token_recycling {
 
 namespace {
 
-// x rows [n, in] (float32, row elements contiguous) times weight [out, in] (W: float or bf16) into y [n, out].
-template <typename W>
+// x rows [n, in] (X: float32, or bf16 with bf16 weights; row elements contiguous) times weight [out, in]
+// (W: float or bf16) into y [n, out].
+template <typename W, typename X>
 void run(const at::Tensor& xc, int64_t n, const at::Tensor& wc, const float* bp, float* yp, bool vectorized) {
   constexpr const char* op = "skinny_linear";
   const int64_t out = wc.size(0), in = wc.size(1);
-  const float* xp = xc.data_ptr<float>();
+  const X* xp = reinterpret_cast<const X*>(xc.data_ptr());
   const W* wp = reinterpret_cast<const W*>(wc.data_ptr());
   const int64_t x_stride = n > 1 ? xc.stride(0) : in, w_stride = out > 1 ? wc.stride(0) : in;
   // The sizes and strides are checked once (an empty output range), then the threads split the output
@@ -50,24 +51,23 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     b = bias->to(at::kFloat).contiguous();
   }
   // x [..., in] as rows [n, in]: rows may be strided (not overlapping: an expanded x is copied); the
-  // elements of a row must be contiguous. A bf16 x is widened to float32 (a few rows: cheap), and y is
-  // computed in float32 and rounded to bf16 once, as torch's bf16 linear accumulates in float32.
+  // elements of a row must be contiguous. A bf16 x goes to the kernel as it is; y is computed in
+  // float32 and rounded to bf16 once, as torch's bf16 linear accumulates in float32.
   const int64_t out = weight.size(0), in = x.size(-1);
   int64_t n = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) n *= x.size(d);
   const auto x2 = x.dim() == 2 ? x : x.reshape({n, in});
-  const auto xc = bf16 ? x2.to(at::kFloat).contiguous()
-                       : (x2.stride(1) == 1 && (n <= 1 || x2.stride(0) >= in) ? x2 : x2.contiguous());
+  const auto xc = x2.stride(1) == 1 && (n <= 1 || x2.stride(0) >= in) ? x2 : x2.contiguous();
   const auto wc = weight.stride(1) == 1 && (out <= 1 || weight.stride(0) >= in) ? weight : weight.contiguous();
   auto out_shape = x.sizes().vec();
   out_shape.back() = out;
   auto y = at::empty(out_shape, x.options().dtype(at::kFloat));
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   if (bf16) {
-    run<kernels::bfloat16>(xc, n, wc, bp, y.data_ptr<float>(), vectorized);
+    run<kernels::bfloat16, kernels::bfloat16>(xc, n, wc, bp, y.data_ptr<float>(), vectorized);
     return y.to(at::kBFloat16);
   }
-  run<float>(xc, n, wc, bp, y.data_ptr<float>(), vectorized);
+  run<float, float>(xc, n, wc, bp, y.data_ptr<float>(), vectorized);
   return y;
 }
 

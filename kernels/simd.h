@@ -1,8 +1,8 @@
-// AVX2/FMA building blocks shared by the CPU kernels' vectorized paths (skinny_linear.h,
-// tree_attention.h). Each function is compiled for AVX2/FMA on its own (target attribute), so the
-// library still builds for, and runs on, any x86-64 CPU: callers check cpu_has_avx2_fma() first and
-// otherwise take their portable path. Off x86-64 (or without GCC/Clang) TOKEN_RECYCLING_AVX2 is not
-// defined and only the portable paths exist.
+// AVX2/FMA and AVX-512 building blocks shared by the CPU kernels' vectorized paths (skinny_linear.h,
+// tree_attention.h). Each function is compiled for its instruction set on its own (target attribute),
+// so the library still builds for, and runs on, any x86-64 CPU: callers check cpu_has_avx2_fma() or
+// cpu_has_avx512_bf16() first and otherwise take a narrower or the portable path. Off x86-64 (or
+// without GCC/Clang) TOKEN_RECYCLING_AVX2 is not defined and only the portable paths exist.
 #pragma once
 
 #include "numeric.h"
@@ -17,6 +17,15 @@ namespace token_recycling::kernels::simd {
 #ifdef TOKEN_RECYCLING_AVX2
 inline bool cpu_has_avx2_fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+// AVX-512F/BW/VL plus AVX512-BF16 (bf16 pair dot products, vdpbf16ps): Intel since Cooper Lake and
+// Sapphire Rapids, AMD since Zen 4. One level, so a kernel has one AVX-512 variant, not several.
+#define TOKEN_RECYCLING_AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"
+inline bool cpu_has_avx512_bf16() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
   return ok;
 }
 
@@ -39,6 +48,15 @@ __attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return
 __attribute__((target("avx2,fma"))) inline __m256 load8(const bfloat16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// Sixteen values as float32, the lanes past `mask` zero (a masked load never touches memory there).
+__attribute__((target(TOKEN_RECYCLING_AVX512_TARGET))) inline __m512 load16(const float* p, __mmask16 mask) {
+  return _mm512_maskz_loadu_ps(mask, p);
+}
+__attribute__((target(TOKEN_RECYCLING_AVX512_TARGET))) inline __m512 load16(const bfloat16* p, __mmask16 mask) {
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 // e^x for eight floats x <= 0 (softmax weights after subtracting the row maximum). x = n ln2 + r with

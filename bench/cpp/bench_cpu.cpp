@@ -188,24 +188,31 @@ bool matches_naive_linear(const float* x, const W* w, const float* y, int64_t n,
   return close;
 }
 
-// W: float or bf16 weights (x and y float32 either way).
-template <typename W>
-void skinny_linear(const Options& o, int64_t out, int64_t in, int64_t n, bool vectorized) {
-  std::vector<float> x(n * in), y(n * out);
+// W: float or bf16 weights; X: float x, or bf16 x with bf16 weights (y float32 either way). path:
+// "portable", "avx2" or "avx512-bf16" (a path this CPU lacks is skipped).
+template <typename W, typename X>
+void skinny_linear(const Options& o, int64_t out, int64_t in, int64_t n, const std::string& path) {
+  if (path != "portable" && !k::skinny_linear_vectorized()) return;
+  if (path == "avx512-bf16" && std::string(k::skinny_linear_path()) != "avx512-bf16") return;
+  const bool vectorized = path != "portable", avx512 = path == "avx512-bf16";
+  std::vector<float> xf(n * in), y(n * out);
+  std::vector<X> x(n * in);
   std::vector<W> w(out * in);
-  for (auto& v : x) v = randn();
+  for (size_t i = 0; i < x.size(); ++i) xf[i] = k::to_float(x[i] = k::from_float<X>(randn()));
   for (auto& v : w) v = k::from_float<W>(randn());
-  auto run = [&] { k::skinny_linear(x.data(), n, in, w.data(), out, in, in, nullptr, y.data(), out, 0, out, vectorized); };
+  auto run = [&] {
+    k::skinny_linear(x.data(), n, in, w.data(), out, in, in, nullptr, y.data(), out, 0, out, vectorized, avx512);
+  };
   run();
   // Float sums of `in` terms of size ~1 are off by ~in * 2^-24 at most.
-  expect(matches_naive_linear(x.data(), w.data(), y.data(), n, out, in,
+  expect(matches_naive_linear(xf.data(), w.data(), y.data(), n, out, in,
                               1e-6 * in * std::sqrt(static_cast<double>(in)) + 1e-4),
          "cpu skinny_linear differs from the naive loop");
   const double t = time_host(run, o.quick ? 3 : 20);
-  const std::string name = std::string(vectorized && k::skinny_linear_vectorized() ? "skinny_linear avx2" : "skinny_linear scalar") +
-                           (sizeof(W) == 2 ? " bf16w" : "");
+  const std::string name = "skinny_linear " + (avx512 ? std::string("avx512") : path) +
+                           (sizeof(X) == 2 ? " bf16wx" : sizeof(W) == 2 ? " bf16w" : "");
   print_row("cpu", name.c_str(), shape_str({{"n", n}, {"out", out}, {"in", in}}), t,
-            sizeof(W) * out * in + 4.0 * (n * in + n * out), 2.0 * n * out * in);
+            sizeof(W) * out * in + sizeof(X) * n * in + 4.0 * n * out, 2.0 * n * out * in);
 }
 
 #ifdef TOKEN_RECYCLING_AVX2
@@ -328,9 +335,12 @@ void run_cpu_benchmarks(const Options& o) {
   if (selected(o, "skinny_linear")) {
     // SmolLM2-135M's MLP up-projection (the CPU model of bench/RESULTS.md); the scalar loop once.
     const int64_t out = o.quick ? 96 : 1536, in = o.quick ? 40 : 576;
-    for (int64_t n : {1, 2, 4, 8}) skinny_linear<float>(o, out, in, n, true);
-    skinny_linear<float>(o, out, in, 4, false);
-    for (int64_t n : {1, 2, 4, 8}) skinny_linear<k::bfloat16>(o, out, in, n, true);
+    for (const char* path : {"avx2", "avx512-bf16"}) {
+      for (int64_t n : {1, 2, 4, 8}) skinny_linear<float, float>(o, out, in, n, path);
+      for (int64_t n : {1, 2, 4, 8}) skinny_linear<k::bfloat16, k::bfloat16>(o, out, in, n, path);
+    }
+    skinny_linear<float, float>(o, out, in, 4, "portable");
+    skinny_linear<k::bfloat16, float>(o, out, in, 4, "avx2");
   }
 #ifdef TOKEN_RECYCLING_AVX2
   if (selected(o, "fma_peak") && k::skinny_linear_vectorized()) fma_peak(o);

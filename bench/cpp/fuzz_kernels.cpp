@@ -689,18 +689,20 @@ void fuzz_graft_chain(int64_t iters) {
 // ------------------------------------------------------------------------------ skinny_linear
 // Random sizes, row strides (some too small: an error), output ranges (some outside [0, out]); x, w and
 // y exactly as large as the strides describe. Outputs outside [o_begin, o_end) must stay untouched.
-// Half the calls take bf16 weights (the same values: small multiples of 1/4 are exact in bf16).
+// Half the calls take bf16 weights, half of those bf16 x too (the same values: small multiples of 1/4
+// are exact in bf16); the calls spread over every path this CPU has (portable, AVX2, AVX-512).
 void fuzz_skinny_linear(int64_t iters) {
   Tally t("skinny_linear");
   for (int64_t it = 0; it < iters; ++it) {
-    const int64_t n = pick_size(0, 13), out = pick_size(0, 21), in = pick_size(0, 40);
+    const int64_t n = pick_size(0, 13), out = pick_size(0, 21), in = pick_size(0, 72);
     const int64_t IN = alloc(in), OUT = alloc(out), N = alloc(n);
     auto stride = [&](int64_t need) { return chance(0.05) ? need - randint(1, 5) : need + randint(0, 4); };
     const int64_t xs = stride(IN), ws = stride(IN), ys = stride(OUT);
     int64_t ob = randint(0, OUT + 1), oe = randint(ob, OUT + 1);
     if (chance(0.05)) ob = chance(0.5) ? -randint(1, 5) : ob;
     if (chance(0.05)) oe = chance(0.5) ? OUT + randint(1, 5) : ob - 1;
-    const bool vectorized = chance(0.5), bias = chance(0.5), bf16 = chance(0.5);
+    const bool vectorized = chance(0.5), avx512 = chance(0.5), bias = chance(0.5), bf16 = chance(0.5);
+    const bool bf16x = bf16 && chance(0.5);  // bf16 activations too (with bf16 weights only)
     const bool strides_ok = (n <= 1 || xs >= in) && (out <= 1 || ws >= in) && (n <= 1 || ys >= out);
     const bool valid = n >= 0 && out >= 0 && in >= 0 && ob >= 0 && strides_ok && oe >= ob && oe <= out;
     auto span = [](int64_t rows, int64_t stride, int64_t cols) {
@@ -710,11 +712,14 @@ void fuzz_skinny_linear(int64_t iters) {
     for (auto& v : x) v = static_cast<float>(randint(-8, 9)) / 4;
     for (auto& v : w) v = static_cast<float>(randint(-8, 9)) / 4;
     for (auto& v : b) v = static_cast<float>(randint(-8, 9)) / 4;
-    std::vector<k::bfloat16> wb(bf16 ? w.size() : 0);
+    std::vector<k::bfloat16> wb(bf16 ? w.size() : 0), xb(bf16x ? x.size() : 0);
     for (size_t i = 0; i < wb.size(); ++i) wb[i] = k::from_float<k::bfloat16>(w[i]);
+    for (size_t i = 0; i < xb.size(); ++i) xb[i] = k::from_float<k::bfloat16>(x[i]);
     const float* bp = bias ? b.data() : nullptr;
-    const Status s = bf16 ? k::skinny_linear(x.data(), n, xs, wb.data(), out, in, ws, bp, y.data(), ys, ob, oe, vectorized)
-                          : k::skinny_linear(x.data(), n, xs, w.data(), out, in, ws, bp, y.data(), ys, ob, oe, vectorized);
+    const Status s =
+        bf16x  ? k::skinny_linear(xb.data(), n, xs, wb.data(), out, in, ws, bp, y.data(), ys, ob, oe, vectorized, avx512)
+        : bf16 ? k::skinny_linear(x.data(), n, xs, wb.data(), out, in, ws, bp, y.data(), ys, ob, oe, vectorized, avx512)
+               : k::skinny_linear(x.data(), n, xs, w.data(), out, in, ws, bp, y.data(), ys, ob, oe, vectorized, avx512);
     if (!t.verdict(s, valid, it)) continue;
     bool same = true;  // small multiples of 1/4: every partial sum is exact in float, in any order
     for (int64_t i = 0; i < n; ++i)

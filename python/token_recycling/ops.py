@@ -182,16 +182,17 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     all bfloat16; returns ``[..., out]`` in that dtype, like ``torch.nn.functional.linear``. Meant for
     2..~12 rows (a verification forward's tokens), where BLAS's packed matrix product costs much more
     than one row's (``skinny.py`` routes a model's linears through it).
-    Accumulates in float32 in its own order (within a few ulps of torch's); bf16 weights are widened
-    in registers, and a bf16 result is rounded once from the float32 sum. ``vectorized=False``
-    takes the portable C++ loop even where the AVX2/FMA path exists (:func:`skinny_linear_vectorized`);
+    Accumulates in float32 in its own order (within a few ulps of torch's); a bf16 result is rounded
+    once from the float32 sum. Vectorized paths: AVX2/FMA (bf16 widened in registers) and, on CPUs
+    with AVX512-BF16, AVX-512 (bf16 x bf16 by ``vdpbf16ps``, which reads bf16 denormals as zero).
+    ``vectorized=False`` takes the portable C++ loop even where those exist (:func:`skinny_linear_vectorized`);
     the work is split over output features between torch's intra-op threads. CPU only.
     """
     return _ops.skinny_linear(x, weight, bias, vectorized)
 
 
 def skinny_linear_vectorized() -> bool:
-    """True when :func:`skinny_linear` has its AVX2/FMA path on this CPU (else the portable loop)."""
+    """True when :func:`skinny_linear` has a vectorized path (AVX2/FMA or AVX-512) on this CPU (else the portable loop)."""
     return _ops.skinny_linear_vectorized()
 
 
