@@ -22,7 +22,7 @@ weights in registers; a bf16 result, rounded once from a float32 sum, can differ
 ulp, which is the documented bf16 near-tie divergence, not a loss in float32. On CPUs with
 AVX512-BF16 (where torch's bf16 product runs on oneDNN, AMX where present) the op multiplies bf16
 by bf16 with ``vdpbf16ps``: on a 2-core Sapphire Rapids-class VM it takes a SmolLM2-135M bf16
-forward of 1, 4 and 8 tokens to 0.60x, 0.82x and 1.08x torch's one-token forward (bench/RESULTS.md,
+forward of 1, 4 and 8 tokens to 0.58x, 0.79-0.84x and 1.04-1.06x torch's one-token forward (bench/RESULTS.md,
 session 10). Beyond 12 rows torch's AMX product is as fast.
 """
 
