@@ -23,7 +23,8 @@ ulp, which is the documented bf16 near-tie divergence, not a loss in float32. On
 AVX512-BF16 (where torch's bf16 product runs on oneDNN, AMX where present) the op multiplies bf16
 by bf16 with ``vdpbf16ps``: on a 2-core Sapphire Rapids-class VM it takes a SmolLM2-135M bf16
 forward of 1, 4 and 8 tokens to 0.58x, 0.79-0.84x and 1.04-1.06x torch's one-token forward (bench/RESULTS.md,
-session 10). Beyond 12 rows torch's AMX product is as fast.
+session 10). From 10 rows on torch's AMX product is faster there; routing still stops at 12 rows
+(a 9-row cap measured 0.991x end to end).
 """
 
 from __future__ import annotations
