@@ -17,9 +17,11 @@
 // Paths, the widest this CPU has (vectorized = false forces the portable one, avx512 = false stops at
 // AVX2, so tests and benchmarks can reach each path on one machine):
 // - AVX512-BF16 (with AVX-512F/BW/VL): 16 float32 lanes; bf16 x bf16 by vdpbf16ps, 32 products per
-//   instruction, four times AVX2's rate where several rows of x make the layer compute-bound. That
-//   instruction treats bf16 denormals (|v| < 1.2e-38) as zero; every other product and sum is as exact
-//   as float32 arithmetic, summed in another order.
+//   instruction. On the Sapphire Rapids-class core measured (bench/RESULTS.md, session 10) that is
+//   no more products per second than 16-lane float32 FMAs (40 vs 53 GMAC/s on one cached layer), but
+//   half the bytes and instructions: SmolLM2-135M's bf16 linears at 4-8 rows ran 1.2-1.3x faster
+//   than on the AVX2 path. That instruction treats bf16 denormals (|v| < 1.2e-38) as zero; every
+//   other product and sum is as exact as float32 arithmetic, summed in another order.
 // - AVX2/FMA: 8 float32 lanes, a bf16 value widened in registers.
 // - portable loops: the reference for both.
 #pragma once
@@ -124,7 +126,8 @@ __attribute__((target("avx2,fma"))) inline void rows_avx2(const X* x, int64_t n,
 }
 
 // The lane sums of 16 vectors in one vector, in four halving rounds (15 adds instead of 16 separate
-// reductions' 64 operations): lane 4q + m holds the sum of v[4m + q].
+// reductions' 64 operations; 5-10% of a cached 576 x 576 layer's time at 4-8 rows, measured against
+// _mm512_reduce_add_ps per accumulator): lane 4q + m holds the sum of v[4m + q].
 //   round 1: v[2i], v[2i+1] -> u[i], 128-bit quarters [v2i, v2i, v2i+1, v2i+1] (partial sums)
 //   round 2: u[2j], u[2j+1] -> w[j], quarters [v4j, v4j+1, v4j+2, v4j+3], each quarter 4 partial sums
 //   round 3: w[0], w[1] -> x0 (and w[2], w[3] -> x1): quarter q = [v_q, v_4+q, v_q, v_4+q] partial sums
@@ -190,8 +193,9 @@ __attribute__((target(TOKEN_RECYCLING_AVX512_TARGET))) inline void tile512(
       y[c * y_stride + o + r] = sums[4 * (i % 4) + i / 4] + (bias ? bias[o + r] : 0.f);
     }
   } else {
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) y[c * y_stride + o + r] = _mm512_reduce_add_ps(acc[r][c]) + (bias ? bias[o + r] : 0.f);
+    TR_UNROLL for (int r = 0; r < R; ++r)
+      TR_UNROLL for (int c = 0; c < C; ++c)
+        y[c * y_stride + o + r] = _mm512_reduce_add_ps(acc[r][c]) + (bias ? bias[o + r] : 0.f);
   }
 }
 
