@@ -22,13 +22,13 @@ def _observe_top1_always(auto, steps, depth):
     for _ in range(steps):
         rows = np.arange(depth * k).reshape(depth, k) + 1000  # distinct tokens
         targets = rows[:, 0].copy()
-        auto.observe(rows, targets)
+        auto.score_nodes(rows, targets)
 
 
 def test_observe_counts_only_observable_levels():
     auto = AutoTree(topk=4, candidates=[[0], [1], [0, 0], [0, 1], [0, 0, 0]])
     rows = np.array([[10, 11, 12, 13], [20, 21, 22, 23]])
-    auto.observe(rows, np.array([10, 21]))  # depth 1: rank 0 hit; depth 2: rank 1 hit; depth 3 unknown
+    auto.score_nodes(rows, np.array([10, 21]))  # depth 1: rank 0 hit; depth 2: rank 1 hit; depth 3 unknown
     idx = {tuple(p): i + 1 for i, p in enumerate(auto.paths)}
     assert auto.den[idx[(0,)]] == 1 and auto.num[idx[(0,)]] == 1
     assert auto.den[idx[(1,)]] == 1 and auto.num[idx[(1,)]] == 0
@@ -74,7 +74,7 @@ def test_expensive_forwards_give_small_trees():
 def _observe_chain(policy, candidate, actual, run, steps):
     for _ in range(steps):
         plan = policy.decide([(candidate, 4)], run=run)
-        policy.observe(plan, actual)
+        policy.score_plan(plan, actual)
 
 
 def test_useless_chain_is_dropped_and_trusted_chain_drafted_long():

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from models import ARCHS, tiny_model
+from models import ARCHS, private_copy, tiny_model
 
-from token_recycling import TokenRecycler
+from token_recycling import TokenRecycler, verify
 
 
 def _prompts(vocab, g, n=4):
@@ -14,12 +14,12 @@ def _prompts(vocab, g, n=4):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lossless_every_architecture(arch):
-    model = tiny_model(arch)
+    model, reference = tiny_model(arch), private_copy(arch)[1]  # the reference: never given to a recycler
     g = torch.Generator().manual_seed(1)
     rec = TokenRecycler(model, tree="paper")
     accepted = []
     for ids in _prompts(model.config.vocab_size, g):  # repeated calls: the matrix stays hot
-        want = model.generate(ids, max_new_tokens=40, do_sample=False)
+        want = reference.generate(ids, max_new_tokens=40, do_sample=False)
         got = rec.generate(ids, max_new_tokens=40)
         assert torch.equal(got, want), arch
         accepted.append(rec.stats.mean_accepted)
@@ -187,11 +187,10 @@ def test_model_without_4d_mask_support_is_refused():
 
 
 def test_greedy_choice_follows_argmax_on_ties():
-    rec = TokenRecycler(tiny_model("llama"), tree="chain-4")
     logits = torch.randn(1, 6, 320).to(torch.bfloat16)
     logits[0, 1, 7] = logits[0, 1, 200] = 50.0  # exact tie: the first index must win, as in argmax
     logits[0, 4, 319] = logits[0, 4, 3] = 60.0
-    greedy, cand = rec._greedy_and_candidates(logits)
+    greedy, cand = verify.greedy_and_candidates(logits, 8)
     assert torch.equal(greedy, logits.argmax(-1))
     assert torch.equal(logits.gather(-1, cand), logits.topk(8, dim=-1).values)  # the top-k, ties in id order
 
@@ -206,3 +205,38 @@ def test_static_cache_through_generate(prompt_len):
         want = model.generate(ids, max_new_tokens=50, do_sample=False)
         got = model.generate(ids, max_new_tokens=50, do_sample=False, custom_generate=rec, cache_implementation="static")
         assert torch.equal(got, want)
+
+
+def test_generate_leaves_the_model_as_it_was():
+    """The attention backend and the skinny_linear routing are entered for the length of a call and
+    restored on return, also when the call fails; the model then computes what an untouched copy does."""
+    _, model = private_copy("llama")
+    reference = private_copy("llama")[1]
+
+    def state(m):
+        return m.config._attn_implementation, sorted(n for n, mod in m.named_modules() if "forward" in mod.__dict__)
+
+    before = state(model)
+    rec = TokenRecycler(model)  # the CPU defaults: our attention backend, skinny_linear where it applies
+    assert state(model) == before
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5]])
+    rec.generate(ids, max_new_tokens=12)
+    model.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=rec)
+    rec.generate(torch.tensor([[0, 5, 6], [7, 8, 9]]), attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
+                 max_new_tokens=6)
+
+    class Failing:
+        def put(self, value):
+            if value.numel() and value.view(-1)[0] >= 0 and getattr(self, "seen", False):
+                raise RuntimeError("streamer failed")
+            self.seen = True
+
+        def end(self):
+            pass
+
+    with pytest.raises(RuntimeError, match="streamer failed"):
+        rec.generate(ids, max_new_tokens=12, streamer=Failing())
+    assert state(model) == before
+    assert torch.equal(model(ids).logits, reference(ids).logits)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False),
+                       reference.generate(ids, max_new_tokens=12, do_sample=False))

@@ -172,7 +172,7 @@ def test_recycler_with_tree_attention_is_lossless_on_cpu():
 
     reference, model = private_copy("qwen2")
     rec = TokenRecycler(model, tree="paper-16", tree_attention=True)
-    assert model.config._attn_implementation == "token_recycling"
+    assert rec.attention == "tree-kernel" and model.config._attn_implementation == "sdpa"
     ids = torch.tensor([[12, 13, 14, 12, 13]])
     for _ in range(2):
         assert torch.equal(rec.generate(ids, max_new_tokens=40),
@@ -247,7 +247,7 @@ def test_recycler_cpu_default_is_lossless(arch, vectorized, gqa_calls, kernel_ca
     rec = TokenRecycler(model, tree="paper-16")
     assert rec.attention == ("tree-kernel" if vectorized else "dense-gqa")
     assert rec.tree_attention == vectorized
-    assert model.config._attn_implementation == hf_attention.NAME
+    assert model.config._attn_implementation == "sdpa"  # switched only inside each call
     ids = torch.tensor([[12, 13, 14, 12, 13, 14, 12]])
     for _ in range(2):
         assert torch.equal(rec.generate(ids, max_new_tokens=40),
@@ -262,7 +262,9 @@ def test_recycler_cpu_default_is_lossless(arch, vectorized, gqa_calls, kernel_ca
     _, untouched = private_copy(arch)
     plain = TokenRecycler(untouched, tree="paper-16", tree_attention=False)
     assert plain.attention == "model" and untouched.config._attn_implementation == "sdpa"
-    # A second recycler on the switched model may ask for dense masks: they go through the backend.
+    assert model.config._attn_implementation == "sdpa"  # after the calls too
+    # A model its user switched to the backend: dense masks asked for go through the backend.
+    model.set_attn_implementation(hf_attention.NAME)
     assert TokenRecycler(model, tree_attention=False).attention == "dense-gqa"
 
 

@@ -16,9 +16,9 @@ from token_recycling.policy import ChainStats, Plan, StepCost
 def test_chain_stats_count_positions_until_the_first_miss():
     stats = ChainStats(max_ngram=4, length=6)
     b = stats.bucket(0, 3, run=2)
-    assert stats.observe(b, [5, 6, 7, 8], [5, 6, 9, 8, 1]) == 2  # positions 1, 2 right, 3 wrong, 4 not observed
+    assert stats.score(b, [5, 6, 7, 8], [5, 6, 9, 8, 1]) == 2  # positions 1, 2 right, 3 wrong, 4 not observed
     assert stats.den[b, 1:5].tolist() == [1, 1, 1, 0] and stats.num[b, 1:5].tolist() == [1, 1, 0, 0]
-    assert stats.observe(b, [5, 6], [5]) == 1  # only as far as the produced tokens reach
+    assert stats.score(b, [5, 6], [5]) == 1  # only as far as the produced tokens reach
     assert stats.den[b, 2] == 1
     e = stats.expected(b)
     assert e[0] == 0 and np.all(np.diff(e) >= 0) and e[1] <= 1.0
@@ -34,11 +34,11 @@ def test_step_cost_ignores_one_outlier_and_follows_a_drift():
     cost = StepCost(window=9)
     cost.set_curve(CostModel([1, 64], [1.0, 2.0], context=100))
     for _ in range(8):
-        cost.observe(1, 1.0, 1.2)
-    cost.observe(1, 50.0, 51.0)  # one step hit by a noisy neighbour
+        cost.record_step(1, 1.0, 1.2)
+    cost.record_step(1, 50.0, 51.0)  # one step hit by a noisy neighbour
     assert cost.scale == pytest.approx(1.0) and cost.overhead == pytest.approx(0.2)
     for _ in range(9):  # the context grew: every forward now takes 1.5x
-        cost.observe(64, 3.0, 3.2)
+        cost.record_step(64, 3.0, 3.2)
     assert cost.scale == pytest.approx(1.5) and float(cost(64)) == pytest.approx(3.2)
     assert cost.needs_measuring(100 * 2 + 256) and not cost.needs_measuring(300)
 
@@ -71,6 +71,7 @@ def test_a_longer_context_rescales_the_curve_from_a_few_sizes(monkeypatch):
     assert all(a <= b for a, b in zip(new.seconds, new.seconds[1:]))
 
 
+@pytest.mark.measured_cost
 def test_the_drafter_measures_the_whole_curve_once_then_rescales_it(monkeypatch):
     from token_recycling import auto_tree
     from token_recycling.draft import Drafter
@@ -128,8 +129,8 @@ class RandomPlans:
         self.policy, self.rng, self.decide = policy, random.Random(seed), policy.decide
         self.kinds, self.step = set(), 0
 
-    def __call__(self, candidates, run):
-        plan = self.decide(candidates, run)  # a real decision (refreshes the tree order)
+    def __call__(self, candidates, run, cost=None):
+        plan = self.decide(candidates, run, cost)  # a real decision (refreshes the tree order)
         nodes, want = self.KINDS[self.step % len(self.KINDS)]
         self.step += 1
         chains = [t[: self.rng.randint(1, len(t))] if i < want else [] for i, (t, *_) in enumerate(candidates[:2])]

@@ -96,7 +96,7 @@ class AutoTree:
         rate[0] = 1.0
         return rate
 
-    def observe(self, rows: np.ndarray, targets: np.ndarray) -> None:
+    def score_nodes(self, rows: np.ndarray, targets: np.ndarray) -> None:
         """rows [L, k]: draft-time matrix rows of the accepted path's tokens t_0..t_{L-1};
         targets [L]: t_1..t_L (the accepted tokens after the root, then the bonus)."""
         hits = rows == targets[:, None]  # [L, k]

@@ -1,5 +1,17 @@
-"""The model's own KV cache during tree decoding: the tree's attention mask over it, what fits in a
-static cache, and compaction of the accepted path into place (one compact_kv call for all layers)."""
+"""The model's own KV cache during tree decoding, for one row or many: its layout, the tree's
+attention mask over it, what fits in a static cache, compaction of the accepted paths into place
+(one compact_kv call for all rows and layers), and finished rows leaving it.
+
+Layout. Row b holds its ``P_b`` cached tokens contiguously in slots ``[0, P_b)`` (after a
+left-padded prefill its KV is shifted left once by its pad count: :func:`left_align`). The cache is
+``L = max_b P_b`` long; row b's slots ``[P_b, L)`` are garbage, never attended. A step writes every
+row's padded tree at the common slots ``[L, L + N)`` (transformers caches append at one length for
+the whole batch); row b's node i sits at position ``P_b + depth(i)`` and sees keys ``[0, P_b)`` and
+its ancestors in ``[L, L + N)``. Compaction moves row b's accepted nodes to ``[P_b, P_b + a_b)`` and
+the cache is cut to ``max_b (P_b + a_b)``. So the waste of row b is ``L - P_b``: at most the length
+difference between the longest and the shortest row, never growing with the number of steps. With
+one row, ``L = P`` and the tree sits right after the prefix.
+"""
 
 from __future__ import annotations
 
@@ -37,19 +49,67 @@ def check_cache(cache, forwarded: int) -> None:
                                       f"window.prepare did not convert")
 
 
-def compact(cache, prefix_len: torch.Tensor, accepted_nodes: torch.Tensor, accept_len: torch.Tensor,
-            accepted: int, forwarded: int) -> None:
-    """Keep the accepted path right after the prefix (one compact_kv call for all layers; window
-    layers, which hold only the window's end, in a second call at their own prefix), then drop the
-    rest of the forwarded tree from every layer (window layers trim back to the window). With the
-    root alone accepted (``accepted == 1``, most steps) nothing moves: only the trim."""
+def kv_tensors(cache) -> list[torch.Tensor]:
+    """Every key and value tensor [B, H, S, D] of the cache (one compact_kv call for all layers)."""
+    out = []
+    for layer in cache_layers(cache):
+        if getattr(layer, "is_initialized", True) and isinstance(getattr(layer, "keys", None), torch.Tensor):
+            out.extend([layer.keys, layer.values])
+    return out
+
+
+def compact(cache, prefix_len: torch.Tensor, accepted_nodes: torch.Tensor, accept_len: torch.Tensor, *,
+            moved: bool, length: int, keep: int) -> None:
+    """Row b's accepted nodes (``accepted_nodes[b]``, read at slot ``prefix_len[b] + node``) move to
+    ``[prefix_len[b], prefix_len[b] + accept_len[b])`` in one compact_kv call for all layers (window
+    layers, which hold only the window's end, in a second call at their own prefix); then the cache,
+    ``length`` slots long, is cut to ``keep`` (window layers trim back to the window). ``moved``
+    False (one row that accepted its root alone, most steps): nothing moves, only the cut."""
     groups: dict[tuple, list[torch.Tensor]] = {}  # one call per (offset, length): compact_kv's caches agree in shape
-    for layer in cache_layers(cache) if accepted > 1 else ():
+    for layer in cache_layers(cache) if moved else ():
         if getattr(layer, "is_initialized", True) and isinstance(getattr(layer, "keys", None), torch.Tensor):
             groups.setdefault((window.offset(layer), layer.keys.shape[-2]), []).extend([layer.keys, layer.values])
     for (offset, _), tensors in groups.items():
-        ops.compact_kv(tensors, prefix_len - offset if offset else prefix_len, accepted_nodes, accept_len)
-    trim(cache, forwarded - accepted)
+        device = tensors[0].device
+        ops.compact_kv(tensors, (prefix_len - offset if offset else prefix_len).to(device), accepted_nodes.to(device),
+                       accept_len.to(device))
+    crop(cache, keep, length)
+
+
+def crop(cache, keep: int, length: int) -> None:
+    """Cut a cache of ``length`` slots (every row) to its first ``keep``."""
+    if keep < length:
+        trim(cache, length - keep)
+
+
+def left_align(cache, pads: torch.Tensor) -> None:
+    """After a left-padded prefill of length S: row b's valid KV ``[pads[b], S)`` moves to
+    ``[0, S - pads[b])`` and the slots after it are zeroed (a padded query row's KV may be anything,
+    and a masked key still multiplies its value by a zero weight)."""
+    tensors = kv_tensors(cache)
+    if not tensors or int(pads.max()) == 0:
+        return
+    s = tensors[0].shape[2]
+    slots = torch.arange(s, device=pads.device).view(1, -1) + pads.view(-1, 1)  # [B, S]: source slot
+    valid = slots < s
+    for t in tensors:
+        index = slots.clamp(max=s - 1).to(t.device).view(t.shape[0], 1, s, 1).expand_as(t)
+        moved = t.gather(2, index) * valid.to(t.device).view(t.shape[0], 1, s, 1).to(t.dtype)
+        t.copy_(moved)
+
+
+def keep_rows(cache, keep: list[int]) -> None:
+    """Only the rows ``keep`` stay in the cache (finished rows leave the batch)."""
+    for layer in cache_layers(cache):
+        if not getattr(layer, "is_initialized", True) or not isinstance(getattr(layer, "keys", None), torch.Tensor):
+            continue
+        index = torch.tensor(keep, dtype=torch.long, device=layer.keys.device)
+        if hasattr(layer, "batch_select_indices"):
+            layer.batch_select_indices(index)
+        else:  # a static layer: new buffers of the rows kept (no CUDA graph holds them at B > 1)
+            layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+            if hasattr(layer, "max_batch_size"):
+                layer.max_batch_size = len(keep)
 
 
 def trim(cache, n: int) -> None:
@@ -81,16 +141,21 @@ def static_capacity(cache) -> int | None:
     return lengths.pop()
 
 
+def room(cache, length: int) -> int | None:
+    """Slots left after ``length`` in a static cache (None for a dynamic one)."""
+    capacity = static_capacity(cache)
+    return None if capacity is None else capacity - length
+
+
 def fit(cache, prefix: int, draft):
     """A static cache has a fixed length: near its end, forward only the first nodes that fit
     (nodes are in breadth-first order, so any prefix of them is a tree)."""
-    capacity = static_capacity(cache)
-    if capacity is None or prefix + draft.size <= capacity:
+    left = room(cache, prefix)
+    if left is None or draft.size <= left:
         return draft
-    room = capacity - prefix
-    if room < 1:
-        raise ValueError(f"the static cache ({capacity} positions) is full at {prefix} tokens")
-    return draft.truncate(room)
+    if left < 1:
+        raise ValueError(f"the static cache ({static_capacity(cache)} positions) is full at {prefix} tokens")
+    return draft.truncate(left)
 
 
 class TreeMask:
@@ -113,3 +178,19 @@ class TreeMask:
                                     dtype=self.dtype, device=self.device))
         full = torch.cat(parts, dim=-1)
         return full.view(-1, 1, self.n, full.shape[-1])
+
+
+def rows_mask(tree: torch.Tensor, cached: torch.Tensor, start: int, dtype: torch.dtype,
+              kv_len: int | None = None) -> torch.Tensor:
+    """The additive [B, 1, N, kv_len] mask of the layout above: row b's node i sees keys [0, cached[b])
+    and the tree nodes j at start + j with tree[b, i, j]; everything else (the unused tail of a static
+    cache too) gets the dtype's minimum. kv_len: start + N unless a static cache attends further."""
+    batch, n = tree.shape[0], tree.shape[1]
+    width = max(kv_len or 0, start + n)
+    prefix = torch.arange(start, device=tree.device).view(1, 1, -1) < cached.to(tree.device).view(-1, 1, 1)
+    parts = [prefix.expand(batch, n, start), tree]
+    if width > start + n:
+        parts.append(torch.zeros(batch, n, width - start - n, dtype=torch.bool, device=tree.device))
+    visible = torch.cat(parts, dim=-1)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=tree.device).masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask.view(batch, 1, n, width)

@@ -24,7 +24,7 @@ from . import distributed, ops
 from .adjacency import AdjacencyMatrix
 from .auto_tree import COST_SIZES, REMEASURE_SIZES, measure_cost, remeasure_cost
 from .ngram import NgramIndex, RecentOutputs
-from .policy import CANDIDATES, Plan, Policy
+from .policy import CANDIDATES, Plan, Policy, StepCost
 from .tree import DraftTree, TreeSpec, make_tree
 
 
@@ -144,21 +144,32 @@ class Drafter:
         """A request ended: its generated tokens join the outputs later requests' n-grams search."""
         self.recent.add(generated)
 
-    def draft(self, state: DraftState, root: torch.Tensor) -> Draft:
+    def draft(self, state: DraftState, root: torch.Tensor, cost: StepCost | None = None) -> Draft:
         """The matrix tree under ``root`` [1] (a host tensor), with n-gram continuations grafted under
         the root (merged with matching tree nodes): the fixed tree and one chain, or the policy's
-        choice. Built on the host, returned on the model's device (its host copy in ``.host``)."""
-        return self._draft_on_host(state, root).to(self.device)
+        choice against ``cost`` (the step-cost curve of the batch size; default the policy's own).
+        Built on the host, returned on the model's device (its host copy in ``.host``)."""
+        return self.draft_rows([state], [root], cost)[0]
 
-    def _draft_on_host(self, state: DraftState, root: torch.Tensor) -> Draft:
-        plan = None
+    def draft_rows(self, states: list[DraftState], roots: list[torch.Tensor],
+                   cost: StepCost | None = None) -> list[Draft]:
+        """One draft per row, forwarded together. With the policy each row's plan is chosen against
+        ``cost``, the curve of a forward of ``len(states)`` rows; then the batch drafts at all only
+        where its expected tokens per second beat every row forwarding its root alone (a wide batch
+        on a compute-bound device: the step runs as batched greedy does)."""
         if self.policy is None:
-            chains = self._fixed_chains(state)
-        else:
-            plan = self.policy.decide(self._candidates(state), state.run)
+            return [self._build(root, self.tree, self._fixed_chains(state)).to(self.device)
+                    for state, root in zip(states, roots)]
+        plans = [self.policy.decide(self._candidates(state), state.run, cost) for state in states]
+        if len(plans) > 1 and not self.policy.batch_drafts(plans, cost):
+            plans = [plan.root_only() for plan in plans]
+        drafts = []
+        for plan, root in zip(plans, roots):
             self.tree = self._tree_of(self.policy.tree_paths(plan.tree_nodes))
-            chains = plan.chains
-        tree = self.tree
+            drafts.append(self._build(root, self.tree, plan.chains, plan).to(self.device))
+        return drafts
+
+    def _build(self, root: torch.Tensor, tree: DraftTree, chains: list[list[int]], plan: Plan | None = None) -> Draft:
         tokens = ops.build_draft_tree(self.matrix.table, root.to(self.host), tree.parents, tree.ranks)
         chains = [c for c in chains if c]
         if not chains:
@@ -206,30 +217,34 @@ class Drafter:
             return
         actual = new_tokens.cpu()
         rows = self.matrix.table[draft.on_host.tokens[0, path.cpu()]]
-        self.policy.auto.observe(rows.numpy(), actual.numpy())
+        self.policy.auto.score_nodes(rows.numpy(), actual.numpy())
         if draft.plan is not None:
-            state.run = self.policy.observe(draft.plan, actual.tolist())
+            state.run = self.policy.score_plan(draft.plan, actual.tolist())
 
     def recycle(self, tokens: torch.Tensor, candidates: torch.Tensor) -> None:
         """Every forwarded token's row := the model's top-k after it (host tensors; device ones are
         copied, which waits for the device: the decode loop passes its step sync's copies)."""
         ops.update_adjacency(self.matrix.table, tokens.to(self.host), candidates.to(self.host))
 
-    def step_done(self, seconds: float, forward_seconds: float, draft: Draft) -> None:
-        """After a step: its wall time and its forward's (they feed the cost model)."""
+    def step_done(self, seconds: float, forward_seconds: float, forwarded: int, cost: StepCost | None = None) -> None:
+        """After a step: its wall time and its forward's, which forwarded ``forwarded`` nodes per row
+        (they feed ``cost``, the curve of the step's batch size; default the policy's own)."""
         if self.policy is None:
             return
         seconds, forward_seconds = distributed.agree([seconds, forward_seconds])  # the same on every rank
-        self.policy.cost.observe(draft.size, forward_seconds, seconds)
+        (cost or self.policy.cost).record_step(forwarded, forward_seconds, seconds)
 
     # ------------------------------------------------------------------ the cost curve
-    def tune(self, time_forward: Callable[[int], None], prefix: int, capacity: int | None) -> None:
-        """Measure the forward cost curve (``time_forward(n)``: one verification-shaped forward of
-        n tokens, cache restored) when none is measured yet or the context outgrew it. Needs room
-        for 3+ sizes in a static cache."""
-        if self.policy is None or not self.policy.cost.needs_measuring(prefix):
+    def tune(self, time_forward: Callable[[int], None], prefix: int, capacity: int | None,
+             cost: StepCost | None = None) -> None:
+        """Measure the forward cost curve ``cost`` (default the policy's own; ``time_forward(n)``: one
+        verification-shaped forward of n tokens per row, cache restored) when none is measured yet or
+        the context outgrew it. Needs room for 3+ sizes in a static cache."""
+        if self.policy is None:
             return
-        cost = self.policy.cost
+        cost = cost or self.policy.cost
+        if not cost.needs_measuring(prefix):
+            return
         fits = lambda n: capacity is None or prefix + n <= capacity  # noqa: E731
         if cost.measured:  # the context outgrew the curve: a few sizes rescale it
             sizes = [n for n in REMEASURE_SIZES if fits(n)]

@@ -94,11 +94,9 @@ class Bucket:
 
     def run(self) -> torch.Tensor:
         """The padded forward over the buffers: logits [1, size, V]; the cache gains ``size`` entries."""
-        from .hf_attention import PREFIX_KWARG
-        positions = (self.depths + self.prefix_len).view(1, -1)
-        out = self.model(input_ids=self.tokens, attention_mask=self.mask, position_ids=positions, use_cache=True,
-                         **{self.cache_kwarg: self.cache, PREFIX_KWARG: self.prefix_len})
-        return out.logits
+        from .hf_model import forward_tree
+        return forward_tree(self.model, self.tokens, self.depths.view(1, -1), self.mask.view(1, self.size, self.size),
+                            self.prefix_len, self.cache, True, self.cache_kwarg)
 
     def capture(self, pool, warmup: int = 2) -> None:
         """Warm up on a side stream, then capture :meth:`run` (CUDA only). Each warm-up forward writes

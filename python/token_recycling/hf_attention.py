@@ -274,6 +274,7 @@ def use_tree_attention(model) -> bool:
     """Switches ``model`` (a transformers PreTrainedModel) to this attention; True when it took effect.
 
     Models that do not dispatch attention through ``AttentionInterface`` keep their implementation.
+    The switch lasts until switched back: the decode step uses :func:`entered` instead.
     """
     register()
     try:
@@ -281,6 +282,40 @@ def use_tree_attention(model) -> bool:
     except (ValueError, KeyError, AttributeError):
         return False
     return getattr(model.config, "_attn_implementation", None) == NAME
+
+
+def can_use(model) -> bool:
+    """Whether ``model`` can run this attention (it dispatches through ``AttentionInterface``). The
+    model is left with the implementation it had."""
+    before = getattr(model.config, "_attn_implementation", None)
+    if before == NAME:
+        return True
+    try:
+        return use_tree_attention(model)
+    finally:
+        _switch(model, before)
+
+
+def _switch(model, implementation) -> None:
+    if implementation is not None and getattr(model.config, "_attn_implementation", None) != implementation:
+        model.set_attn_implementation(implementation)
+
+
+@contextlib.contextmanager
+def entered(model, enabled: bool = True):
+    """Within the block ``model`` runs this attention (every call but tree forwards still goes to sdpa);
+    on exit it has the implementation it had before, also after an exception. ``enabled`` False: a
+    no-op."""
+    before = getattr(model.config, "_attn_implementation", None)
+    if enabled and before != NAME and not use_tree_attention(model):
+        _switch(model, before)
+        raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers' "
+                         f"AttentionInterface")
+    try:
+        yield model
+    finally:
+        if enabled:
+            _switch(model, before)
 
 
 def cpu_kernel_vectorized(model) -> bool:
@@ -302,9 +337,9 @@ def cpu_kernel_vectorized(model) -> bool:
 
 @contextlib.contextmanager
 def transformers_sdpa(model):
-    """Within the block a model switched to this backend runs transformers' own sdpa attention (which it
-    had before: the recycler switches sdpa models only); e.g. for HF baselines in a benchmark, which must
-    run as users have them. Other models are left as they are."""
+    """Within the block a model switched to this backend by its user runs transformers' own sdpa
+    attention (a recycler switches a model only for the length of its own calls); e.g. for HF
+    baselines in a benchmark, which must run as users have them. Other models are left as they are."""
     switched = getattr(model.config, "_attn_implementation", None) == NAME
     if switched:
         model.set_attn_implementation("sdpa")

@@ -78,22 +78,34 @@ def model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def forward_tree(model, draft, prefix: int, cache, tree_attention: bool, cache_kwarg: str) -> torch.Tensor:
-    """One forward of the whole draft: node i at position prefix + depth(i), seeing the prefix and
-    its ancestors. Returns logits [1, N, V].
+def forward_tree(model, tokens: torch.Tensor, depths: torch.Tensor, tree: torch.Tensor, prefix, cache,
+                 tree_attention: bool, cache_kwarg: str, start: int | None = None) -> torch.Tensor:
+    """One forward of every row's draft tree: tokens/depths ``[B, N]``, tree ``[B, N, N]`` bool (node i
+    sees node j). Row b's node i sits at position ``prefix[b] + depth(i)``, seeing row b's prefix and
+    its ancestors. Returns logits ``[B, N, V]``; the cache gains N slots.
 
-    With ``tree_attention`` the mask is the bare [1, 1, N, N] tree block and the prefix length goes
-    along as ``tree_prefix_len`` (the protocol of hf_attention.py; the window is taken from the layer);
-    otherwise a dense additive [1, 1, N, kv_len] mask, or one per layer type with sliding-window layers
-    (window.py). ``prefix`` is an int, or a LongTensor [1] on the device (no host sync)."""
+    ``prefix``: an int (one row), or a LongTensor ``[B]`` (host, or on the device: no host sync).
+    ``start``: the slot where every row's tree begins (cache.py's layout); None: right after the
+    prefix (one row; sliding-window layers need this).
+
+    With ``tree_attention`` the mask is the bare tree block and the prefix length (and ``start``) go
+    along as keyword arguments (the protocol of hf_attention.py; the window is taken from the layer);
+    otherwise a dense additive mask over the keys, or one per layer type with sliding-window layers
+    (window.py)."""
+    batch, n = tokens.shape
     extra = {}
     if tree_attention:
-        from .hf_attention import PREFIX_KWARG
-        mask = draft.mask.view(1, 1, *draft.mask.shape[-2:])
+        from .hf_attention import PREFIX_KWARG, START_KWARG
+        mask = tree.view(batch, 1, n, n) if batch > 1 else tree.view(1, 1, n, n)
         extra[PREFIX_KWARG] = prefix
+        if start is not None:
+            extra[START_KWARG] = start
+    elif start is None:
+        mask = kv.TreeMask(tree[0], model_dtype(model), tokens.device)(int(prefix), kv.static_capacity(cache))
+        mask = window.attention_mask(model, cache, tree[0], mask)  # per layer type, with window layers
     else:
-        mask = kv.TreeMask(draft.mask, model_dtype(model), draft.tokens.device)(int(prefix), kv.static_capacity(cache))
-        mask = window.attention_mask(model, cache, draft.mask, mask)  # per layer type, with window layers
-    out = model(input_ids=draft.tokens, attention_mask=mask, position_ids=(draft.depths + prefix).view(1, -1),
-                use_cache=True, **{cache_kwarg: cache}, **extra)
+        mask = kv.rows_mask(tree, prefix, start, model_dtype(model), kv.static_capacity(cache))
+    offset = prefix.to(tokens.device).view(-1, 1) if isinstance(prefix, torch.Tensor) else prefix
+    out = model(input_ids=tokens, attention_mask=mask, position_ids=depths + offset, use_cache=True,
+                **{cache_kwarg: cache}, **extra)
     return out.logits

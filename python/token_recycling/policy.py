@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -71,6 +71,10 @@ class Plan:
     def chain_tokens(self) -> int:
         return sum(len(c) for c in self.chains)
 
+    def root_only(self) -> "Plan":
+        """The same step forwarding its root alone (its candidates are still scored)."""
+        return replace(self, tree_nodes=0, chains=[], expected=1.0)
+
 
 class ChainStats:
     """Per-position acceptance of n-gram candidates, by bucket (see the module docstring)."""
@@ -90,7 +94,7 @@ class ChainStats:
         group = rank + (CANDIDATES if recent else 0)
         return group * self.per_rank + (min(ngram, self.max_ngram) - 1) * len(RUNS) + run_bucket(run)
 
-    def observe(self, bucket: int, candidate: list[int], actual: list[int]) -> int:
+    def score(self, bucket: int, candidate: list[int], actual: list[int]) -> int:
         """Scores a candidate against the tokens the model produced; returns its correct prefix length."""
         right = 0
         for j in range(min(len(candidate), len(actual), self.length)):
@@ -142,7 +146,8 @@ class StepCost:
         self.ratios.clear()
         self.scale = 1.0
 
-    def observe(self, forwarded: int, forward_seconds: float, step_seconds: float) -> None:
+    def record_step(self, forwarded: int, forward_seconds: float, step_seconds: float) -> None:
+        """One step's forward time (``forwarded`` nodes per row) and its whole time."""
         if not self.curve.measured:
             return
         self.ratios.append(forward_seconds / max(self.curve(forwarded), 1e-9))
@@ -199,10 +204,12 @@ class Policy:
         return self.order[:nodes]
 
     # ------------------------------------------------------------------ the decision
-    def decide(self, candidates: list[tuple], run: int) -> Plan:
+    def decide(self, candidates: list[tuple], run: int, cost: StepCost | None = None) -> Plan:
         """candidates: [(tokens, matched n)] or [(tokens, matched n, from an earlier output)], best
         first (at most CANDIDATES used); run: how many tokens of the last step's first candidate the
-        model produced."""
+        model produced; cost: the step-cost curve to weigh against (default: this policy's own, one
+        row's)."""
+        cost = cost or self.cost
         start = time.perf_counter()
         if self.steps_since >= self.retune_every:
             self.refresh()
@@ -223,7 +230,7 @@ class Policy:
         c2 = np.arange(len(e2))[None, None, :]
         neither = np.clip(1.0 - p1[None, :, None] - p2[None, None, :], 0.0, 1.0)
         expected = 1.0 + e1[None, :, None] + e2[None, None, :] + neither * self.tree_gain[:, None, None]
-        seconds = self.cost(1 + n + c1 + c2)
+        seconds = cost(1 + n + c1 + c2)
         value = expected / seconds
         i, j, k = np.unravel_index(int(np.argmax(value)), value.shape)
         self.last_value = float(value[i, j, k])
@@ -234,10 +241,21 @@ class Policy:
         return plan
 
     # ------------------------------------------------------------------ learning
-    def observe(self, plan: Plan, actual: list[int]) -> int:
+    def score_plan(self, plan: Plan, actual: list[int]) -> int:
         """Scores the plan's candidates against the produced tokens; returns the first one's run."""
-        runs = [self.chain.observe(b, t, actual) for b, t in zip(plan.buckets, plan.candidates)]
+        runs = [self.chain.score(b, t, actual) for b, t in zip(plan.buckets, plan.candidates)]
         return runs[0] if runs else 0
+
+    def batch_drafts(self, plans: list[Plan], cost: StepCost | None = None) -> bool:
+        """Whether a batch of rows with these plans should draft at all: the forward pads every row to
+        the largest draft, so the batch's expected tokens over the time of that forward must beat
+        every row forwarding its root alone (one token each at the time of a one-node forward)."""
+        cost = cost or self.cost
+        size = max(1 + p.tree_nodes + p.chain_tokens for p in plans)
+        if size == 1:
+            return True
+        drafting = sum(p.expected for p in plans) / float(cost(size))
+        return drafting > len(plans) / float(cost(1))
 
     def predicted_speedup(self) -> float | None:
         if not self.cost.measured:

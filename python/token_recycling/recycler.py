@@ -1,7 +1,11 @@
-"""TokenRecycler: the decode loop. Each step reads like the method:
+"""TokenRecycler: the public entry point. It checks the input, builds the verifier and stopping
+criteria as ``generate()`` does, enters the model's decode-time settings (attention backend,
+``skinny_linear`` routing) for the length of one call, and runs the decode step (step.py):
 
     prompt -> draft (draft.py) -> forward (hf_model.py) -> verify (verify.py) -> recycle (draft.py)
            -> compact the cache (cache.py) -> emit (emit.py)
+
+for one row or many.
 """
 
 from __future__ import annotations
@@ -13,15 +17,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import cache as kv
-from . import distributed, hf_model, sample, skinny, verify, window
+from . import distributed, hf_attention, hf_model, sample, skinny, verify, window
 from .adjacency import AdjacencyMatrix
-from .auto_tree import sync
-from .batch import check_left_padded
-from .draft import Draft, Drafter
-from .emit import Emitter
+from .draft import Drafter
 from .graph_step import BUCKETS, GraphStep
 from .stats import GenerationStats
-from .step_sync import ForwardTimer, StepSync
+from .step import Decoder
 from .tree import TreeSpec
 
 
@@ -51,8 +52,8 @@ class TokenRecycler:
             take it through the same backend, whose CPU path runs torch's sdpa with grouped-query
             heads folded in (transformers copies K/V per query head whenever a mask is given).
             ``rec.attention`` says which ("tree-kernel", "dense-gqa" or "model"). Both switch the
-            model's attn_implementation in place; False leaves it as it is (dense masks, through
-            whichever backend the model has).
+            model's attn_implementation for the length of each generate() call and switch it back
+            on return; False leaves it as it is (dense masks, through whichever backend the model has).
         cuda_graphs: verification forwards padded to bucket sizes over a static cache with a
             device-side prefix length (graph_step.py); implies tree_attention. On CUDA each bucket's
             forward is captured once per generate() call and replayed; elsewhere, or where capture is
@@ -81,7 +82,7 @@ class TokenRecycler:
             raise ValueError("cuda_graphs=True needs tree_attention (the device-side prefix length goes to it)")
         self.tree_attention = self._setup_tree_attention(True if cuda_graphs else tree_attention)
         self.graph = GraphStep(model, self._cache_kwarg) if cuda_graphs else None
-        self._batch = None  # batch.BatchDecoder, made on the first batched call
+        self._decoder = Decoder(self)
         self.skinny_linear = self._setup_skinny_linear(skinny_linear)
 
     # The drafter's shared state, as attributes of the recycler.
@@ -102,6 +103,24 @@ class TokenRecycler:
     def save(self, path: str | os.PathLike) -> None:
         """Save the matrix, the tree (and the auto tree's statistics) as safetensors, with vocab size and k."""
         self.matrix.save(path, extra=self.drafter.extra_state())
+
+    def use_cost_curve(self, sizes: Sequence[int], seconds: Sequence[float]) -> None:
+        """tree="auto": weigh drafts against this forward-cost curve (seconds of a forward of n nodes per
+        row, at the sizes given, linear in between) at every batch size and context, instead of one
+        measured on this machine. The steps still rescale it by their measured forward times, but its
+        shape stays. For tests and reproducible comparisons; a measured curve is better for speed."""
+        from .auto_tree import CostModel
+        if self.drafter.policy is None:
+            raise ValueError("use_cost_curve needs tree='auto' (a fixed tree has no policy to weigh drafts)")
+        if len(sizes) != len(seconds) or len(sizes) < 2 or list(sizes) != sorted(set(sizes)) or min(sizes) < 1:
+            raise ValueError(f"sizes must be >= 2 increasing ints >= 1 with one seconds value each, got {sizes!r}, "
+                             f"{seconds!r}")
+        if not all(s > 0 for s in seconds):
+            raise ValueError(f"seconds must be positive, got {seconds!r}")
+        curve = CostModel([int(n) for n in sizes], [float(s) for s in seconds], context=2**62)  # never re-measured
+        self.drafter.policy.cost.set_curve(curve)
+        self._decoder.fixed = curve
+        self._decoder.costs.clear()
 
     @classmethod
     def load(cls, model, path: str | os.PathLike, **kwargs) -> "TokenRecycler":
@@ -143,7 +162,8 @@ class TokenRecycler:
         criteria = StoppingCriteriaList([MaxLengthCriteria(max_length=input_ids.shape[1] + max_new_tokens)])
         if eos_token_id is not None:
             criteria.append(EosTokenCriteria(eos_token_id=eos_token_id))
-        if streamer is not None and pads is None:  # (a batch refuses a streamer below)
+        self._check_features(input_ids, pads, streamer)
+        if streamer is not None:
             streamer.put(input_ids.cpu())
         if do_sample:
             processors = sample.sampling_processors(self.model.generation_config, temperature, top_k, top_p, min_p,
@@ -152,14 +172,12 @@ class TokenRecycler:
         else:
             verifier = verify.GreedyVerifier(None, self.topk)
         capacity = input_ids.shape[1] + max_new_tokens + 1
-        if pads is not None:
-            eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-            pad = getattr(self.model.generation_config, "pad_token_id", None)
-            return self._decode_batch(input_ids, pads, kv.new_cache(self.model), criteria, verifier, streamer,
-                                      capacity, pad if pad is not None else (eos[0] if eos else 0))
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        pad = getattr(self.model.generation_config, "pad_token_id", None)
         # Graph steps: room for the largest bucket at the end, so no step's draft is cut for room.
         cache = kv.new_cache(self.model, capacity + BUCKETS[-1] if self.graph else None)
-        return self._decode(input_ids, cache, criteria, verifier, streamer, capacity)
+        return self._decode(input_ids, pads, cache, criteria, verifier, streamer, capacity,
+                            pad if pad is not None else (eos[0] if eos else 0))
 
     @torch.no_grad()
     def __call__(self, model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
@@ -174,6 +192,7 @@ class TokenRecycler:
             if (generation_config.num_beams or 1) > 1:
                 raise NotImplementedError("TokenRecycler does not do beam search (num_beams must be 1)")
         input_ids, pads = self._check_input(input_ids, model_kwargs.get("attention_mask"))
+        self._check_features(input_ids, pads, streamer)
         cache = model_kwargs.get("cache", model_kwargs.get("past_key_values")) or kv.new_cache(self.model)
         if cache.get_seq_length() != 0:
             raise NotImplementedError("TokenRecycler starts from an empty cache; a pre-filled cache was given")
@@ -183,130 +202,38 @@ class TokenRecycler:
             verifier = sample.SamplingVerifier(processors, self.topk, generator)
         else:
             verifier = verify.GreedyVerifier(processors, self.topk)
-        if pads is not None:
-            pad = getattr(generation_config, "pad_token_id", None)
-            pad = pad if pad is not None else getattr(self.model.generation_config, "pad_token_id", None)
-            sequences = self._decode_batch(input_ids, pads, cache, stopping_criteria, verifier, streamer,
-                                           max_length + 1, _first_eos(generation_config) if pad is None else pad)
-        else:
-            sequences = self._decode(input_ids, cache, stopping_criteria, verifier, streamer, max_length + 1)
+        pad = getattr(generation_config, "pad_token_id", None)
+        pad = pad if pad is not None else getattr(self.model.generation_config, "pad_token_id", None)
+        sequences = self._decode(input_ids, pads, cache, stopping_criteria, verifier, streamer, max_length + 1,
+                                 _first_eos(generation_config) if pad is None else pad)
         if generation_config is not None and generation_config.return_dict_in_generate:
             from transformers.generation.utils import GenerateDecoderOnlyOutput
             return GenerateDecoderOnlyOutput(sequences=sequences, past_key_values=cache)
         return sequences
 
-    # ------------------------------------------------------------------------------ the loop
-    def _decode(self, input_ids, cache, stopping, verifier, streamer, capacity: int) -> torch.Tensor:
-        with skinny.routed(self.model, self.skinny_linear):  # few-token forwards' linears (CPU)
-            return self._decode_steps(input_ids, cache, stopping, verifier, streamer, capacity)
-
-    def _decode_steps(self, input_ids, cache, stopping, verifier, streamer, capacity: int) -> torch.Tensor:
-        start = time.perf_counter()
-        stats = self.stats = GenerationStats(decoding=verifier.description)
-        emitter = Emitter(stopping, streamer)
+    # ------------------------------------------------------------------------------ the call
+    def _decode(self, input_ids, pads, cache, stopping, verifier, streamer, capacity: int,
+                pad_token_id: int) -> torch.Tensor:
+        """One generation through the decode step, with the model's decode-time settings entered for
+        its length and restored on return (also on an exception)."""
         distributed.check_prompt(input_ids)
-        window.prepare(self.model, cache)  # sliding-window layers that tree decoding can compact
-        root, seq, done = self._prefill(input_ids, cache, verifier, emitter)
-        state = self.drafter.start(seq, capacity)
-        if not done:
-            self.drafter.tune(lambda n: self._timed_dummy_forward(cache, root, seq.shape[1] - 1, n),
-                              seq.shape[1] - 1, kv.static_capacity(cache))
-        root = root.cpu()  # drafting is host work (draft.py)
-        prefix_len = _prefix_tensor(seq.shape[1] - 1, self.device)  # on the device, for the kernels that take it
-        timer = ForwardTimer(self.device)
-        with StepSync(self.device) as step_sync:  # the step's one host sync (step_sync.py)
-            while not done:
-                t_step = time.perf_counter()
-                prefix = seq.shape[1] - 1  # the root is emitted but not yet in the cache
-                draft, forwarded = self._fit(cache, prefix, self.drafter.draft(state, root))
-                distributed.check_draft(draft, stats.steps)  # tensor parallel: a desync is an error, not a hang
-                kv.check_cache(cache, forwarded)
-                timer.start()
-                logits = self._forward(draft, prefix, cache, forwarded, prefix_len)
-                timer.stop()
-                pending, candidates = verifier.verify(seq, draft, logits)  # greedy or sampling walk
-                *parts, candidates = step_sync.fetch(*pending.device_parts(), candidates)
-                verdict = pending.resolve(*parts)  # from here on: host copies
-                self.drafter.observe(state, draft, verdict.path, verdict.new_host)
-                self.drafter.recycle(draft.on_host.tokens, candidates.view(1, draft.size, -1))
-                kv.compact(cache, prefix_len, verdict.accepted_nodes, verdict.accept_len, verdict.accepted,
-                           forwarded)
-                seq, done, emitted = emitter.emit(seq, verdict.new_tokens, verdict.new_host.tolist())
-                if not done:
-                    state.accept(seq, emitted, verdict.new_host)
-                stats.record_step(verdict.path.tolist(), draft)
-                self.drafter.step_done(time.perf_counter() - t_step, timer.seconds(), draft)
-                root, prefix_len = verdict.new_host[-1:], prefix_len + verdict.accept_len[:1]
-            step_sync.finish()
-        if self.graph is not None:
-            self.graph.release()
-        emitter.end()
-        self.drafter.finish(seq[0, input_ids.shape[1]:])  # later requests' n-grams search this output
-        stats.new_tokens = seq.shape[1] - input_ids.shape[1]
-        stats.seconds = time.perf_counter() - start
-        stats.tree, stats.tree_size = self.describe(), self.tree.num_nodes - 1
-        stats.predicted_speedup = self.drafter.predicted_speedup()
-        base = self.drafter.single_step_seconds()
-        if base is not None and stats.steps:
-            stats.measured_speedup = stats.mean_accepted * base / (stats.seconds / stats.steps)
-        return seq
+        with hf_attention.entered(self.model, self.attention != "model"), \
+                skinny.routed(self.model, self.skinny_linear):  # few-token forwards' linears (CPU)
+            window.prepare(self.model, cache)  # sliding-window layers that tree decoding can compact
+            return self._decoder.decode(input_ids, pads, cache, stopping, verifier, streamer, capacity,
+                                        pad_token_id)
 
-    def _decode_batch(self, input_ids, pads, cache, stopping, verifier, streamer, capacity: int,
-                      pad_token_id: int) -> torch.Tensor:
-        """Several rows, or one left-padded row: batch.py's loop (the rows' own trees, one forward)."""
-        if streamer is not None:
+    def _check_features(self, input_ids, pads, streamer) -> None:
+        """What works with one row only (as generate() has it for streamers), refused before any work."""
+        rows = input_ids.shape[0]
+        if streamer is not None and (rows > 1 or bool(pads.any())):
             raise ValueError("streamer works with one unpadded sequence only (batch size 1, no padding in "
-                             "attention_mask); got a batch or a padded row")
-        if self.graph is not None:
-            raise NotImplementedError("cuda_graphs=True supports batch size 1 only")
-        if kv.static_capacity(cache) is not None:
-            raise NotImplementedError("cache_implementation='static' is not supported with batch size > 1 or "
-                                      "padding yet; use the default dynamic cache")
-        if window.SLIDING in window._layer_types(self.model):
-            raise NotImplementedError("sliding-window models are supported with batch size 1 only (no padding)")
-        if self._batch is None:
-            from .batch import BatchDecoder
-            self._batch = BatchDecoder(self)
-        distributed.check_prompt(input_ids)
-        with skinny.routed(self.model, self.skinny_linear):
-            return self._batch.decode(input_ids, pads, cache, stopping, verifier, pad_token_id, capacity)
-
-    def _prefill(self, input_ids, cache, verifier, emitter: Emitter):
-        keep_all = self.seed_from_prompt
-        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=0 if keep_all else 1,
-                         **{self._cache_kwarg: cache})
-        if keep_all and input_ids.shape[1] > 0:
-            self.drafter.recycle(input_ids, out.logits.topk(self.topk, dim=-1).indices)
-        root = verifier.first(input_ids, out.logits[:, -1, :])
-        seq, done, _ = emitter.emit(input_ids, root)
-        return root, seq, done
-
-    def _fit(self, cache, prefix: int, draft):
-        """(the draft that fits the cache, how many cache entries its forward writes)."""
-        if self.graph is None:
-            draft = kv.fit(cache, prefix, draft)
-            return draft, draft.size
-        draft, size = self.graph.fit(cache, prefix, draft)
-        return draft, size or draft.size
-
-    def _forward(self, draft, prefix: int, cache, forwarded: int | None = None,
-                 prefix_len: torch.Tensor | None = None) -> torch.Tensor:
-        if self.graph is not None and forwarded is not None:
-            return self.graph.forward(draft, prefix_len, cache, forwarded)
-        return hf_model.forward_tree(self.model, draft, prefix, cache, self.tree_attention, self._cache_kwarg)
-
-    def _timed_dummy_forward(self, cache, root, prefix: int, n: int) -> None:
-        """A verification-shaped forward of n tokens (a chain), then the cache restored."""
-        tokens = root.view(1, 1).expand(1, n).contiguous()
-        chain = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
-        depths = torch.arange(n, device=self.device)
-        self._forward(Draft(tokens, torch.arange(-1, n - 1, device=self.device, dtype=torch.int32), depths, chain,
-                            self.tree), prefix, cache)
-        sync(self.device)
-        kv.trim(cache, n)
-
-    def _greedy_and_candidates(self, logits):
-        return verify.greedy_and_candidates(logits, self.topk)
+                             "attention_mask), as in transformers' generate(); got a batch or a padded row")
+        if self.graph is not None and rows > 1:
+            raise NotImplementedError("cuda_graphs=True decodes one row at a time; use cuda_graphs=False for a batch")
+        if rows > 1 and window.SLIDING in window._layer_types(self.model):
+            raise NotImplementedError("sliding-window models are decoded one row at a time; call generate() "
+                                      "once per prompt")
 
     # ------------------------------------------------------------------------------ helpers
     def _setup_skinny_linear(self, wanted: bool | None) -> bool:
@@ -325,12 +252,11 @@ class TokenRecycler:
         CPU path folds grouped-query heads into sdpa instead of copying K/V) or "model" (the model's
         own attention)."""
         from ._extension import WITH_CUDA
-        from . import hf_attention
         impl = hf_model.attn_implementation(self.model)
         self.attention = "model"
         if wanted is None:
             if self.device.type == "cpu" and impl in ("sdpa", "token_recycling"):
-                if not hf_attention.use_tree_attention(self.model):
+                if not hf_attention.can_use(self.model):
                     return False
                 if hf_attention.cpu_kernel_vectorized(self.model):
                     self.attention = "tree-kernel"
@@ -343,13 +269,13 @@ class TokenRecycler:
                 self.attention = "dense-gqa"
             return False
         self.attention = "tree-kernel"
-        if not hf_attention.use_tree_attention(self.model):
+        if not hf_attention.can_use(self.model):
             raise ValueError(f"{type(self.model).__name__} does not dispatch attention through transformers' "
                              f"AttentionInterface, so tree_attention=True cannot apply")
         return True
 
-    def _check_input(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(input_ids [B, S] on the device, the pad count of every row, or None for one unpadded row)."""
+    def _check_input(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids [B, S] on the device, the pad count of every row [B] on the host)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError("input_ids must be an integer torch.Tensor [batch, seq]")
         if input_ids.dim() == 1:
@@ -360,9 +286,32 @@ class TokenRecycler:
         v = self.matrix.vocab_size
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= v:  # padding too: the prefill embeds it
             raise ValueError(f"input_ids hold token ids outside [0, {v})")
-        if input_ids.shape[0] == 1 and int(pads[0]) == 0:
-            pads = None  # the batch-1 loop
         return input_ids.to(self.device, torch.long), pads
+
+
+def check_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The pad count of every row [B] (CPU); refuses right padding, empty rows and a bad mask."""
+    batch, seq = input_ids.shape
+    if attention_mask is None:
+        return torch.zeros(batch, dtype=torch.long)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 1:
+        attention_mask = attention_mask.unsqueeze(0)
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, seq):
+        raise ValueError(f"attention_mask must be a tensor of the shape of input_ids {(batch, seq)}, got "
+                         f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+    mask = attention_mask.detach().cpu()
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
+    mask = mask.long()
+    pads = seq - mask.sum(1)
+    if bool((pads == seq).any()):
+        raise ValueError("attention_mask has a row with no token (all zeros)")
+    want = torch.arange(seq).view(1, -1) >= pads.view(-1, 1)
+    if not torch.equal(mask.bool(), want):
+        raise ValueError("attention_mask is not left-padded: TokenRecycler needs the padding of every row before "
+                         "its tokens (tokenizer.padding_side = 'left', as transformers' generate() expects "
+                         "for decoder-only models); right padding is not supported")
+    return pads
 
 
 def _first_eos(generation_config) -> int:
