@@ -1,4 +1,10 @@
-"""Token Recycling: faster greedy decoding for HuggingFace causal LMs, no training, no draft model."""
+"""Token Recycling: faster greedy decoding for HuggingFace causal LMs, no training, no draft model.
+
+The library's public names: TokenRecycler (the decode loop), GenerationStats, DraftTree / make_tree,
+ops (the native ops) and the build facts BUILT_WITH_TORCH / WITH_CUDA. The vLLM proposer is in
+token_recycling.vllm; the command line, benchmarks and model loading in token_recycling.tools; the
+test oracle in token_recycling.testing (token_recycling.reference: the same module, loaded on first
+use). The library never imports tools, nor testing but for that alias."""
 
 from . import ops  # noqa: F401
 from ._extension import BUILT_WITH_TORCH, WITH_CUDA  # noqa: F401

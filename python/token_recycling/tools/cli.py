@@ -1,4 +1,4 @@
-"""``token-recycling generate`` and ``token-recycling bench``.
+"""The ``token-recycling`` command line: ``generate`` and ``bench``, their options and their errors.
 
 User mistakes (unknown tree, missing model, no GPU, ...) end with one ``error:`` line on stderr and
 exit code 2, never a traceback. Everything is checked before the model is loaded, so a typo costs
