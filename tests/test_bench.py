@@ -1,4 +1,4 @@
-"""Data sets, the benchmark runner and the report (token_recycling.datasets / bench / report)."""
+"""Data sets, the benchmark runner and the report (token_recycling.tools.datasets / bench / report)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 import pytest
 
 import cli_fixtures
-from token_recycling import bench, datasets, report
-from token_recycling.cli import main
+from token_recycling.tools import bench, datasets, report
+from token_recycling.tools.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -300,7 +300,7 @@ def test_sigterm_becomes_an_interrupt_only_inside_the_run():
     import os
     import signal
 
-    from token_recycling.cli import _sigterm_as_interrupt
+    from token_recycling.tools.cli import _sigterm_as_interrupt
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
@@ -343,7 +343,7 @@ def test_bench_runs_fixed_tree_presets_and_reports_the_regret(tmp_path, tiny_fol
 
 
 def test_preset_baselines_are_parsed_and_checked():
-    from token_recycling import cli
+    from token_recycling.tools import cli
     assert cli.parse_baselines("pld,tr:chain,tr:[[0],[1]],tr:paper-8") == ("pld", "tr:chain", "tr:[[0],[1]]",
                                                                          "tr:paper-8")
     assert bench.preset_tree("tr:chain") == [[0]] and bench.preset_tree("tr:[[0],[1]]") == [[0], [1]]
@@ -353,7 +353,7 @@ def test_preset_baselines_are_parsed_and_checked():
 
 
 def test_bench_compares_torch_linear_and_the_option_reaches_the_recycler(tmp_path, tiny_folder, monkeypatch):
-    from token_recycling import cli
+    from token_recycling.tools import cli
     from token_recycling.recycler import TokenRecycler
     made = []
     real_init = TokenRecycler.__init__
@@ -401,7 +401,7 @@ def test_bench_runs_hf_decoding_through_skinny_linear_and_the_history_baseline(t
     text = (out / "report.md").read_text()
     assert "speedup ours/greedy-skinny" in text and "speedup greedy-skinny/greedy" in text
     assert "speedup ours/no-history" in text
-    from token_recycling import cli
+    from token_recycling.tools import cli
     assert cli.parse_baselines("pld-skinny,greedy-skinny") == ("pld-skinny", "greedy-skinny")
     with pytest.raises(cli.UsageError, match="unknown skinny; choose from greedy,pld,greedy-skinny"):
         cli.parse_baselines("greedy,skinny")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import cli_fixtures
-from token_recycling import cli
+from token_recycling.tools import cli, usage
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_bench_option_errors(capsys, tmp_path, tiny_folder):
 
 
 def test_module_entry_point_reports_errors_without_traceback(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(cli.__file__).parents[1]),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(cli.__file__).parents[2]),
                                                        os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "token_recycling", "generate", "hi", "--model",
                            str(tmp_path / "nowhere")], capture_output=True, text=True, env=env, timeout=300)
@@ -129,28 +129,28 @@ class _Stdin(io.StringIO):
 
 def test_prompt_comes_from_argument_then_stdin_then_default(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", _Stdin("from stdin\n", tty=False))
-    assert cli._read_prompt(_args("from argv")) == "from argv"
-    assert cli._read_prompt(_args()) == "from stdin\n"
+    assert usage.read_prompt(_args("from argv")) == "from argv"
+    assert usage.read_prompt(_args()) == "from stdin\n"
     monkeypatch.setattr(sys, "stdin", _Stdin("", tty=True))
-    assert cli._read_prompt(_args()) == cli.DEFAULT_PROMPT
+    assert usage.read_prompt(_args()) == usage.DEFAULT_PROMPT
     assert capsys.readouterr().err == ""  # a terminal: the example, silently
     monkeypatch.setattr(sys, "stdin", None)  # no stdin at all (a closed descriptor, pythonw)
-    assert cli._read_prompt(_args()) == cli.DEFAULT_PROMPT
+    assert usage.read_prompt(_args()) == usage.DEFAULT_PROMPT
 
 
 @pytest.mark.parametrize("text", ["", "  \n\t\n"])
 def test_empty_stdin_falls_back_to_the_example_with_a_note(monkeypatch, capsys, text):
     monkeypatch.setattr(sys, "stdin", _Stdin(text, tty=False))
-    assert cli._read_prompt(_args()) == cli.DEFAULT_PROMPT
+    assert usage.read_prompt(_args()) == usage.DEFAULT_PROMPT
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "standard input is empty" in err and cli.DEFAULT_PROMPT in err
+    assert err.count("\n") == 1 and "standard input is empty" in err and usage.DEFAULT_PROMPT in err
 
 
 @pytest.mark.parametrize("prompt", ["", "   "])
 def test_an_explicit_empty_prompt_is_an_error(monkeypatch, capsys, tiny_folder, prompt):
     monkeypatch.setattr(sys, "stdin", _Stdin("not read", tty=False))
-    with pytest.raises(cli.UsageError, match="the prompt is empty"):
-        cli._read_prompt(_args(prompt))
+    with pytest.raises(usage.UsageError, match="the prompt is empty"):
+        usage.read_prompt(_args(prompt))
     rc, out, err = run_main(["generate", prompt, "--model", str(tiny_folder)], capsys)
     assert rc == 2 and out == "" and err == "token-recycling: error: the prompt is empty\n"
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import cli_fixtures
-from token_recycling import cli
+from token_recycling.tools import cli
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ Each case is built valid and then, about half the time, given one fault: a wrong
 size, an out-of-range id, a negative or too large length or prefix (int64 extremes included), a
 broken tree, an empty tree, a non-contiguous in-place argument, an index out of step with its
 lengths, or a Python value where a tensor goes. Valid inputs are often empty (batch 0, no keys)
-or non-contiguous. A valid call must return what ``token_recycling.reference`` returns (attention:
+or non-contiguous. A valid call must return what ``token_recycling.testing.reference`` returns (attention:
 within float tolerance of a float64 reference); a faulty one must raise ValueError or TypeError
 naming the op (RuntimeError only for the faults torch's schema check rejects before our code
 runs), and the in-place ops must leave their tensors untouched. A kernel that read or wrote out of
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import token_recycling  # noqa: F401  (loads the ops)
-from token_recycling import reference
+from token_recycling.testing import reference
 from token_recycling.ngram import new_ngram_table
 
 OPS = torch.ops.token_recycling
@@ -810,7 +810,7 @@ def test_fuzz_skinny_linear():
 
 
 def make_skinny_linear_vectorized(rng, gen):
-    from token_recycling.models import cpu_flags
+    from token_recycling.tools.models import cpu_flags
     want = {"avx2", "fma"} <= cpu_flags() and platform.machine() in ("x86_64", "AMD64")
     case = Case([], check=lambda got: assert_equal_bool(got, want))
     if rng.random() < 0.5:

@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from token_recycling import ops, reference
+from token_recycling import ops
+from token_recycling.testing import reference
 from token_recycling.tree import make_tree
 
 LONG, INT = torch.long, torch.int32

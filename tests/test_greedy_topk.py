@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from token_recycling import ops, reference, verify
+from token_recycling import ops, verify
+from token_recycling.testing import reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

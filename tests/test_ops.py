@@ -5,7 +5,8 @@ import torch
 from conftest import ancestor_mask, random_tree
 
 import token_recycling  # noqa: F401
-from token_recycling import ops, reference
+from token_recycling import ops
+from token_recycling.testing import reference
 
 SIZES = [1, 2, 7, 81]
 

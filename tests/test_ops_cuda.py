@@ -13,7 +13,8 @@ import torch
 from conftest import ancestor_mask
 
 import token_recycling
-from token_recycling import ops, reference
+from token_recycling import ops
+from token_recycling.testing import reference
 
 pytestmark = [
     pytest.mark.cuda,

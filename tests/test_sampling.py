@@ -19,7 +19,8 @@ import pytest
 import torch
 from models import tiny_model
 
-from token_recycling import TokenRecycler, ops, reference
+from token_recycling import TokenRecycler, ops
+from token_recycling.testing import reference
 from token_recycling.sample import SamplingVerifier, UniformStream, sampling_processors
 
 PROMPT = torch.tensor([[5, 9, 17, 5, 9]])

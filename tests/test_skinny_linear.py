@@ -95,7 +95,7 @@ def test_empty_sizes():
 
 def test_vectorized_path_is_reported():
     assert isinstance(ops.skinny_linear_vectorized(), bool)
-    from token_recycling.models import cpu_flags
+    from token_recycling.tools.models import cpu_flags
     if {"avx2", "fma"} <= cpu_flags():
         assert ops.skinny_linear_vectorized()
 

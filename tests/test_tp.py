@@ -101,7 +101,7 @@ def chat_folder(tmp_path_factory):
 
 
 def test_cli_generate_tp_prints_once_and_equals_single_process(tmp_path, chat_folder, capsys):
-    from token_recycling.cli import main
+    from token_recycling.tools.cli import main
 
     args = ["generate", "--model", str(chat_folder), "--dtype", "float32", "--max-new-tokens", "24"]
     proc = torchrun(["-m", "token_recycling", *args, "--tp"], cwd=tmp_path, stdin="Explain why the sky is blue.")
@@ -114,7 +114,7 @@ def test_cli_generate_tp_prints_once_and_equals_single_process(tmp_path, chat_fo
 
 
 def test_tp_needs_torchrun(capsys, chat_folder):
-    from token_recycling.cli import main
+    from token_recycling.tools.cli import main
 
     env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
     try:
@@ -127,7 +127,7 @@ def test_tp_needs_torchrun(capsys, chat_folder):
 def test_heads_that_do_not_divide_are_refused():
     from types import SimpleNamespace
 
-    from token_recycling import models, tp
+    from token_recycling.tools import models, tp
 
     tp.check_divisible(SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, intermediate_size=64), 2)
     smollm2 = SimpleNamespace(num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536)
@@ -181,7 +181,7 @@ def test_check_every_rejects_bad_values(monkeypatch, value):
 def test_cli_silences_other_ranks_and_sends_their_bench_files_elsewhere(monkeypatch, tmp_path):
     import atexit
 
-    from token_recycling import cli, tp
+    from token_recycling.tools import cli, tp
 
     calls = []
     monkeypatch.setattr(tp, "init", lambda device: calls.append(device))

@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import ancestor_mask, random_tree
 
-from token_recycling import ops, reference
+from token_recycling import ops
+from token_recycling.testing import reference
 from token_recycling.hf_attention import dense_mask
 
 

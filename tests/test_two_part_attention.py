@@ -9,7 +9,8 @@ import torch
 from conftest import ancestor_mask, random_tree
 from models import private_copy
 
-from token_recycling import TokenRecycler, hf_attention, ops, reference
+from token_recycling import TokenRecycler, hf_attention, ops
+from token_recycling.testing import reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LOOSE = {torch.float32: 1e-4, torch.float16: 0.02, torch.bfloat16: 0.05}

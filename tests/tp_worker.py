@@ -23,7 +23,8 @@ MAX_NEW_TOKENS = 48
 def main(out_dir: str, folders: list[str]) -> None:
     from transformers import AutoModelForCausalLM
 
-    from token_recycling import TokenRecycler, tp
+    from token_recycling import TokenRecycler
+    from token_recycling.tools import tp
 
     tp.init("cpu")
     rank = torch.distributed.get_rank()

@@ -20,7 +20,7 @@ import tempfile
 import torch
 
 from . import models
-from .distributed import rank
+from ..distributed import rank
 
 TIMEOUT_ENV = "TOKEN_RECYCLING_TP_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
@@ -154,12 +154,12 @@ def setup_cli(args) -> None:
 
 def _share_prompt(args) -> None:
     """Rank 0 reads the prompt (argument, stdin or the default) and every rank gets it."""
-    from .cli import UsageError, _read_prompt
+    from .usage import UsageError, read_prompt
 
     box: list = [None]
     if rank() == 0:
         try:
-            box = [("prompt", _read_prompt(args))]
+            box = [("prompt", read_prompt(args))]
         except UsageError as exc:  # every rank stops with rank 0's error
             box = [("error", str(exc))]
     torch.distributed.broadcast_object_list(box, src=0)

@@ -1,5 +1,6 @@
-"""Plain PyTorch versions of every op: slow, obvious, and the oracle the native kernels are tested
-against. They take the same arguments as :mod:`token_recycling.ops` and never share code with it."""
+"""The test oracle: plain PyTorch versions of every op, slow and obvious, that the native kernels are
+tested against. They take the same arguments as :mod:`token_recycling.ops` and never share code with
+it; the library never imports this module (the decode path runs :mod:`token_recycling.ops`)."""
 
 from __future__ import annotations
 

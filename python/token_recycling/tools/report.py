@@ -15,7 +15,7 @@ from pathlib import Path
 
 ALL = "all"
 PLOTS_HINT = ("plots not drawn: matplotlib is not installed (pip install token-recycling[bench]; then "
-              "token_recycling.report.write(json.load(open('results.json')), out_dir) draws them)")
+              "token_recycling.tools.report.write(json.load(open('results.json')), out_dir) draws them)")
 
 
 def _rate(tokens: float, seconds: float) -> float | None:

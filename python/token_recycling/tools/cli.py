@@ -1,4 +1,4 @@
-"""``token-recycling generate`` and ``token-recycling bench``.
+"""The ``token-recycling`` command line: ``generate`` and ``bench``, their options and their errors.
 
 User mistakes (unknown tree, missing model, no GPU, ...) end with one ``error:`` line on stderr and
 exit code 2, never a traceback. Everything is checked before the model is loaded, so a typo costs
@@ -18,14 +18,10 @@ from pathlib import Path
 
 from . import models
 from .datasets import BUILTIN, DatasetError
+from .usage import UsageError, read_prompt
 
-DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
 DEFAULT_OUT = Path("bench") / "out"
 DEFAULT_TREE = "auto"  # TokenRecycler's default: it measures acceptance and forward cost, then sizes the tree
-
-
-class UsageError(Exception):
-    """A bad option value found after argparse (tree, baselines, prompt)."""
 
 
 # ------------------------------------------------------------------------------------ options
@@ -33,7 +29,7 @@ class UsageError(Exception):
 
 def parse_tree(text: str, topk: int):
     """A preset name, "auto", a JSON list of rank paths, or a .json file holding one; validated."""
-    from .tree import make_tree
+    from ..tree import make_tree
 
     spec: object = text
     if text.lstrip().startswith("["):
@@ -236,7 +232,7 @@ SKINNY_LINEAR = {"auto": None, "on": True, "off": False}  # --skinny-linear -> T
 
 
 def _recycler(model, args, tree):
-    from .recycler import TokenRecycler
+    from ..recycler import TokenRecycler
 
     try:
         return TokenRecycler(model, tree=tree, topk=args.topk, ngram=args.ngram, ngram_history=args.ngram_history,
@@ -250,24 +246,6 @@ def _recycler(model, args, tree):
 # ----------------------------------------------------------------------------------- generate
 
 
-def _read_prompt(args) -> str:
-    """The argument, else stdin when it is not a terminal, else (or when stdin is empty) the example.
-
-    An explicit empty argument is a mistake and stays one; empty stdin is what CI, `docker run`
-    without -t or `< /dev/null` give, and means "no prompt", as a terminal does.
-    """
-    if args.prompt is not None:
-        if not args.prompt.strip():
-            raise UsageError("the prompt is empty")
-        return args.prompt
-    if sys.stdin is not None and not sys.stdin.isatty():
-        prompt = sys.stdin.read()
-        if prompt.strip():
-            return prompt
-        models.stderr_log(f"[token-recycling] standard input is empty: using the example prompt {DEFAULT_PROMPT!r}")
-    return DEFAULT_PROMPT
-
-
 def cmd_generate(args) -> int:
     from transformers import TextStreamer
 
@@ -276,7 +254,7 @@ def cmd_generate(args) -> int:
     tree = parse_tree(args.tree, args.topk)
     models.check_device(args.device)
     models.resolve(args.model)
-    prompt = _read_prompt(args)
+    prompt = read_prompt(args)
     loaded, _ = _load(args)
     model, tokenizer = loaded.model, loaded.tokenizer
     inputs = encode(tokenizer, [{"role": "user", "content": prompt}], args.chat_template, model.device)
@@ -312,25 +290,25 @@ def cmd_bench(args) -> int:
         return _bench_batches(args, loaded, dtype, rec, prompts, out)
     recs = {"ours": rec}
     if "paper" in baselines:  # the paper's method side by side: its tree, no n-gram drafts
-        from .recycler import TokenRecycler
+        from ..recycler import TokenRecycler
         recs["paper"] = TokenRecycler(loaded.model, tree="paper", topk=args.topk, ngram=False)
     if "torch-linear" in baselines:  # the default with torch's linear layers: what skinny_linear gives
-        from .recycler import TokenRecycler
+        from ..recycler import TokenRecycler
         recs["torch-linear"] = TokenRecycler(loaded.model, tree=tree, topk=args.topk, ngram=args.ngram,
                                              ngram_history=args.ngram_history, skinny_linear=False)
     skinny_hf = [b for b in baselines if b in ("greedy-skinny", "pld-skinny")]
     if skinny_hf:  # HF's decoding through skinny_linear: only where the op has its fast path and applies
-        from . import skinny
+        from .. import skinny
         if not (skinny.available() and skinny.applies(loaded.model)):
             raise UsageError(f"--baselines {','.join(skinny_hf)}: skinny_linear needs float32/bfloat16 nn.Linear "
                              f"layers on a CPU with AVX2 and FMA; this model or CPU has no such path")
     if "no-history" in baselines:  # the default without earlier outputs in the n-gram lookup
-        from .recycler import TokenRecycler
+        from ..recycler import TokenRecycler
         recs["no-history"] = TokenRecycler(loaded.model, tree=tree, topk=args.topk, ngram=args.ngram,
                                            ngram_history=0, skinny_linear=SKINNY_LINEAR[args.skinny_linear])
     for name in baselines:  # tr:<tree>: fixed trees (+ the n-gram chain), to measure the default's regret
         if name.startswith(bench.PRESET_PREFIX):
-            from .recycler import TokenRecycler
+            from ..recycler import TokenRecycler
             recs[name] = TokenRecycler(loaded.model, tree=bench.preset_tree(name), topk=args.topk, ngram=args.ngram,
                                        ngram_history=args.ngram_history)
     cfg = bench.BenchConfig(max_new_tokens=args.max_new_tokens, methods=(*baselines, "ours"),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import __version__
+from .. import __version__
 from .datasets import Prompt
 from .models import hardware
 
@@ -39,7 +39,7 @@ def preset_tree(method: str):
     """The fixed tree of a "tr:<tree>" method: a preset name, "chain" or a JSON list of rank paths."""
     import json
 
-    from .tree import make_tree
+    from ..tree import make_tree
 
     if not method.startswith(PRESET_PREFIX):
         raise ValueError(f"{method!r} is not a fixed-tree method (tr:<preset or rank paths>)")
@@ -129,7 +129,7 @@ def run_method(method: str, model, rec, inputs: dict, max_new_tokens: int,
         _sync(device)
         start = time.perf_counter()
         if method in HF_METHODS:
-            from . import hf_attention, skinny
+            from .. import hf_attention, skinny
             lookup = {"prompt_lookup_num_tokens": PLD_TOKENS} if method.startswith("pld") else {}
             # HF's methods as users have them: transformers' sdpa, not the backend a recycler switched to.
             with skinny.routed(model, method.endswith("-skinny")), hf_attention.transformers_sdpa(model):
@@ -202,7 +202,7 @@ def run(model, tokenizer, rec, prompts: list[Prompt], cfg: BenchConfig, progress
 def environment(device) -> dict:
     import transformers
 
-    from . import WITH_CUDA
+    from .. import WITH_CUDA
 
     return {
         "hardware": hardware(str(device)),
