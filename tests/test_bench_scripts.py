@@ -1,5 +1,5 @@
 """The GPU benchmark scripts' smoke modes run on the CPU, so a lent GPU's few minutes are not spent on
-an argument error: gpu_decode.py (issue 13's rows) feeding project_speedup.py, attention_vs_sdpa.py
+an argument error: gpu_decode.py (forward and overhead rows) feeding project_speedup.py, attention_vs_sdpa.py
 and step_breakdown.py, each with --device cpu --quick."""
 
 import json

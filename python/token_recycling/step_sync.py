@@ -15,11 +15,11 @@ What makes the other reads go away:
     compaction's errors (it runs after the copy) come back with the next step's, or with
     :meth:`StepSync.finish` after the last step;
   - the forward's time for the policy: CUDA events around it, read after the copy
-    (:class:`ForwardTimer`); on the CPU ``time.perf_counter`` as before;
+    (:class:`ForwardTimer`); on the CPU ``time.perf_counter``;
   - the prefix length: kept on the device for the kernels that take it (compaction, graph steps) and
     as an int on the host, both advanced by the accept length;
   - stopping: the default criteria (max length, EOS) run on the host copy of the emitted tokens.
-Still reading back on their own (documented in the README): HF logits processors and user stopping
+Still reading back on their own (docs/gpu.md): HF logits processors and user stopping
 criteria (they take device tensors), sampling with a generator on another device, tensor-parallel
 agreement, and the auto tree's one-off cost measurement before the first step.
 
