@@ -2,9 +2,10 @@
 //
 // A decode step forwards a handful of tokens (the root, a chain, a small tree). For so few rows a
 // linear layer is bound by reading its weights, yet BLAS's general matrix product packs the weights
-// first, which for two to a dozen rows costs more than the multiplication. This kernel streams each weight row once and multiplies it by every row of x while
-// it sits in L1, prefetching the next rows meanwhile, so a forward of a few tokens costs about what
-// torch's one-token forward does (bench/RESULTS.md, "What a verification forward costs").
+// first, which for two to a dozen rows costs more than the multiplication. This kernel streams each
+// weight row once and multiplies it by every row of x while it sits in L1, prefetching the next rows
+// meanwhile, so a forward of a few tokens costs about what torch's one-token forward does
+// (bench/RESULTS.md, "What a verification forward costs").
 //
 // x: [n, in] (row stride x_stride, elements contiguous); w: [out, in] (row stride w_stride); bias:
 // [out] or null; y: [n, out] (row stride y_stride). Only output features [o_begin, o_end) are written,
@@ -18,8 +19,9 @@
 // - AVX512-BF16 (with AVX-512F/BW/VL): 16 float32 lanes; bf16 x bf16 by vdpbf16ps, 32 products per
 //   instruction. It does not outrun 16-lane float32 FMAs in products per second, but it halves the
 //   bytes and instructions per product, which is what a few rows of a streamed weight are bound by
-//   (bench/RESULTS.md, "What a verification forward costs"). That instruction treats bf16 denormals (|v| < 1.2e-38) as zero; every
-//   other product and sum is as exact as float32 arithmetic, summed in another order.
+//   (bench/RESULTS.md, "What a verification forward costs"). That instruction treats bf16
+//   denormals (|v| < 1.2e-38) as zero; every other product and sum is as exact as float32
+//   arithmetic, summed in another order.
 // - AVX2/FMA: 8 float32 lanes, a bf16 value widened in registers.
 // - portable loops: the reference for both.
 #pragma once
