@@ -33,7 +33,7 @@ def test_gpu_decode_rows_feed_the_projection(tmp_path):
     paths = {r["path"] for r in rows if r["part"] == "forward"}
     assert {"greedy", "hf_generate", "tree", "dense"} <= paths
     table = run(str(BENCH / "project_speedup.py"), "--timing", str(timing), "--acceptance",
-                str(BENCH / "results" / "acceptance-by-tree" / "acceptance.json"), cwd=tmp_path)
+                str(BENCH / "summary" / "acceptance_by_tree.json"), cwd=tmp_path)
     lines = [line for line in table.splitlines() if line.startswith("| llama-1b")]
     assert len(lines) >= 10 and all(float(line.split("|")[8]) > 0 for line in lines)
 
