@@ -20,10 +20,10 @@ Every configuration's output is checked token for token against the first config
 lossless, so in fp32 any difference is a bug), with --check-greedy against model.generate(do_sample=False).
 The JSON is rewritten after every prompt, so a run stopped early keeps the prompts it finished.
 
-    # the committed run (bench/results/acceptance-by-tree/): 24 prompts, 5 tree sizes x n-gram on/off;
-    # the full default (40 prompts, 9 sizes) takes ~4 h on one core of this EPYC, this one ~1 h
+    # the run in bench/RESULTS.md (overall figures: bench/summary/acceptance_by_tree.json): 24 prompts,
+    # 5 tree sizes x n-gram on/off, about 1 h on one core (the full default, 40 prompts x 9 sizes, ~4 h)
     taskset -c 1 env OMP_NUM_THREADS=1 python bench/acceptance_by_tree.py --mt-per-category 2 --humaneval 8 \\
-        --n 1,4,16,32,80 --json bench/results/acceptance-by-tree/acceptance.json
+        --n 1,4,16,32,80 --json bench/out/acceptance.json
     python bench/acceptance_by_tree.py --mt-per-category 1 --limit 2 --n 1,80 --ngram on   # smoke run
 
 Per config, category and overall: prompts, new tokens, steps (verification forwards; the prefill is not

@@ -1,4 +1,4 @@
-"""The decode loop end to end on a GPU (issue 13): lossless checks, the cost of a verification
+"""The decode loop end to end on a GPU: lossless checks, the cost of a verification
 forward per tree size for 1B- and 7B-shaped models, and the time a step spends outside the forward.
 
   lossless   tiny random-weight Llama / Qwen2 / Gemma (head_dim 64, GQA), float32 on the GPU:

@@ -1,4 +1,4 @@
-"""Projected speedup over greedy on a GPU (issue 13): a projection, not a measurement.
+"""Projected speedup over greedy on a GPU: a projection, not a measurement.
 
     speedup = accepted tokens per step x t_greedy / (t_tree(n) + outside)
 
@@ -14,6 +14,7 @@
       to greedy) or the measured per-token time of model.generate(do_sample=False) ("hf_generate")
 
     python bench/project_speedup.py --timing gpu_decode_timing.json --acceptance acceptance.json [--md]
+    # the acceptance of the run in bench/RESULTS.md: --acceptance bench/summary/acceptance_by_tree.json
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """vLLM (CPU build): tokens/s without speculation, with vLLM's ngram and suffix proposers and with
 Token Recycling (``token_recycling.vllm.TokenRecyclingProposer``), side by side in one run.
 
-Run it in the venv that has vLLM (see README, "Serving with vLLM"):
+Run it in the venv that has vLLM (docs/vllm.md):
 
-    python bench/vllm_bench.py --limit 10 --max-tokens 128 --out bench/results/vllm
+    python bench/vllm_bench.py --limit 10 --max-tokens 128 --out bench/out/vllm
 
 Every method gets its own engine, all alive at once; the prompts run interleaved, the method order
 rotating from prompt to prompt, so a slow phase of a shared machine hits every method alike.

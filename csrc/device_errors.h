@@ -1,4 +1,4 @@
-// Deferred device-error checks: one host sync per decode step (README, "One host sync per step").
+// Deferred device-error checks: one host sync per decode step (docs/gpu.md, "One host sync per step").
 //
 // A CUDA op checks on the host what lives there (shapes, dtypes, host prefix lengths) and leaves the
 // values only the GPU holds (token ids, tree order, device prefix lengths) to its kernels, which write

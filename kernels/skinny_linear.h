@@ -2,10 +2,10 @@
 //
 // A decode step forwards a handful of tokens (the root, a chain, a small tree). For so few rows a
 // linear layer is bound by reading its weights, yet BLAS's general matrix product packs the weights
-// first and, on the 2-core AVX2 machine this project measures on, a 2-row float32 product costs about
-// 1.7x a 1-row one. This kernel streams each weight row once and multiplies it by every row of x while
-// it sits in L1, prefetching the next rows meanwhile, so a forward of 1..4 tokens costs about what
-// torch's one-token forward does.
+// first, which for two to a dozen rows costs more than the multiplication. This kernel streams each
+// weight row once and multiplies it by every row of x while it sits in L1, prefetching the next rows
+// meanwhile, so a forward of a few tokens costs about what torch's one-token forward does
+// (bench/RESULTS.md, "What a verification forward costs").
 //
 // x: [n, in] (row stride x_stride, elements contiguous); w: [out, in] (row stride w_stride); bias:
 // [out] or null; y: [n, out] (row stride y_stride). Only output features [o_begin, o_end) are written,
@@ -17,11 +17,11 @@
 // Paths, the widest this CPU has (vectorized = false forces the portable one, avx512 = false stops at
 // AVX2, so tests and benchmarks can reach each path on one machine):
 // - AVX512-BF16 (with AVX-512F/BW/VL): 16 float32 lanes; bf16 x bf16 by vdpbf16ps, 32 products per
-//   instruction. On the Sapphire Rapids-class core measured (bench/RESULTS.md, session 10) that is
-//   no more products per second than 16-lane float32 FMAs (40 vs 53 GMAC/s on one cached layer), but
-//   half the bytes and instructions: SmolLM2-135M's bf16 linears at 4-8 rows ran 1.2-1.3x faster
-//   than on the AVX2 path. That instruction treats bf16 denormals (|v| < 1.2e-38) as zero; every
-//   other product and sum is as exact as float32 arithmetic, summed in another order.
+//   instruction. It does not outrun 16-lane float32 FMAs in products per second, but it halves the
+//   bytes and instructions per product, which is what a few rows of a streamed weight are bound by
+//   (bench/RESULTS.md, "What a verification forward costs"). That instruction treats bf16
+//   denormals (|v| < 1.2e-38) as zero; every other product and sum is as exact as float32
+//   arithmetic, summed in another order.
 // - AVX2/FMA: 8 float32 lanes, a bf16 value widened in registers.
 // - portable loops: the reference for both.
 #pragma once
@@ -126,7 +126,7 @@ __attribute__((target("avx2,fma"))) inline void rows_avx2(const X* x, int64_t n,
 }
 
 // The lane sums of 16 vectors in one vector, in four halving rounds (15 adds instead of 16 separate
-// reductions' 64 operations; 5-10% of a cached 576 x 576 layer's time at 4-8 rows, measured against
+// reductions' 64 operations, a visible share of a cached layer's time at 4-8 rows next to
 // _mm512_reduce_add_ps per accumulator): lane 4q + m holds the sum of v[4m + q].
 //   round 1: v[2i], v[2i+1] -> u[i], 128-bit quarters [v2i, v2i, v2i+1, v2i+1] (partial sums)
 //   round 2: u[2j], u[2j+1] -> w[j], quarters [v4j, v4j+1, v4j+2, v4j+3], each quarter 4 partial sums

@@ -1,5 +1,5 @@
 """The GPU benchmark scripts' smoke modes run on the CPU, so a lent GPU's few minutes are not spent on
-an argument error: gpu_decode.py (issue 13's rows) feeding project_speedup.py, attention_vs_sdpa.py
+an argument error: gpu_decode.py (forward and overhead rows) feeding project_speedup.py, attention_vs_sdpa.py
 and step_breakdown.py, each with --device cpu --quick."""
 
 import json
@@ -33,7 +33,7 @@ def test_gpu_decode_rows_feed_the_projection(tmp_path):
     paths = {r["path"] for r in rows if r["part"] == "forward"}
     assert {"greedy", "hf_generate", "tree", "dense"} <= paths
     table = run(str(BENCH / "project_speedup.py"), "--timing", str(timing), "--acceptance",
-                str(BENCH / "results" / "acceptance-by-tree" / "acceptance.json"), cwd=tmp_path)
+                str(BENCH / "summary" / "acceptance_by_tree.json"), cwd=tmp_path)
     lines = [line for line in table.splitlines() if line.startswith("| llama-1b")]
     assert len(lines) >= 10 and all(float(line.split("|")[8]) > 0 for line in lines)
 

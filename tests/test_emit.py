@@ -6,7 +6,7 @@ import torch
 from transformers.generation.stopping_criteria import (EosTokenCriteria, MaxLengthCriteria, StoppingCriteria,
                                                        StoppingCriteriaList)
 
-from token_recycling import emit
+from token_recycling import _testing, emit
 
 
 class StopAfter(StoppingCriteria):
@@ -37,9 +37,9 @@ def test_once_per_step_equals_token_by_token(trial):
     assert fast.vectorized
     slow = emit.Emitter(stopping)
     slow.vectorized = False  # the token-by-token path: what generate() does
-    before = emit.HOST_COPIES
-    got = fast.emit(seq, new)
-    assert emit.HOST_COPIES - before == 1
+    with _testing.counting() as counts:
+        got = fast.emit(seq, new)
+    assert counts.host_copies == 1
     want = slow.emit(seq, new)
     assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
 
@@ -76,8 +76,8 @@ def test_host_tokens_cut_where_the_device_copy_does(trial):
     new = torch.randint(0, 12, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g)
     eos = [None, 3, [3, 7]][trial % 3]
     stopping = criteria(seq.shape[1] + int(torch.randint(1, 10, (1,), generator=g)), eos)
-    before = emit.HOST_COPIES
-    got = emit.Emitter(stopping).emit(seq, new, new.tolist())
-    assert emit.HOST_COPIES == before
+    with _testing.counting() as counts:
+        got = emit.Emitter(stopping).emit(seq, new, new.tolist())
+    assert counts.host_copies == 0
     want = emit.Emitter(stopping).emit(seq, new)
     assert torch.equal(got[0], want[0]) and got[1:] == want[1:]

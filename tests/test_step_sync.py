@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from token_recycling import TokenRecycler, ops, step_sync, verify
+from token_recycling import TokenRecycler, _testing, ops, step_sync, verify
 
 READS = {"tolist", "item", "__int__", "__index__", "__float__", "__bool__", "__complex__", "numpy", "__array__"}
 MUTATING_OPS = {"update_adjacency", "compact_kv", "ngram_index_append", "__setitem__"}
@@ -132,14 +132,13 @@ def test_one_sync_per_step(case, monkeypatch):
     rec = TokenRecycler(model, **CASES[case])
     ids = torch.randint(3, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
     want = reference.generate(ids, max_new_tokens=40, do_sample=False)
-    before = step_sync.SYNCS
-    with tracked(model, ids, monkeypatch) as mode:
+    with tracked(model, ids, monkeypatch) as mode, _testing.counting() as counts:
         got = (model.generate(ids, max_new_tokens=40, do_sample=False, custom_generate=rec,
                               cache_implementation="static")
                if CASES[case].get("cuda_graphs") else rec.generate(ids, max_new_tokens=40))
     assert torch.equal(got, want)
     assert rec.stats.steps > 1 and rec.stats.mean_accepted > 1.0
-    assert step_sync.SYNCS - before == rec.stats.steps  # the designated point: once per step
+    assert counts.syncs == rec.stats.steps  # the designated point: once per step
     assert mode.reads == [], "device values read outside the step's sync:\n" + "\n".join(mode.reads)
 
 
@@ -151,11 +150,10 @@ def test_sampling_one_sync_per_step(monkeypatch):
     kwargs = dict(max_new_tokens=32, do_sample=True, temperature=0.7, top_p=0.9)
     want = TokenRecycler(model, tree="paper-16").generate(ids, generator=torch.Generator().manual_seed(5), **kwargs)
     rec = TokenRecycler(model, tree="paper-16")
-    before = step_sync.SYNCS
-    with tracked(model, ids, monkeypatch) as mode:
+    with tracked(model, ids, monkeypatch) as mode, _testing.counting() as counts:
         got = rec.generate(ids, generator=torch.Generator().manual_seed(5), **kwargs)
     assert torch.equal(got, want)
-    assert step_sync.SYNCS - before == rec.stats.steps > 1
+    assert counts.syncs == rec.stats.steps > 1
     assert mode.reads == [], "device values read outside the step's sync:\n" + "\n".join(mode.reads)
 
 
@@ -179,11 +177,10 @@ def test_the_tracker_catches_a_read(monkeypatch):
 def test_fetch_packs_and_returns_host_copies():
     sync = step_sync.StepSync("cpu")
     a, b = torch.tensor([3]), torch.arange(6, dtype=torch.int32).view(2, 3)
-    before = step_sync.SYNCS
-    with sync:
+    with _testing.counting() as counts, sync:
         ha, hb = sync.fetch(a, b)
         sync.finish()
-    assert step_sync.SYNCS - before == 1
+    assert counts.syncs == 1
     assert ha.tolist() == [3] and hb.tolist() == list(range(6)) and hb.dtype == torch.long
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import torch
 
-HOST_COPIES = 0  # device->host copies made by to_host (tests count them)
+from ._testing import counters
 
 
 def to_host(t: torch.Tensor) -> list:
-    """The emitter's one designated device->host copy per step."""
-    global HOST_COPIES
-    HOST_COPIES += 1
+    """The emitter's one designated device->host copy per step (counted for tests, _testing.py)."""
+    if counters.enabled:
+        counters.host_copies += 1
     return t.tolist()
 
 

@@ -31,8 +31,8 @@ last 32 such ratios scales the curve (it follows the context length and the mach
 one noisy step cannot move it). ``overhead`` is the median time of a step outside the forward (the
 drafting, the decision, verification, cache compaction). When a prompt's context is twice the one
 measured (and 256 tokens longer), the curve is carried there: sizes 1, 16 and 64 are timed again and
-rescale it (auto_tree.remeasure_cost; measuring the whole curve again cost ~14 s on one
-long-document prompt of the issue-10 benchmark on a 2-core CPU, most of its regret there).
+rescale it (auto_tree.remeasure_cost): measuring the whole curve again costs seconds on a long
+document on a small CPU, more than the decision it informs is worth.
 """
 
 from __future__ import annotations

@@ -1,30 +1,26 @@
 """Few-token forwards on the CPU: a verification forward's linear layers through ``ops.skinny_linear``.
 
 A decode step forwards a handful of tokens. On the CPU, BLAS's matrix product packs the weights
-before multiplying, and for two to a dozen rows that costs far more than the multiplication: on the
-2-core AVX2 machine this project measures on, a float32 forward of SmolLM2-135M costs 1.7x as much for
-2 tokens as for 1 (and 1.8x for 8), so every drafted token has to pay that back. ``skinny_linear``
-streams each weight row once for all the rows, prefetching the next rows while it multiplies, so a
-forward of 1..4 tokens costs about what torch's one-token forward does (bench/RESULTS.md, "What a
-verification forward costs on this CPU").
+before multiplying, and for two to a dozen rows that costs far more than the multiplication, so
+every drafted token has to pay that back. ``skinny_linear`` streams each weight row once for all the
+rows, prefetching the next rows while it multiplies, so a forward of a few tokens costs about what
+torch's one-token forward does (bench/RESULTS.md, "What a verification forward costs").
 
 :func:`routed` is a context manager the decode loop enters for the length of one generate() call:
 inside it, every plain ``nn.Linear`` of the model with float32 or bfloat16 CPU weights takes
 ``skinny_linear`` for inputs of 1..``max_rows`` rows (tokens x batch) of the weight's dtype when
-autograd is off; everything else (the prefill, other dtypes) goes to torch as before. One-token
+autograd is off; everything else (the prefill, other dtypes) goes to torch. One-token
 forwards are routed too: the op is faster than torch's there as well, so part of the decode loop's
 speed on the CPU is the kernel's, not drafting's; the bench's "greedy-skinny" and "pld-skinny"
 baselines (HF's decoding with the same routing) measure the two apart. The model is restored on
 exit. The sums are in float32 in a different order than BLAS's, which verification tolerates like
-any other change of kernel: the lossless tests compare against ``model.generate`` with it on. In bfloat16 (no native bf16 arithmetic on an AVX2 CPU, where torch's
-bf16 product of a few rows costs ~0.45x a one-row forward per extra row) the op widens the bf16
-weights in registers; a bf16 result, rounded once from a float32 sum, can differ from torch's by an
-ulp, which is the documented bf16 near-tie divergence, not a loss in float32. On CPUs with
-AVX512-BF16 (where torch's bf16 product runs on oneDNN, AMX where present) the op multiplies bf16
-by bf16 with ``vdpbf16ps``: on a 2-core Sapphire Rapids-class VM it takes a SmolLM2-135M bf16
-forward of 1, 4 and 8 tokens to 0.58x, 0.79-0.84x and 1.04-1.06x torch's one-token forward (bench/RESULTS.md,
-session 10). From 10 rows on torch's AMX product is faster there; routing still stops at 12 rows
-(a 9-row cap measured 0.991x end to end).
+any other change of kernel: the lossless tests compare against ``model.generate`` with it on. In
+bfloat16 on an AVX2 CPU (no native bf16 arithmetic) the op widens the bf16 weights in registers; a
+bf16 result, rounded once from a float32 sum, can differ from torch's by an ulp, which is the
+documented bf16 near-tie divergence, not a loss in float32. On CPUs with AVX512-BF16 the op
+multiplies bf16 by bf16 with ``vdpbf16ps``. Where the CPU also has AMX, torch's product overtakes
+ours at about 10 rows; routing still stops at ``MAX_ROWS`` because few steps forward 10-12 tokens
+and a lower cap gained nothing end to end (bench/RESULTS.md, "What a verification forward costs").
 """
 
 from __future__ import annotations
@@ -35,7 +31,7 @@ import torch
 
 from . import ops
 
-MAX_ROWS = 12  # beyond this BLAS's packed product is as fast (measured on the AVX2 machine)
+MAX_ROWS = 12  # past this BLAS's packed product is as fast (bench/RESULTS.md, "What a verification forward costs")
 MIN_ROWS = 1
 DTYPES = (torch.float32, torch.bfloat16)  # the weight dtypes the op takes (x and bias match the weight)
 

@@ -15,16 +15,16 @@ What makes the other reads go away:
     compaction's errors (it runs after the copy) come back with the next step's, or with
     :meth:`StepSync.finish` after the last step;
   - the forward's time for the policy: CUDA events around it, read after the copy
-    (:class:`ForwardTimer`); on the CPU ``time.perf_counter`` as before;
+    (:class:`ForwardTimer`); on the CPU ``time.perf_counter``;
   - the prefix length: kept on the device for the kernels that take it (compaction, graph steps) and
     as an int on the host, both advanced by the accept length;
   - stopping: the default criteria (max length, EOS) run on the host copy of the emitted tokens.
-Still reading back on their own (documented in the README): HF logits processors and user stopping
+Still reading back on their own (docs/gpu.md): HF logits processors and user stopping
 criteria (they take device tensors), sampling with a generator on another device, tensor-parallel
 agreement, and the auto tree's one-off cost measurement before the first step.
 
 On the CPU the same code runs (``fetch`` is a concatenation), so CI runs the path CUDA takes; tests
-count its calls (``SYNCS``) and check that nothing else in a step reads a device result.
+count its calls (``_testing.counting``) and check that nothing else in a step reads a device result.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ import time
 import torch
 
 from . import ops
-
-SYNCS = 0  # calls of StepSync.fetch (tests count them)
+from ._testing import counters
 
 
 class StepSync:
@@ -61,11 +60,11 @@ class StepSync:
     def fetch(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """The step's one sync: ``tensors`` (integer, any shape, on the device) as flat int64 host
         tensors, in order; raises the ValueError of a CUDA op whose deferred check failed."""
-        global SYNCS
         parts = [t.reshape(-1).to(torch.long) for t in tensors]
         parts.append(ops.take_device_errors(self.device))
         flat = torch.cat(parts).to("cpu")  # the one blocking copy of the step
-        SYNCS += 1
+        if counters.enabled:
+            counters.syncs += 1
         host = list(flat.split([p.numel() for p in parts]))
         ops.raise_device_errors(host.pop())
         return host
