@@ -300,3 +300,51 @@ def test_two_part_attention_cuda_vs_fp64(gen, dtype, hq, hkv, prefix):
     within_rule(ours, same, exact, "two-part on CUDA")
     within_rule(lse_out.cpu(), same, exact, "tree_attention_lse on CUDA")
     torch.testing.assert_close(lse.cpu().double(), exact_lse, rtol=1e-4, atol=1e-3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("live", [1, 300, 3000])
+def test_tree_attention_cuda_device_prefix_in_a_large_capacity(gen, dtype, live):
+    """The graph step's call: the prefix on the device, keys of a static cache's whole capacity (the
+    split-K plan is sized by it; the kernel splits only the live keys): == the host-prefix call."""
+    hq, hkv, n, d, capacity = 32, 8, 81, 128, 16384
+    q = torch.randn(1, hq, n, d, generator=gen).to(dtype).cuda()
+    k, v = (torch.randn(1, hkv, capacity, d, generator=gen).to(dtype).cuda() for _ in range(2))
+    mask = ancestor_mask(random_tree(n, gen, chain_bias=0.5)[0]).cuda()
+    scale = d ** -0.5
+    on_device = ops.tree_attention(q, k, v, torch.tensor([live], device="cuda"), mask, scale)
+    on_host = ops.tree_attention(q, k[:, :, :live + n], v[:, :, :live + n], torch.tensor([live]), mask, scale)
+    p = torch.tensor([live])
+    qc, kc, vc = q.cpu(), k[:, :, :live + n].cpu(), v[:, :, :live + n].cpu()  # the keys past them are never seen
+    exact = reference.tree_attention(qc.double(), kc.double(), vc.double(), p, mask.cpu(), scale)
+    same = reference.tree_attention(qc, kc, vc, p, mask.cpu(), scale)
+    within_rule(on_device.cpu(), same, exact, "device prefix, capacity keys")
+    torch.testing.assert_close(on_device, on_host, rtol=1e-3, atol=1e-3 if dtype == torch.float32 else 2e-2)
+
+
+@needs_cuda
+def test_cuda_backend_routes_by_the_rule(gen, monkeypatch):
+    """On CUDA in bf16, with the defaults: a host prefix of 4096 or more takes two-part, a shorter one
+    or a device prefix the single kernel; each within the test rule against fp64."""
+    monkeypatch.setattr(hf_attention, "TWO_PART_MIN_PREFIX", None)
+    monkeypatch.setattr(hf_attention, "path_table", lambda path=None: None)
+    calls = []
+    real = hf_attention.two_part_attention
+    monkeypatch.setattr(hf_attention, "two_part_attention", lambda *a: calls.append(1) or real(*a))
+    hq, hkv, n, d = 32, 8, 81, 128
+    for prefix, on_device, want in ((4095, False, 0), (4096, False, 1), (6000, True, 0)):
+        q = torch.randn(1, hq, n, d, generator=gen, dtype=torch.float64)
+        k, v = (torch.randn(1, hkv, prefix + n + 3, d, generator=gen, dtype=torch.float64) for _ in range(2))
+        tree = ancestor_mask(random_tree(n, gen, chain_bias=0.5)[0])
+        qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
+        p = torch.tensor([prefix], device="cuda") if on_device else prefix
+        before = len(calls)
+        out, _ = hf_attention.tree_attention_forward(None, qb.cuda(), kb.cuda(), vb.cuda(),
+                                                     tree.cuda().view(1, 1, n, n), scaling=d ** -0.5,
+                                                     **{hf_attention.PREFIX_KWARG: p})
+        assert len(calls) - before == want, (prefix, on_device)
+        pt = torch.tensor([prefix])
+        exact = reference.tree_attention(qb.double(), kb.double(), vb.double(), pt, tree, d ** -0.5)
+        same = reference.tree_attention(qb, kb, vb, pt, tree, d ** -0.5)
+        within_rule(out.transpose(1, 2).cpu(), same, exact, f"prefix {prefix}")

@@ -536,15 +536,15 @@ void check_tree_attention_chunks() {
 }
 
 template <typename T>
-void check_tree_attention(const std::string& type, bool quick) {
+void check_tree_attention(const std::string& type, bool quick, bool small) {
   bench::Section section("tree_attention<" + type + ">");
-  // Emulated runs stay small; on a GPU every head_dim gets a long, split prefix too.
+  // Emulated runs (and --small) stay small; on a GPU every head_dim gets a long, split prefix too.
   std::vector<int64_t> dims = {64, 80, 96, 128, 256};
-  if (kEmulated && quick) dims = {64, 80};
+  if ((kEmulated && quick) || small) dims = {64, 80};
   for (int64_t d : dims) {
     attention_case<T>(type, 2, 4, 2, 21, 300, d, {240, 0}, false, 64, true);  // split prefix, a zero row
     attention_case<T>(type, 1, 2, 2, 1, 5, d, {4}, true, 4, false);           // one node
-    if (!kEmulated) {
+    if (!kEmulated && !small) {
       attention_case<T>(type, 2, 32, 8, 81, 4200, d, {4096, 1000}, false, 132, true);
       attention_case<T>(type, 1, 32, 32, 81, 600, d, {512}, true, 132, false);
       attention_case<T>(type, 3, 8, 1, 256, 2000, d, {1500, 7, 0}, false, 132, true);
@@ -640,9 +640,9 @@ int main(int argc, char** argv) {
   }
   if (bench::selected(opt, "tree_attention")) {
     check_tree_attention_chunks();
-    check_tree_attention<float>("float", opt.quick);
-    check_tree_attention<k::float16>("float16", opt.quick);
-    check_tree_attention<k::bfloat16>("bfloat16", opt.quick);
+    check_tree_attention<float>("float", opt.quick, opt.small);
+    check_tree_attention<k::float16>("float16", opt.quick, opt.small);
+    check_tree_attention<k::bfloat16>("bfloat16", opt.quick, opt.small);
   }
   return bench::exit_status();
 }
