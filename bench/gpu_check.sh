@@ -10,8 +10,9 @@
 #   0. refuse at once (exit 2, a message saying why, nothing written) without a GPU: no nvidia-smi, no
 #      GPU listed, torch.cuda.is_available() false or a CPU torch, no nvcc;
 #   1. build the extension with CUDA forced on (TOKEN_RECYCLING_CUDA=ON: the build fails, not falls
-#      back, without CUDA) and check token_recycling.WITH_CUDA; bench/cpp with CUDA beside it; an error
-#      message with numbers in it must come out whole; the toolchain goes into environment.txt;
+#      back, without CUDA) and check token_recycling.WITH_CUDA; bench/cpp with CUDA beside it (waited
+#      for before the timings); an error message with numbers in it must come out whole; the toolchain
+#      goes into environment.txt;
 #   2. attention: bench/attention_vs_sdpa.py, the attention table: ours (single kernel), two-part and
 #      transformers' sdpa against the unmasked FA-class floor (torch flash SDPA, no mask), prefixes
 #      1k-32k, GQA 32/8 and MHA 32/32, trees of 16/64/81/128 nodes, L2 flushed, ms / % of HBM peak /
@@ -142,10 +143,11 @@ finish() {
   > "$logs/environment.txt" 2>&1
 head -n 15 "$logs/environment.txt"
 
-# 1. Build. The C++ benchmarks and checks build beside the extension.
-( cmake -S bench/cpp -B build/bench-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DTR_BENCH_CUDA=ON \
-    -DCMAKE_CUDA_COMPILER="$CUDACXX" -DCMAKE_CUDA_ARCHITECTURES="${arch%%;*}" && cmake --build build/bench-gpu ) \
-  > "$logs/bench_build.log" 2>&1 &
+# 1. Build. The C++ benchmarks and checks build beside the extension (bounded too), and are waited for
+# before the timings, so that no compiler competes with them for the CPU.
+( timeout -k 10 300 cmake -S bench/cpp -B build/bench-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DTR_BENCH_CUDA=ON \
+    -DCMAKE_CUDA_COMPILER="$CUDACXX" -DCMAKE_CUDA_ARCHITECTURES="${arch%%;*}" &&
+  timeout -k 10 300 cmake --build build/bench-gpu ) > "$logs/bench_build.log" 2>&1 &
 bench_build=$!
 step build 300 "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e . \
   --config-settings=cmake.define.TOKEN_RECYCLING_CUDA=ON \
@@ -167,8 +169,9 @@ except ValueError as e:
     print("ok:", e)
 else:
     raise SystemExit("no error raised")'
+if wait "$bench_build"; then record bench_build 1 "rc=0"; else record bench_build 0 "bench_build.log"; fi
 
-# 2-3. Timings, one at a time (the bench/cpp build may still be compiling on the CPU beside them).
+# 2-3. Timings, one at a time.
 step attention 120 "$PYTHON" bench/attention_vs_sdpa.py --json "$logs/attention.json" \
   --rule-json "$logs/attention_paths.json"
 # shellcheck disable=SC2086 # DECODE_ARGS is a word list
@@ -193,7 +196,6 @@ step projection 60 "$PYTHON" bench/project_speedup.py --timing "$logs/gpu_decode
   --acceptance bench/results/acceptance-by-tree/acceptance.json --json "$logs/projection.json"
 
 # 6. With the time left: racecheck of tree_attention on small shapes, then the rest.
-if wait "$bench_build"; then record bench_build 1 "rc=0"; else record bench_build 0 "bench_build.log"; fi
 if [ -x build/bench-gpu/tr_cuda_check ] && [ -x "$SANITIZER" ]; then
   # shellcheck disable=SC2086 # the *_ARGS are word lists
   optional racecheck 40 240 "$SANITIZER" --tool racecheck --error-exitcode 1 stdbuf -oL build/bench-gpu/tr_cuda_check \

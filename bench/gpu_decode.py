@@ -45,7 +45,7 @@ from types import SimpleNamespace
 
 import torch
 
-from token_recycling import TokenRecycler, hf_attention, hf_model, make_tree
+from token_recycling import TokenRecycler, hf_attention, hf_model, make_tree, ops
 from token_recycling import cache as kv
 from token_recycling.auto_tree import candidate_paths
 from token_recycling.tree import best_subtree, prior_score
@@ -339,6 +339,14 @@ def forward_cost(model, shape: str, prefixes, sizes, reps: int, device: str, sin
                 def tree_step():
                     hf_model.forward_tree(model, draft, at_prefix, run_cache, tree_attention, kw)
                     kv.trim(run_cache, n)
+
+                if on_device and device == "cuda":  # as in the decode loop: the kernels' checks wait for
+                    undeferred = tree_step            # the step's one sync, not a read-back per layer
+
+                    def tree_step():
+                        with ops.deferred_device_errors(device):
+                            undeferred()
+                        ops.take_device_errors(device)  # a device tensor: no wait
 
                 try:
                     t = timer(tree_step, reps)

@@ -109,8 +109,8 @@ def test_steps_write_into_out_in_order_and_a_failure_does_not_stop_the_rest(tmp_
     names = [line.split()[0] for line in summary]
     # Most valuable first: the attention table, the decode timings, the CUDA tests, the projection,
     # then what the time left allows.
-    order = ["build", "with_cuda", "error_message", "attention", "decode_timing", "tests", "test_skips",
-             "projection", "bench_build", "racecheck"]
+    order = ["build", "with_cuda", "error_message", "bench_build", "attention", "decode_timing", "tests",
+             "test_skips", "projection", "racecheck"]
     assert [n for n in names if n in order] == order, summary
     assert "gpu_decode_lossless" in names
     lines = dict(zip(names, summary))
