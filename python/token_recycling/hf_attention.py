@@ -45,10 +45,11 @@ prefix (``two_part_min_prefix``), first match wins:
      read from env ``TOKEN_RECYCLING_ATTENTION_TABLE`` (a path) or ``attention_paths.json`` beside this
      file. For its device type it gives, per GQA group size (query heads per K/V head) and tree size,
      the smallest measured prefix from which two-part won at every longer prefix measured (or never);
-  3. the defaults: CUDA ``DEFAULT_CUDA_MIN_PREFIX`` (4096: above a few thousand keys the prefix is the
-     work, and two-part runs it through FlashAttention's own kernel, where the single kernel has no
-     cp.async pipeline and keeps its accumulator in shared memory); the CPU never (its vectorized
-     tree kernel reads the prefix once for all query heads of a K/V head already).
+  3. the defaults, until a GPU has measured both: CUDA ``DEFAULT_CUDA_MIN_PREFIX`` (4096: above a few
+     thousand keys the prefix is the work, and two-part runs it through FlashAttention's own kernel,
+     where the single kernel has no cp.async pipeline and keeps its accumulator in shared memory; an
+     estimate from reading the kernels, not a measurement); the CPU never (the single kernel stays
+     the CPU's path, as it was before the rule).
 A prefix on the device (a LongTensor: the CUDA-graph step, graph_step.py) always takes the single
 kernel: reading its value would wait for the GPU, and the prefix part needs it on the host to slice the
 keys (a captured graph would also freeze one slice). The single kernel reads it on the device, and its
