@@ -4,21 +4,30 @@ step, and an unmasked FlashAttention-class reference for the same bytes.
   ours   ops.tree_attention (one kernel: prefix + tree block)
   two    two-part tree attention (hf_attention.two_part_attention): the prefix through torch's flash
          SDPA with its LSE (GQA folded into query rows), the tree block through ops.tree_attention_lse,
-         merged by ops.merge_attention_states. ours vs two decides hf_attention's TWO_PART_MIN_PREFIX
+         merged by ops.merge_attention_states
   hf     transformers' sdpa_attention_forward with an additive mask [1, 1, N, P + N]: repeat_kv (a
          copy of K/V for GQA; none for MHA, as repeat_kv returns its input when n_rep == 1), then
          torch SDPA (the memory-efficient kernel, the one that takes a mask)
   flash  torch SDPA over the prefix only, no mask, GQA folded into query rows q [1, Hkv, G*N, D]:
          what a FlashAttention-class kernel costs for the prefix part; a floor, not a full answer
 
-Llama-7B shapes: B=1, 32 query heads, 8 or 32 kv heads, head_dim 128, trees of 16, 64 and 81 nodes
-(best-first cuts of the paper's tree, and the paper's),
-prefix 512..32k, bf16. Timed with CUDA events: median of --reps calls after warm-up, the L2 cache
-flushed (a 256 MB write) before every timed call, so K/V come from HBM. Per row: ms, the % of the
-GPU's HBM peak the bytes that must move (q, K, V, out) reach, and TFLOP/s. The outputs are
-compared too. --device cpu --quick runs a tiny smoke version on a machine without a GPU.
+Llama-3-8B / Llama-2-7B attention shapes: B=1, 32 query heads, 8 (GQA) or 32 (MHA) kv heads, head_dim
+128, trees of 16, 64, 81 and 128 nodes (best-first cuts of the paper's tree, the paper's, and a
+best-first tree of 128 over the auto-tree candidates), prefix 1k..32k, bf16. Timed with CUDA events:
+median of --reps calls after warm-up, the L2 cache flushed (a 256 MB write) before every timed call,
+so K/V come from HBM. Per row: ms, the % of the GPU's HBM peak the bytes that must move (q, K, V, out)
+reach, TFLOP/s, each path's time over the floor's, and the path hf_attention's rule picks now
+("rule"). The outputs are compared too. Rows go to --json as each one is measured (a run cut short
+keeps what it measured).
 
-    python bench/attention_vs_sdpa.py [--quick] [--device cuda] [--json out.json]
+--rule-json PATH writes the attention path table hf_attention reads (hf_attention.path_table): per
+GQA group and tree size, the smallest measured prefix from which two-part beat the single kernel at
+every longer prefix measured (null: never). Copy it to python/token_recycling/attention_paths.json,
+or point TOKEN_RECYCLING_ATTENTION_TABLE at it, to route by it.
+
+--device cpu --quick runs a tiny smoke version on a machine without a GPU.
+
+    python bench/attention_vs_sdpa.py [--quick] [--device cuda] [--json out.json] [--rule-json paths.json]
 """
 
 from __future__ import annotations
@@ -32,6 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from token_recycling import hf_attention, make_tree, ops
+from token_recycling.auto_tree import candidate_paths
+from token_recycling.tree import best_subtree, prior_score
+
+TREE_SIZES = (16, 64, 81, 128)
+PREFIXES = (1024, 2048, 4096, 8192, 16384, 32768)
 
 
 def hbm_peak_bytes_per_s() -> float | None:
@@ -73,6 +87,34 @@ def median_seconds(fn, reps: int, device: str) -> float:
             fn()
             times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def tree_mask(n: int) -> torch.Tensor:
+    """The [n, n] ancestor mask of an n-node tree (root included): the paper's tree cut best-first
+    (n <= 81; 81 is the paper's), else a best-first tree over the auto-tree candidates."""
+    if n <= 81:
+        return make_tree("paper" if n == 81 else f"paper-{n - 1}").mask
+    cands = candidate_paths()
+    return make_tree(best_subtree(cands, [prior_score(p) for p in cands], n - 1)).mask
+
+
+def rule_table(rows: list[dict], device_type: str, device: str) -> dict:
+    """hf_attention's path table from measured rows: per (GQA group, tree size), the smallest
+    measured prefix from which two-part is faster than the single kernel at it and at every longer
+    prefix measured; None when the longest prefix does not favour it (or two-part failed)."""
+    rules = []
+    for group, n in sorted({(r["hq"] // r["hkv"], r["n"]) for r in rows}):
+        at = sorted((r for r in rows if r["hq"] // r["hkv"] == group and r["n"] == n), key=lambda r: r["prefix"])
+        start = None
+        for r in reversed(at):
+            if r["two_ms"] == r["two_ms"] and r["two_ms"] < r["ours_ms"]:  # (NaN: two-part failed)
+                start = r["prefix"]
+            else:
+                break
+        rules.append({"group": group, "max_nodes": n, "two_part_min_prefix": start})
+    dtypes = sorted({r["dtype"] for r in rows})
+    return {"device_type": device_type, "device": device, "dtype": ",".join(dtypes), "torch": torch.__version__,
+            "source": "bench/attention_vs_sdpa.py", "rules": rules}
 
 
 def compare(hq: int, hkv: int, d: int, prefix: int, tree_mask: torch.Tensor, dtype: torch.dtype, device: str,
@@ -124,6 +166,9 @@ def compare(hq: int, hkv: int, d: int, prefix: int, tree_mask: torch.Tensor, dty
         row[f"{name}_tflops"] = flops / t / 1e12
         row[f"{name}_hbm_pct"] = 100.0 * moved / t / peak if peak else None
     row["speedup_vs_hf"] = t_hf / t_ours
+    for name, t in (("ours", t_ours), ("two", t_two), ("hf", t_hf)):
+        row[f"{name}_vs_flash"] = t / t_flash
+    row["rule"] = hf_attention.path_rule(prefix, hq, hkv, n, q.device.type, dtype)
     return row
 
 
@@ -131,34 +176,52 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
-    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--reps", type=int, default=None, help="timed calls per path (default 20; --quick 3)")
+    parser.add_argument("--prefixes", help="comma-separated prefix lengths (default 1k..32k)")
+    parser.add_argument("--trees", help="comma-separated tree sizes in nodes (default 16,64,81,128)")
+    parser.add_argument("--json", help="also write the rows here (rewritten after each row)")
+    parser.add_argument("--rule-json", help="write the attention path table (hf_attention.path_table) here")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device (use --device cpu --quick for a smoke run)")
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     if args.quick:
-        trees, shapes, reps = ["paper-16"], [(4, 2, 64, p) for p in (64, 256)], 3
-    else:  # trees of 16, 64 and 81 nodes (root included)
-        trees, reps = ["paper-15", "paper-63", "paper"], 20
-        shapes = [(32, hkv, 128, p) for hkv in (8, 32) for p in (512, 2048, 8192, 32768)]
+        sizes, shapes, reps = [16], [(4, hkv, 64, p) for hkv in (2, 4) for p in (64, 256)], 3
+    else:
+        sizes, reps = list(TREE_SIZES), 20
+        shapes = [(32, hkv, 128, p) for hkv in (8, 32) for p in PREFIXES]
+    if args.prefixes:
+        wanted = [int(p) for p in args.prefixes.split(",")]
+        shapes = [(hq, hkv, d, p) for hq, hkv, d in dict.fromkeys(s[:3] for s in shapes) for p in wanted]
+    if args.trees:
+        sizes = [int(n) for n in args.trees.split(",")]
+    reps = args.reps or reps
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     if args.device == "cuda":
-        print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
+        print(f"# {device_name}, torch {torch.__version__}")
         peak = hbm_peak_bytes_per_s()
         print(f"# HBM peak {peak / 1e12:.2f} TB/s" if peak else "# HBM peak unknown: no % column")
-    print("# L2 flushed before every timed call; % of HBM peak = (q + K + V + out bytes) / time / peak")
+    print("# L2 flushed before every timed call; % of HBM peak = (q + K + V + out bytes) / time / peak; "
+          "x flash = time / the unmasked floor's; rule = the path hf_attention picks now")
     cols = "".join(f" {name + ' ms':>10} {'%HBM':>5} {'TFLOP/s':>7}" for name in ("ours", "two", "hf", "flash"))
-    print(f"{'Hq':>3} {'Hkv':>4} {'D':>4} {'N':>4} {'prefix':>7}{cols} {'ours/hf':>7} {'max|diff|':>10}")
+    print(f"{'Hq':>3} {'Hkv':>4} {'D':>4} {'N':>4} {'prefix':>7}{cols} {'ours/fl':>7} {'two/fl':>6} {'ours/hf':>7} "
+          f"{'rule':>8} {'max|diff|':>10}", flush=True)
     rows = []
-    for (hq, hkv, d, prefix), name in ((shape, name) for shape in shapes for name in trees):
-        r = compare(hq, hkv, d, prefix, make_tree(name).mask, dtype, args.device, reps)
-        rows.append(r)
-        cells = "".join(f" {r[name + '_ms']:>10.3f} {_pct(r[name + '_hbm_pct']):>5} {r[name + '_tflops']:>7.2f}"
-                        for name in ("ours", "two", "hf", "flash"))
-        print(f"{hq:>3} {hkv:>4} {d:>4} {r['n']:>4} {prefix:>7}{cells} {r['speedup_vs_hf']:>7.2f} "
-              f"{max(r['max_abs_diff'], r['max_abs_diff_two']):>10.2e}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    for hq, hkv, d, prefix in shapes:  # prefix-major within a head layout: the long, costly rows come last
+        for n in sizes:
+            r = compare(hq, hkv, d, prefix, tree_mask(n), dtype, args.device, reps)
+            rows.append(r)
+            cells = "".join(f" {r[name + '_ms']:>10.3f} {_pct(r[name + '_hbm_pct']):>5} {r[name + '_tflops']:>7.2f}"
+                            for name in ("ours", "two", "hf", "flash"))
+            print(f"{hq:>3} {hkv:>4} {d:>4} {r['n']:>4} {prefix:>7}{cells} {r['ours_vs_flash']:>7.2f} "
+                  f"{r['two_vs_flash']:>6.2f} {r['speedup_vs_hf']:>7.2f} {r['rule']:>8} "
+                  f"{max(r['max_abs_diff'], r['max_abs_diff_two']):>10.2e}", flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=1)
+            if args.rule_json:
+                with open(args.rule_json, "w") as f:
+                    json.dump(rule_table(rows, args.device, device_name), f, indent=1)
     if any(r["two_error"] for r in rows):
         raise SystemExit("two-part attention failed on some rows (see above)")
 

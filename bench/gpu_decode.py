@@ -7,14 +7,18 @@ forward per tree size for 1B- and 7B-shaped models, and the time a step spends o
              without the tree-attention backend, and the CUDA-graph step (static cache); then bf16:
              outputs that differ from bf16 greedy, each with the top-2 logit gap of greedy's own
              logits at the first differing token (a near tie is a small gap)
-  forward    random-weight Llama shaped like Llama-3.2-1B (all 16 layers) and Llama-2-7B (all 32
-             layers), bf16, prefix 512 / 2k / 8k: one forward of n = 1, 2, 4, ..., 128 tree tokens
-             (a best-first tree of n nodes over the cache), through our tree-attention backend
-             ("tree") and through sdpa with a dense additive mask ("dense"); and the plain one-token
-             decode forward HF greedy runs ("greedy"). CUDA events, median of --reps, cache cut back
-             after each call
+  forward    random-weight Llama shaped like Llama-3-8B (all 32 layers, GQA 32/8; "llama-8b", the
+             default) or Llama-3.2-1B ("llama-1b"; "llama-2-7b" is the multi-head Llama-2-7B), bf16,
+             prefix 1k / 4k / 16k: one forward of n = 1, 2, 4, ..., 128 tree tokens (a best-first
+             tree of n nodes over the cache), through our tree-attention backend with the dynamic
+             cache and a host prefix ("tree": the path hf_attention's rule picks, in "attention"),
+             with a static cache and a host prefix ("tree-static"), with a static cache and the
+             prefix on the device ("tree-static-dev": what a CUDA-graph step runs, the single kernel),
+             through sdpa with a dense additive mask ("dense"); and the plain one-token decode
+             forward HF greedy runs ("greedy"). CUDA events, median of --reps, cache cut back after
+             each call
   overhead   whole TokenRecycler steps (paper tree, 81 tokens, plus the n-gram chain) on the same
-             models at prefix 2k: step wall time minus its forward (CUDA events) = the time outside
+             models at each prefix: step wall time minus its forward (CUDA events) = the time outside
              the forward (drafting, verification, recycling, compaction, emitting, launches, the
              step's one sync), with and without CUDA graphs
 
@@ -23,6 +27,8 @@ The speedup projection combines these costs with acceptance measured on the CPU 
 (bench/acceptance_by_tree.py); bench/project_speedup.py does that arithmetic.
 
     python bench/gpu_decode.py --json out.json [--parts lossless,forward,overhead] [--reps 10]
+        [--shapes llama-8b] [--prefixes 1024,4096,16384]
+The JSON is rewritten after each prefix's rows, so a run cut short keeps what it measured.
     python bench/gpu_decode.py --device cpu --quick     # a tiny smoke run without a GPU
 """
 
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -38,7 +45,7 @@ from types import SimpleNamespace
 
 import torch
 
-from token_recycling import TokenRecycler, hf_model, make_tree
+from token_recycling import TokenRecycler, hf_attention, hf_model, make_tree, ops
 from token_recycling import cache as kv
 from token_recycling.auto_tree import candidate_paths
 from token_recycling.tree import best_subtree, prior_score
@@ -46,9 +53,12 @@ from token_recycling.tree import best_subtree, prior_score
 SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 SHAPES = {
     # name: (hidden, intermediate, layers, heads, kv heads, vocab, tie embeddings)
+    "llama-8b": (4096, 14336, 32, 32, 8, 128256, False),  # Llama-3-8B / 3.1-8B (GQA)
     "llama-1b": (2048, 8192, 16, 32, 8, 128256, True),  # Llama-3.2-1B
-    "llama-7b": (4096, 11008, 32, 32, 32, 32000, False),  # Llama-2-7B
+    "llama-2-7b": (4096, 11008, 32, 32, 32, 32000, False),  # Llama-2-7B (multi-head)
 }
+PREFIXES = (1024, 4096, 16384)
+MAX_POSITIONS = 32768 + 256
 
 
 def log(*args) -> None:
@@ -217,7 +227,7 @@ def build(shape: str, device: str, quick: bool):
     else:
         hidden, inter, layers, heads, kv, vocab, tie = SHAPES[shape]
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=16384,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=MAX_POSITIONS,
                       tie_word_embeddings=tie)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -273,13 +283,26 @@ def hf_greedy_per_token(model, prompt, device: str, tokens: int = 32) -> float:
     return (min(run(1 + tokens) for _ in range(2)) - min(run(1) for _ in range(2))) / tokens
 
 
+TREE_PATHS = (
+    # path, tree attention, static cache, prefix on the device
+    ("tree", True, False, False),
+    ("tree-static", True, True, False),
+    ("tree-static-dev", True, True, True),
+    ("dense", False, False, False),
+)
+
+
 @torch.no_grad()
-def forward_cost(model, shape: str, prefixes, sizes, reps: int, device: str) -> list[dict]:
+def forward_cost(model, shape: str, prefixes, sizes, reps: int, device: str, sink=None) -> list[dict]:
+    """Rows per prefix; ``sink(rows)`` gets each prefix's rows as soon as they exist."""
     rows = []
     timer = Timer(device)
-    vocab = model.config.vocab_size
+    cfg = model.config
+    vocab = cfg.vocab_size
     kw = hf_model.cache_kwarg(model)
+    dtype = next(model.parameters()).dtype
     for prefix in prefixes:
+        at: list[dict] = []
         prompt = torch.randint(3, vocab, (1, prefix), generator=torch.Generator().manual_seed(prefix)).to(device)
         model.set_attn_implementation("sdpa")
         cache = kv.new_cache(model)
@@ -292,50 +315,87 @@ def forward_cost(model, shape: str, prefixes, sizes, reps: int, device: str) -> 
             cache.crop(-1)
 
         t1 = timer(greedy_step, reps)
-        rows.append({"part": "forward", "shape": shape, "prefix": prefix, "path": "greedy", "n": 1, "ms": t1 * 1e3})
+        at.append({"part": "forward", "shape": shape, "prefix": prefix, "path": "greedy", "n": 1, "ms": t1 * 1e3})
         hf = hf_greedy_per_token(model, prompt, device)
-        rows.append({"part": "forward", "shape": shape, "prefix": prefix, "path": "hf_generate", "n": 1,
-                     "ms": hf * 1e3})
+        at.append({"part": "forward", "shape": shape, "prefix": prefix, "path": "hf_generate", "n": 1,
+                   "ms": hf * 1e3})
         line = [f"greedy forward {t1 * 1e3:.2f} ms, HF generate {hf * 1e3:.2f} ms/token"]
-        for tree_attention in (True, False):
+        static = None
+        for path, tree_attention, use_static, on_device in TREE_PATHS:
             if tree_attention:
                 TokenRecycler(model, tree="paper-8", tree_attention=True)  # switches the backend in place
             else:
                 model.set_attn_implementation("sdpa")
+            if use_static and static is None:  # one static cache (room for the largest tree) for both rows
+                static = kv.new_cache(model, static_len=prefix + max(sizes))
+                model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{kw: static})
+            run_cache = static if use_static else cache
+            at_prefix = torch.tensor([prefix], device=device) if on_device else prefix
             for n in sizes:
                 tree = tree_of(n, device)
                 draft = SimpleNamespace(tokens=torch.randint(3, vocab, (1, n), device=device), mask=tree.mask,
                                         depths=tree.depths)
 
                 def tree_step():
-                    hf_model.forward_tree(model, draft, prefix, cache, tree_attention, kw)
-                    cache.crop(-n)
+                    hf_model.forward_tree(model, draft, at_prefix, run_cache, tree_attention, kw)
+                    kv.trim(run_cache, n)
 
-                t = timer(tree_step, reps)
-                path = "tree" if tree_attention else "dense"
-                rows.append({"part": "forward", "shape": shape, "prefix": prefix, "path": path, "n": n,
-                             "ms": t * 1e3, "ratio_to_greedy": t / t1})
+                if on_device and device == "cuda":  # as in the decode loop: the kernels' checks wait for
+                    undeferred = tree_step            # the step's one sync, not a read-back per layer
+
+                    def tree_step():
+                        with ops.deferred_device_errors(device):
+                            undeferred()
+                        ops.take_device_errors(device)  # a device tensor: no wait
+
+                try:
+                    t = timer(tree_step, reps)
+                except Exception as e:  # noqa: BLE001 - a failing path is a result; the others still run
+                    log(f"forward {shape} prefix {prefix} {path}{n}: ERROR {type(e).__name__}: {e}"[:600])
+                    at.append({"part": "forward", "shape": shape, "prefix": prefix, "path": path, "n": n,
+                               "error": f"{type(e).__name__}: {e}"[:400]})
+                    break
+                attention = ("dense" if not tree_attention else "single" if on_device else
+                             hf_attention.choose_path(prefix, torch.empty(1, cfg.num_attention_heads, n, 1,
+                                                                          dtype=dtype, device=device),
+                                                      torch.empty(1, cfg.num_key_value_heads, 1, 1, device=device)))
+                at.append({"part": "forward", "shape": shape, "prefix": prefix, "path": path, "n": n,
+                           "ms": t * 1e3, "ratio_to_greedy": t / t1, "attention": attention})
                 line.append(f"{path}{n} {t / t1:.2f}x")
         log(f"forward {shape} prefix {prefix}: " + ", ".join(line))
-        del cache
+        del cache, static
         if device == "cuda":
             torch.cuda.empty_cache()
+        rows += at
+        if sink is not None:
+            sink(at)
     model.set_attn_implementation("sdpa")
     return rows
 
 
 # ----------------------------------------------------------------------------------------- overhead
-def overhead(model, shape: str, prefix: int, steps: int, device: str) -> list[dict]:
+def overhead(model, shape: str, prefixes, steps: int, device: str, sink=None) -> list[dict]:
+    """Rows per prefix (with and without CUDA graphs, and dense); ``sink(rows)`` gets each as it exists."""
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     from step_breakdown import measure
     rows = []
-    for tree_attention, graphs in ((True, False), (True, True), (False, False)):
-        r = measure(model, prefix, tree_attention, steps, device, graphs, ngram=True)
-        r.update(part="overhead", shape=shape)
-        rows.append(r)
-        syncs = "-" if r["syncs_per_step"] is None else f"{r['syncs_per_step']:.0f}"
-        log(f"overhead {shape} prefix {prefix} {r['attention']:>11}: forward {r['forward_ms']:.2f} ms, step "
-            f"{r['step_ms']:.2f} ms, outside the forward {r['other_ms']:.2f} ms, syncs/step {syncs}")
+    for prefix in prefixes:
+        for tree_attention, graphs in ((True, True), (True, False), (False, False)):
+            try:
+                r = measure(model, prefix, tree_attention, steps, device, graphs, ngram=True)
+            except Exception as e:  # noqa: BLE001 - a failing configuration is a result; the others still run
+                r = {"prefix": prefix, "attention": "tree+graphs" if graphs else "tree" if tree_attention else "dense",
+                     "error": f"{type(e).__name__}: {e}"[:400]}
+                log(f"overhead {shape} prefix {prefix} {r['attention']:>11}: ERROR {r['error']}")
+            r.update(part="overhead", shape=shape)
+            rows.append(r)
+            if sink is not None:
+                sink([r])
+            if "error" in r:
+                continue
+            syncs = "-" if r["syncs_per_step"] is None else f"{r['syncs_per_step']:.0f}"
+            log(f"overhead {shape} prefix {prefix} {r['attention']:>11}: forward {r['forward_ms']:.2f} ms, step "
+                f"{r['step_ms']:.2f} ms, outside the forward {r['other_ms']:.2f} ms, syncs/step {syncs}")
     model.set_attn_implementation("sdpa")
     return rows
 
@@ -345,10 +405,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny models and sizes (smoke run)")
     parser.add_argument("--parts", default="lossless,forward,overhead")
-    parser.add_argument("--shapes", default="llama-1b,llama-7b")
+    parser.add_argument("--shapes", default="llama-8b", help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--prefixes", help="comma-separated prefix lengths (default 1024,4096,16384)")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--steps", type=int, default=16, help="decode steps per overhead row")
-    parser.add_argument("--json", help="write every row here (rewritten after each part)")
+    parser.add_argument("--json", help="write every row here (rewritten as rows come)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device (use --device cpu --quick for a smoke run)")
@@ -359,15 +420,18 @@ def main() -> None:
            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
     log(f"# {env}")
 
-    def save():
+    def save(new_rows=()):
+        rows.extend(new_rows)
         if args.json:
-            with open(args.json, "w") as f:
+            with open(args.json + ".tmp", "w") as f:
                 json.dump({"env": env, "rows": rows}, f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
 
     if "lossless" in parts:
-        rows += lossless(args.device, args.quick)
-        save()
-    prefixes = (64, 256) if args.quick else (512, 2048, 8192)
+        save(lossless(args.device, args.quick))
+    prefixes = (64, 256) if args.quick else PREFIXES
+    if args.prefixes:
+        prefixes = tuple(int(p) for p in args.prefixes.split(","))
     sizes = (1, 4, 16) if args.quick else SIZES
     for shape in args.shapes.split(","):
         if not {"forward", "overhead"} & set(parts):
@@ -377,17 +441,17 @@ def main() -> None:
         log(f"# {shape}: built in {time.perf_counter() - t:.1f} s, "
             f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters")
         if "forward" in parts:
-            rows += forward_cost(model, shape, prefixes, sizes, args.reps, args.device)
-            save()
+            forward_cost(model, shape, prefixes, sizes, args.reps, args.device, sink=save)
         if "overhead" in parts:
-            rows += overhead(model, shape, prefixes[0] if args.quick else 2048, args.steps, args.device)
-            save()
+            overhead(model, shape, prefixes, args.steps, args.device, sink=save)
         del model
         if args.device == "cuda":
             torch.cuda.empty_cache()
     bad = [r for r in rows if r["part"] == "lossless" and not r["equal"]]
+    failed = [r for r in rows if r["part"] in ("forward", "overhead") and "error" in r]
     log(f"# lossless failures: {len(bad)}")
-    sys.exit(1 if bad else 0)
+    log(f"# timing rows that failed: {len(failed)}")
+    sys.exit(1 if bad or failed else 0)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,13 @@
       (4-bit GGUF, dequantized) in float32 greedy per fixed tree (bench/acceptance_by_tree.py);
       acceptance does not depend on the hardware, but it is the small model's, not a 1B's or a 7B's
   t_tree(n): one verification forward of n tree tokens through our tree-attention backend, measured
-      on the GPU for random-weight Llama models shaped like Llama-3.2-1B and Llama-2-7B, bf16
-      (bench/gpu_decode.py, "forward" rows; linear between the measured sizes)
+      on the GPU for random-weight Llama models (Llama-3-8B-shaped by default), bf16
+      (bench/gpu_decode.py, "forward" rows; linear between the measured sizes): without graphs the
+      "tree" rows (dynamic cache, host prefix: the attention path hf_attention's rule picks); with
+      graphs the "tree-static-dev" rows where measured (static cache, prefix on the device: what a
+      CUDA-graph step runs), else "tree"
   outside: the measured time a TokenRecycler step spends outside its forward on the same GPU
-      ("overhead" rows at prefix 2k; the same figure is used at every prefix), with or without graphs
+      ("overhead" rows, at the same prefix, else the nearest measured), with or without graphs
   t_greedy: either the one-token forward alone ("greedy" rows: what the issue asks for, and generous
       to greedy) or the measured per-token time of model.generate(do_sample=False) ("hf_generate")
 
@@ -50,26 +53,35 @@ def load_acceptance(path: str) -> list[dict]:
 
 
 def project(timing: dict, acceptance: list[dict]) -> list[dict]:
-    rows = timing["rows"]
+    rows = [r for r in timing["rows"] if "error" not in r]
     out = []
     shapes = sorted({r["shape"] for r in rows if r["part"] == "forward"})
     for shape in shapes:
         fwd = [r for r in rows if r["part"] == "forward" and r["shape"] == shape]
-        outside = {r["attention"]: max(r["other_ms"], 0.0)  # (a median difference: noise can make it < 0)
-                   for r in rows if r["part"] == "overhead" and r["shape"] == shape}
+        over = [r for r in rows if r["part"] == "overhead" and r["shape"] == shape]
         for prefix in sorted({r["prefix"] for r in fwd}):
             at = [r for r in fwd if r["prefix"] == prefix]
-            tree = {r["n"]: r["ms"] for r in at if r["path"] == "tree"}
+            # (a median difference: noise can make it < 0); the overhead rows nearest this prefix
+            nearest = min((abs(r.get("prefix", prefix) - prefix) for r in over), default=None)
+            outside = {r["attention"]: max(r["other_ms"], 0.0) for r in over
+                       if abs(r.get("prefix", prefix) - prefix) == nearest}
             greedy = next(r["ms"] for r in at if r["path"] == "greedy")
             hf = next((r["ms"] for r in at if r["path"] == "hf_generate"), None)
-            for mode, key in (("graphs", "tree+graphs"), ("no graphs", "tree")):
+            for mode, key, paths in (("graphs", "tree+graphs", ("tree-static-dev", "tree")),
+                                     ("no graphs", "tree", ("tree",))):
                 if key not in outside:
+                    continue
+                path = next((p for p in paths if any(r["path"] == p for r in at)), None)
+                if path is None:
+                    continue
+                tree = {r["n"]: r["ms"] for r in at if r["path"] == path}
+                if len(tree) < 2:
                     continue
                 for a in acceptance:
                     step = interpolate(tree, a["forwarded"]) + outside[key]
-                    out.append({"shape": shape, "prefix": prefix, "mode": mode, "config": a["name"],
+                    out.append({"shape": shape, "prefix": prefix, "mode": mode, "forward": path, "config": a["name"],
                                 "forwarded": a["forwarded"], "accepted": a["accepted"], "step_ms": step,
-                                "vs_forward": a["accepted"] * greedy / step,
+                                "outside_ms": outside[key], "vs_forward": a["accepted"] * greedy / step,
                                 "vs_hf_generate": a["accepted"] * hf / step if hf else None})
     return out
 

@@ -1,5 +1,11 @@
 // GPU benchmarks of the kernels in kernels/cuda, timed with CUDA events (launches only: the ops'
 // one error read-back per call is not included). Correctness is tr_cuda_check's job.
+// Every timed call runs with a cold L2: before each call a buffer larger than the L2 (256 MB, or
+// twice the L2 where that is more) is written, outside the events that time the call. So a kernel's
+// GB/s is HBM traffic, never L2 hits (back-to-back calls at prefixes up to 8k would otherwise find
+// their K/V in H100's 50 MB L2 and report more than HBM peak). Each call is timed alone, so a row
+// also carries about one launch's latency (a few microseconds: it matters for the small kernels only).
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <memory>
@@ -21,21 +27,61 @@ namespace {
 namespace k = token_recycling::kernels;
 namespace kc = token_recycling::kernels::cuda;
 
-// Mean seconds per call of `reps` back-to-back calls, after one warm-up call.
+// Writes a buffer larger than the L2 cache, evicting what earlier calls left there.
+class L2Flush {
+ public:
+  L2Flush() {
+    int device = 0, l2 = 0;
+    cuda_ok(cudaGetDevice(&device), "device");
+    cuda_ok(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device), "L2 size");
+    bytes_ = std::max<size_t>(size_t{256} << 20, 2 * static_cast<size_t>(l2));
+    cuda_ok(cudaMalloc(&buffer_, bytes_), "L2 flush buffer");
+  }
+  ~L2Flush() { cudaFree(buffer_); }
+  L2Flush(const L2Flush&) = delete;
+  L2Flush& operator=(const L2Flush&) = delete;
+  void operator()() {
+    cuda_ok(cudaMemsetAsync(buffer_, ++value_ & 0xff, bytes_, nullptr), "L2 flush");
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* buffer_ = nullptr;
+  size_t bytes_ = 0;
+  int value_ = 0;
+};
+
+L2Flush& l2_flush() {
+  static L2Flush flush;
+  return flush;
+}
+
+// Mean seconds per call over `reps` calls, after one warm-up call; L2 flushed before each call,
+// outside the timed interval (events around the call alone).
 double time_device(const std::function<cudaError_t()>& fn, int reps) {
   cuda_ok(fn(), "warm-up");
-  cudaEvent_t start, stop;
-  cuda_ok(cudaEventCreate(&start), "event");
-  cuda_ok(cudaEventCreate(&stop), "event");
-  cuda_ok(cudaEventRecord(start), "event");
-  for (int r = 0; r < reps; ++r) cuda_ok(fn(), "launch");
-  cuda_ok(cudaEventRecord(stop), "event");
-  cuda_ok(cudaEventSynchronize(stop), "event");
-  float ms = 0;
-  cuda_ok(cudaEventElapsedTime(&ms, start, stop), "event");
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  return ms / 1e3 / reps;
+  L2Flush& flush = l2_flush();
+  std::vector<cudaEvent_t> starts(reps), stops(reps);
+  for (int r = 0; r < reps; ++r) {
+    cuda_ok(cudaEventCreate(&starts[r]), "event");
+    cuda_ok(cudaEventCreate(&stops[r]), "event");
+  }
+  for (int r = 0; r < reps; ++r) {
+    flush();
+    cuda_ok(cudaEventRecord(starts[r]), "event");
+    cuda_ok(fn(), "launch");
+    cuda_ok(cudaEventRecord(stops[r]), "event");
+  }
+  cuda_ok(cudaEventSynchronize(stops[reps - 1]), "event");
+  double total_ms = 0;
+  for (int r = 0; r < reps; ++r) {
+    float ms = 0;
+    cuda_ok(cudaEventElapsedTime(&ms, starts[r], stops[r]), "event");
+    total_ms += ms;
+    cudaEventDestroy(starts[r]);
+    cudaEventDestroy(stops[r]);
+  }
+  return total_ms / 1e3 / reps;
 }
 
 template <typename T>
@@ -148,6 +194,8 @@ void run_cuda_benchmarks(const Options& o) {
     std::printf("(no CUDA device: CUDA benchmarks skipped)\n");
     return;
   }
+  std::printf("(cuda rows: L2 flushed before each timed call, %zu MB written outside the timing)\n",
+              l2_flush().bytes() >> 20);
   const ModelShape& m = o.quick ? kTiny : kLlama7B;
   const Tree tree = paper_like_tree(o.quick);
   if (selected(o, "build_draft_tree")) {

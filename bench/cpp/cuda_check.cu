@@ -487,22 +487,73 @@ void attention_case(const std::string& type, int64_t batch, int64_t hq, int64_t 
   expect(bad_lse == 0, label + ": " + std::to_string(bad_lse) + " lse values off");
 }
 
+// The split of a row's keys (tree_attention_chunk): at the plan's key_len it is the plan's own; for a
+// shorter row (a device prefix planned at the static cache's capacity) it covers exactly the live keys
+// [0, key_end) in order, in about as many chunks as a plan for key_end itself would make (at most the
+// grid's), and the chunks past them are empty.
+void check_tree_attention_chunks() {
+  const std::string label = "tree_attention_chunk";
+  const bench::Section section(label);
+  for (int64_t key_len : {1, 63, 64, 257, 1000, 4177, 32768 + 81, 131072}) {
+    for (int sms : {1, 8, 132}) {
+      for (int64_t hq : {8, 32}) {
+        const k::TreeAttentionShape shape{1, hq, 8, 81, key_len, 128};
+        const kc::TreeAttentionPlan plan = kc::plan_tree_attention<k::bfloat16>(shape, key_len, sms);
+        const int64_t keys = kc::tree_attention_keys_per_tile(false, 128);
+        const std::string where = label + " key_len=" + std::to_string(key_len) + " sms=" + std::to_string(sms) +
+                                  " Hq=" + std::to_string(hq) + " chunks=" + std::to_string(plan.chunks);
+        for (int64_t c = 0; c < plan.chunks; ++c) {  // the plan's own split at its key_len
+          int64_t begin = 0, end = 0;
+          kc::tree_attention_chunk(plan.chunks, keys, key_len, c, &begin, &end);
+          expect(begin == c * plan.chunk_len && end == std::min(key_len, (c + 1) * plan.chunk_len) && begin < end,
+                 where + ": chunk " + std::to_string(c) + " is not the plan's");
+        }
+        for (int64_t live : {int64_t{1}, int64_t{100}, int64_t{300}, key_len / 3, key_len - 1}) {
+          if (live < 1 || live > key_len) continue;
+          const kc::TreeAttentionPlan own = kc::plan_tree_attention<k::bfloat16>(shape, live, sms);
+          int64_t next = 0, used = 0;
+          for (int64_t c = 0; c < plan.chunks; ++c) {
+            int64_t begin = 0, end = 0;
+            kc::tree_attention_chunk(plan.chunks, keys, live, c, &begin, &end);
+            if (begin >= end) {
+              expect(begin >= live, where + " live=" + std::to_string(live) + ": an empty chunk inside the live keys");
+              continue;
+            }
+            expect(begin == next && begin % keys == 0, where + " live=" + std::to_string(live) + ": chunks out of order");
+            next = end;
+            ++used;
+          }
+          expect(next == live, where + " live=" + std::to_string(live) + ": the chunks miss live keys");
+          // Whole tiles cost up to a quarter of the chunks at the shortest chunk length, as in the plan.
+          const int64_t want = std::min(plan.chunks, own.chunks);
+          expect(used <= plan.chunks && 4 * used >= 3 * want,
+                 where + " live=" + std::to_string(live) + ": " + std::to_string(used) + " chunks used, a plan for the "
+                 "live keys makes " + std::to_string(own.chunks));
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
-void check_tree_attention(const std::string& type, bool quick) {
+void check_tree_attention(const std::string& type, bool quick, bool small) {
   bench::Section section("tree_attention<" + type + ">");
-  // Emulated runs stay small; on a GPU every head_dim gets a long, split prefix too.
+  // Emulated runs (and --small) stay small; on a GPU every head_dim gets a long, split prefix too.
   std::vector<int64_t> dims = {64, 80, 96, 128, 256};
-  if (kEmulated && quick) dims = {64, 80};
+  if ((kEmulated && quick) || small) dims = {64, 80};
   for (int64_t d : dims) {
     attention_case<T>(type, 2, 4, 2, 21, 300, d, {240, 0}, false, 64, true);  // split prefix, a zero row
     attention_case<T>(type, 1, 2, 2, 1, 5, d, {4}, true, 4, false);           // one node
-    if (!kEmulated) {
+    if (!kEmulated && !small) {
       attention_case<T>(type, 2, 32, 8, 81, 4200, d, {4096, 1000}, false, 132, true);
       attention_case<T>(type, 1, 32, 32, 81, 600, d, {512}, true, 132, false);
       attention_case<T>(type, 3, 8, 1, 256, 2000, d, {1500, 7, 0}, false, 132, true);
     }
   }
   attention_case<T>(type, 3, 6, 3, 37, 130, 64, {93, 50, 0}, false, 2, false);  // one chunk, rows of 2 heads in a tile
+  // Graph mode: the prefix on the device, the plan sized by the keys' capacity (2000: 8 chunks), the
+  // live keys (321 and 61) split by the kernel, the chunks past them empty.
+  attention_case<T>(type, 2, 4, 2, 21, 2000, 64, {300, 40}, false, 64, true);
   attention_case<T>(type, 2, 4, 2, 20, 300, 64, {240, 281}, false, 64, true);   // prefix_len[1] does not fit
   attention_case<T>(type, 2, 4, 2, 20, 300, 64, {240, std::numeric_limits<int64_t>::max()}, false, 64, true);  // prefix + N overflows
   // Batched decoding: every row's tree at tree_start after its own prefix (keys in between unseen),
@@ -588,9 +639,10 @@ int main(int argc, char** argv) {
     check_compact_kv<uint32_t>("4-byte");
   }
   if (bench::selected(opt, "tree_attention")) {
-    check_tree_attention<float>("float", opt.quick);
-    check_tree_attention<k::float16>("float16", opt.quick);
-    check_tree_attention<k::bfloat16>("bfloat16", opt.quick);
+    check_tree_attention_chunks();
+    check_tree_attention<float>("float", opt.quick, opt.small);
+    check_tree_attention<k::float16>("float16", opt.quick, opt.small);
+    check_tree_attention<k::bfloat16>("bfloat16", opt.quick, opt.small);
   }
   return bench::exit_status();
 }

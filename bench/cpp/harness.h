@@ -18,6 +18,7 @@ struct Options {
   bool quick = false;   // tiny shapes, few repetitions: for CI on a CPU, finishes in seconds
   uint64_t seed = 1;
   std::string only;     // run only the sections whose name contains this
+  bool small = false;   // the smallest shapes only, as in the host emulation (checks under a sanitizer)
 };
 
 inline Options parse_options(int argc, char** argv) {
@@ -27,8 +28,9 @@ inline Options parse_options(int argc, char** argv) {
     if (a == "--quick") o.quick = true;
     else if (a.rfind("--seed=", 0) == 0) o.seed = std::stoull(a.substr(7));
     else if (a.rfind("--only=", 0) == 0) o.only = a.substr(7);
+    else if (a == "--small") o.small = true;
     else {
-      std::fprintf(stderr, "usage: %s [--quick] [--seed=N] [--only=NAME]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--small] [--seed=N] [--only=NAME]\n", argv[0]);
       std::exit(2);
     }
   }

@@ -22,6 +22,9 @@ cudaError_t run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
   int device = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  // The plan's key range: exact for a host prefix; for a prefix on the device (the CUDA-graph step) the
+  // keys' whole length, a static cache's capacity, read without a sync. The kernel then splits each
+  // row's live keys over the planned chunks, and the chunks past them exit at once.
   const int64_t key_len = tree_start >= 0 ? tree_start + shape.num_nodes
                          : prefix == nullptr ? uniform_prefix + shape.num_nodes : shape.seq;
   const kc::TreeAttentionPlan plan = kc::plan_tree_attention<T>(shape, key_len, sms);

@@ -77,14 +77,35 @@ struct TreeAttentionConfig {
   static constexpr size_t kSmemBytes = kOffMask + align(sizeof(uint32_t) * kRows * kMaskWords);
 };
 
-// How the key positions are split, and the float workspace the split needs.
+// How the key positions are split, and the float workspace the split needs. The grid has `chunks`
+// chunks per (row tile, b, kv head); each block finds its own key range from its row's live keys
+// (tree_attention_chunk), so a plan sized for more keys than a row has (a static cache's capacity
+// when the prefix is on the device, or the longest row of a batch) splits the live keys all the same,
+// and the chunks past them do no work.
 struct TreeAttentionPlan {
-  int64_t chunks = 1, chunk_len = 0;
+  int64_t chunks = 1, chunk_len = 0;  // chunk_len: at key_len, the longest row planned for
   size_t workspace_bytes = 0;
 };
 
+constexpr int64_t kTreeAttentionMinChunk = 256;  // keys; shorter chunks cost more in loading Q and merging than they save
+
 inline int tree_attention_rows_per_block(bool is_float) { return is_float ? 32 : 64; }
 inline int tree_attention_keys_per_tile(bool is_float, int64_t d) { return (!is_float && d <= 128) ? 64 : 32; }
+
+// The key range [*begin, *end) of chunk `chunk` (of `chunks`) for a row whose keys end at key_end
+// (its tree's end): the live keys split evenly, in whole tiles of `keys` keys, into at most `chunks`
+// chunks of at least kTreeAttentionMinChunk keys. Chunks past the live keys are empty (*begin >= *end).
+// At key_end = the plan's key_len this is the plan's own split (chunk_len, chunks).
+__host__ __device__ inline void tree_attention_chunk(int64_t chunks, int64_t keys, int64_t key_end, int64_t chunk,
+                                                     int64_t* begin, int64_t* end) {
+  int64_t live = key_end > kTreeAttentionMinChunk ? (key_end + kTreeAttentionMinChunk - 1) / kTreeAttentionMinChunk : 1;
+  if (live > chunks) live = chunks;
+  if (live < 1) live = 1;
+  int64_t len = ((key_end + live - 1) / live + keys - 1) / keys * keys;
+  if (len < keys) len = keys;
+  *begin = chunk * len;
+  *end = *begin + len < key_end ? *begin + len : key_end;
+}
 
 // key_len: an upper bound of the tree's end over the batch (the kv length, or the uniform prefix / tree_start + N).
 template <typename T>
@@ -94,7 +115,7 @@ TreeAttentionPlan plan_tree_attention(const TreeAttentionShape& s, int64_t key_l
   const int64_t rows = s.q_heads / s.kv_heads * s.num_nodes;
   const int64_t tiles = (rows + tree_attention_rows_per_block(is_float) - 1) / tree_attention_rows_per_block(is_float);
   const int64_t blocks = s.batch * s.kv_heads * tiles;
-  constexpr int64_t kMinChunk = 256;  // keys; shorter chunks cost more in loading Q and merging than they save
+  constexpr int64_t kMinChunk = kTreeAttentionMinChunk;
   TreeAttentionPlan plan;
   const int64_t wanted = blocks > 0 ? (4 * static_cast<int64_t>(num_sms) + blocks - 1) / blocks : 1;
   const int64_t most = key_len > kMinChunk ? (key_len + kMinChunk - 1) / kMinChunk : 1;
@@ -162,7 +183,7 @@ struct QueryFragments<T, D, true> {
 // Grid: x = row tile (fastest, so blocks reading the same keys run together), chunk, (b, kv head).
 template <typename T, int D>
 __global__ void __launch_bounds__(128)
-    tree_attention_kernel(TreeAttentionArgs<T> a, int64_t chunks, int64_t chunk_len, float* partial, DeviceError* err) {
+    tree_attention_kernel(TreeAttentionArgs<T> a, int64_t chunks, float* partial, DeviceError* err) {
   using C = TreeAttentionConfig<T, D>;
   const T* __restrict__ q = a.q;
   const T* __restrict__ k = a.k;
@@ -189,9 +210,22 @@ __global__ void __launch_bounds__(128)
   }
   const int64_t key_end_all = tree_at + N;
   const uint8_t* tree_mask = a.tree_mask + b * a.mask_stride_b;
-  const int64_t key_begin = chunk * chunk_len;
-  const int64_t key_end = key_begin + chunk_len < key_end_all ? key_begin + chunk_len : key_end_all;
+  // This block's keys, split by this row's live keys (not the plan's key_len: see TreeAttentionPlan).
+  int64_t key_begin = 0, key_end = 0;
+  tree_attention_chunk(chunks, C::kKeys, key_end_all, chunk, &key_begin, &key_end);
   const int64_t row0 = tile * C::kRows;
+  const int64_t out_rows = s.batch * s.q_heads * N;
+  if (key_begin >= key_end_all) {  // a chunk past the live keys (chunks > 1): an empty partial, for the merge to skip
+    float* part_stats = partial + chunks * out_rows * D;
+    for (int r = threadIdx.x; r < C::kRows; r += blockDim.x) {
+      const int64_t row = row0 + r;
+      if (row >= rows_total) break;
+      const int64_t out_row = (b * s.q_heads + hk * group + row / N) * N + row % N;
+      part_stats[2 * (chunk * out_rows + out_row)] = -INFINITY;
+      part_stats[2 * (chunk * out_rows + out_row) + 1] = 0.f;
+    }
+    return;
+  }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wrow0 = warp * C::kRowsPerWarp;  // this warp's first row in the tile
 
@@ -348,7 +382,6 @@ __global__ void __launch_bounds__(128)
   }
 
   // Write this warp's rows: the final output, or the chunk's partial for the merge.
-  const int64_t out_rows = s.batch * s.q_heads * N;
   for (int rr = 0; rr < C::kRowsPerWarp; ++rr) {
     const int r = wrow0 + rr;
     const int64_t row = row0 + r;
@@ -415,7 +448,7 @@ cudaError_t launch_tree_attention(const TreeAttentionArgs<T>& args, const TreeAt
   static_assert(sizeof(TreeAttentionArgs<Dev>) == sizeof(TreeAttentionArgs<T>));
   std::memcpy(static_cast<void*>(&a), &args, sizeof(a));  // same layout; element types are bit-compatible
   cudaError_t e = launch(tree_attention_kernel<Dev, D>, dim3(static_cast<unsigned>(blocks)), dim3(C::kThreads),
-                         C::kSmemBytes, stream, a, plan.chunks, plan.chunk_len, workspace, err);
+                         C::kSmemBytes, stream, a, plan.chunks, workspace, err);
   if (e != cudaSuccess || plan.chunks == 1) return e;
   const int64_t out_rows = s.batch * s.q_heads * s.num_nodes;
   return launch(tree_attention_merge<Dev, D>, dim3(blocks_for(out_rows, 4)), dim3(128), 0, stream,

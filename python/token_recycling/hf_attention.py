@@ -35,16 +35,36 @@ Two paths for a tree forward (``choose_path``):
             k/v ``[B, Hkv, P, D]``: no repeat_kv); the N x N tree block through ops.tree_attention_lse;
             the two merged by ops.merge_attention_states. On CUDA the prefix kernel is torch's flash
             SDPA (fp16/bf16); on the CPU, torch's CPU flash SDPA.
-The rule: two-part when the prefix is a host int of at least ``TWO_PART_MIN_PREFIX`` keys, every op
-it needs exists on the device and (CUDA) the dtype is fp16/bf16. TWO_PART_MIN_PREFIX (env ``TOKEN_RECYCLING_TWO_PART_MIN_PREFIX``, default: never) is
-a placeholder until bench/attention_vs_sdpa.py has measured on a GPU where two-part wins.
+Which path (``choose_path``, the rule ``path_rule``): two-part when the prefix is a host int of at
+least the rule's minimum prefix, every op it needs exists on the device, and (CUDA) the dtype is
+fp16/bf16 (torch's flash kernel takes 16-bit inputs only); the single kernel otherwise. The minimum
+prefix (``two_part_min_prefix``), first match wins:
+  1. env ``TOKEN_RECYCLING_TWO_PART_MIN_PREFIX`` (``TWO_PART_MIN_PREFIX``): one threshold for every
+     device, heads and tree size (0 or 1: always two-part where it can run; a huge value: never);
+  2. a measured table (``path_table``): JSON from bench/attention_vs_sdpa.py ``--rule-json`` on a GPU,
+     read from env ``TOKEN_RECYCLING_ATTENTION_TABLE`` (a path) or ``attention_paths.json`` beside this
+     file. For its device type it gives, per GQA group size (query heads per K/V head) and tree size,
+     the smallest measured prefix from which two-part won at every longer prefix measured (or never);
+  3. the defaults, until a GPU has measured both: CUDA ``DEFAULT_CUDA_MIN_PREFIX`` (4096: above a few
+     thousand keys the prefix is the work, and two-part runs it through FlashAttention's own kernel,
+     where the single kernel has no cp.async pipeline and keeps its accumulator in shared memory; an
+     estimate from reading the kernels, not a measurement); the CPU never (the single kernel stays
+     the CPU's path, as it was before the rule).
+A prefix on the device (a LongTensor: the CUDA-graph step, graph_step.py) always takes the single
+kernel: reading its value would wait for the GPU, and the prefix part needs it on the host to slice the
+keys (a captured graph would also freeze one slice). The single kernel reads it on the device, and its
+split-K plan, sized for the static cache's capacity, splits only the live prefix (tree_attention.cuh).
+Per-row trees and a common ``tree_start`` (batched decoding) take the single kernel too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 from transformers import AttentionInterface
@@ -58,7 +78,13 @@ NAME = "token_recycling"
 PREFIX_KWARG = "tree_prefix_len"
 START_KWARG = "tree_start"
 
-TWO_PART_MIN_PREFIX = int(os.environ.get("TOKEN_RECYCLING_TWO_PART_MIN_PREFIX", str(2**62)))
+# A set env threshold overrides the table and the defaults (None: not set).
+TWO_PART_MIN_PREFIX: int | None = (int(os.environ["TOKEN_RECYCLING_TWO_PART_MIN_PREFIX"])
+                                   if os.environ.get("TOKEN_RECYCLING_TWO_PART_MIN_PREFIX") else None)
+DEFAULT_CUDA_MIN_PREFIX = 4096
+NEVER = 2**62
+TABLE_ENV = "TOKEN_RECYCLING_ATTENTION_TABLE"
+TABLE_FILE = Path(__file__).with_name("attention_paths.json")
 _CUDA_HEAD_DIMS = (64, 80, 96, 128, 256)
 _CUDA_MAX_NODES = 256
 
@@ -116,7 +142,7 @@ def tree_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         return dense_attention(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    if choose_path(prefix, query) == "two-part" and start < 0 and tree.dim() == 2:
+    if start < 0 and tree.dim() == 2 and choose_path(prefix, query, key) == "two-part":
         out = two_part_attention(query, key, value, prefix, tree.to(query.device), float(scaling))
     else:
         out = ops.tree_attention(query, key, value, prefix_len, tree.to(query.device), float(scaling), start)
@@ -174,14 +200,67 @@ def _has_kernel(op: str, device: torch.device) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"token_recycling::{op}", key)
 
 
-def choose_path(prefix, query: torch.Tensor) -> str:
-    """"two-part" or "single" (see the module doc)."""
-    if isinstance(prefix, torch.Tensor) or prefix < max(TWO_PART_MIN_PREFIX, 1):
+@functools.cache
+def path_table(path: str | None = None) -> dict | None:
+    """The measured table (module doc), or None where there is none. Format::
+
+        {"device_type": "cuda", "device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16",
+         "rules": [{"group": 4, "max_nodes": 16, "two_part_min_prefix": 2048},
+                   {"group": 1, "max_nodes": 128, "two_part_min_prefix": null}, ...]}
+
+    ``two_part_min_prefix`` null: the single kernel at every prefix measured. A file that cannot be read
+    or parsed is an error, not a silent default."""
+    path = path or os.environ.get(TABLE_ENV) or (str(TABLE_FILE) if TABLE_FILE.is_file() else None)
+    if path is None:
+        return None
+    with open(path) as f:
+        table = json.load(f)
+    rules = table.get("rules")
+    if not isinstance(rules, list) or not all({"group", "max_nodes", "two_part_min_prefix"} <= set(r) for r in rules):
+        raise ValueError(f"{path}: an attention path table needs rules of group, max_nodes and two_part_min_prefix")
+    return table
+
+
+def two_part_min_prefix(q_heads: int, kv_heads: int, nodes: int, device_type: str, table: dict | None = None) -> int:
+    """The smallest prefix that takes the two-part path for this shape and device (module doc);
+    ``NEVER`` when none does. ``table``: the measured table (default: ``path_table()``)."""
+    if TWO_PART_MIN_PREFIX is not None:
+        return max(TWO_PART_MIN_PREFIX, 1)
+    table = path_table() if table is None else table
+    if table is not None and table.get("device_type", "cuda") == device_type and table["rules"]:
+        group = q_heads // max(kv_heads, 1)
+        groups = sorted({r["group"] for r in table["rules"]}, key=lambda g: (abs(g - group), g))
+        rows = sorted((r for r in table["rules"] if r["group"] == groups[0]), key=lambda r: r["max_nodes"])
+        # The smallest measured tree size that holds this tree, else the largest measured.
+        row = next((r for r in rows if nodes <= r["max_nodes"]), rows[-1])
+        found = row["two_part_min_prefix"]
+        return NEVER if found is None else max(int(found), 1)
+    if device_type == "cuda":
+        return DEFAULT_CUDA_MIN_PREFIX
+    return NEVER
+
+
+def path_rule(prefix: int, q_heads: int, kv_heads: int, nodes: int, device_type: str, dtype: torch.dtype,
+              table: dict | None = None) -> str:
+    """"two-part" or "single" for a host prefix of ``prefix`` keys, by the numbers alone (the ops'
+    availability is ``choose_path``'s to check)."""
+    if device_type == "cuda" and dtype not in (torch.float16, torch.bfloat16):
+        return "single"  # torch's flash kernel takes 16-bit inputs only
+    if prefix < two_part_min_prefix(q_heads, kv_heads, nodes, device_type, table):
+        return "single"
+    return "two-part"
+
+
+def choose_path(prefix, query: torch.Tensor, key: torch.Tensor | None = None) -> str:
+    """"two-part" or "single" (see the module doc) for query ``[B, Hq, N, D]`` over key ``[B, Hkv, S, D]``
+    (``key`` None: as many K/V heads as query heads). A device-tensor prefix: "single", with no sync."""
+    if isinstance(prefix, torch.Tensor):
+        return "single"
+    kv_heads = query.shape[1] if key is None else key.shape[1]
+    if path_rule(prefix, query.shape[1], kv_heads, query.shape[2], query.device.type, query.dtype) != "two-part":
         return "single"
     if not (_has_kernel("tree_attention_lse", query.device) and _has_kernel("merge_attention_states", query.device)):
         return "single"
-    if query.device.type == "cuda" and query.dtype not in (torch.float16, torch.bfloat16):
-        return "single"  # torch's flash kernel takes 16-bit inputs only
     return "two-part"
 
 
