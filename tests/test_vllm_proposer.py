@@ -1,4 +1,4 @@
-"""TokenRecyclingProposer without vLLM: its state, recycling and drafts against independent oracles.
+"""TokenRecyclingProposer without vLLM: its state, recycling, drafts and statistics against independent oracles.
 
 tests/fake_vllm.py plays vLLM's runner (persistent batch, row moves, chunked prefill, preemption,
 draft cuts); tests/test_vllm.py runs the real engine where vLLM is installed.
@@ -16,9 +16,8 @@ import torch
 from fake_vllm import BigramModel, FakeEngine, Request, fake_config, run_engine
 from token_recycling.adjacency import AdjacencyMatrix
 from token_recycling.reference import ngram_lookup_reference
+from token_recycling.draft import DraftState, Drafter, state_key
 from token_recycling.vllm import ProposerOptions, TokenRecyclingProposer
-from token_recycling.vllm.recycle import learn_accepted
-from token_recycling.vllm.request_state import RequestState, state_key
 
 VOCAB = 40
 
@@ -59,7 +58,7 @@ def test_greedy_output_and_paper_recycling_with_a_steady_batch():
     assert torch.equal(proposer.matrix.table, oracle_matrix(engine.log, proposer.options.topk))
     s = proposer.stats
     assert s.unmapped_steps == 0 and s.recycled_topk > 0
-    assert s.accepted_matrix + s.accepted_ngram > 0, s  # the bigram model repeats itself
+    assert s.from_matrix + s.from_ngram > 0, s  # the bigram model repeats itself
 
 
 def test_rows_move_requests_arrive_chunked_prefill_and_preemption():
@@ -178,19 +177,25 @@ def brute_force_match(h: list[int], max_ngram: int) -> tuple[list[int], int]:
 
 
 @pytest.mark.parametrize("window", [64, 4096])
-def test_request_state_continuation_matches_brute_force(window):
+def test_content_found_state_indexes_its_window_like_brute_force(window):
     rng = np.random.default_rng(9)
+    drafter = Drafter(8, torch.device("cpu"), max_ngram=3, ngram_tokens=8)
     for trial in range(30):
         alphabet = int(rng.integers(2, 6))
         seq = rng.integers(0, alphabet, int(rng.integers(1, 300))).astype(np.int32)
         first = int(rng.integers(1, len(seq) + 1))
-        state = RequestState(seq, first, max_ngram=3, window=window)
+        state = drafter.start_from_tokens(seq, first, window)
         state.advance(seq, len(seq))
         assert state.matches(seq, len(seq)) and state.length == len(seq)
         held = seq[state.offset:].tolist()
         max_tokens = int(rng.integers(1, 8))
         chain, match = brute_force_match(held, 3)
-        assert state.continuation(max_tokens) == (chain[:max_tokens], match)
+        tokens, count = state.index.lookup(max_tokens)
+        assert tokens[0, : int(count[0])].tolist() == chain[:max_tokens]
+        cands = drafter._candidates(state)  # what the policy is offered: the same continuation first
+        assert (cands[0][0][:max_tokens] if cands else []) == chain[:max_tokens]
+        if cands:  # its matched length: at most max_ngram and the occurrence's whole match
+            assert 1 <= cands[0][1] <= min(3, match)
         assert state.index.capacity <= max(window, len(held))
         if len(seq) > 1:
             other = seq.copy()
@@ -199,16 +204,17 @@ def test_request_state_continuation_matches_brute_force(window):
             assert not state.matches(seq, len(seq) - 1)
 
 
-def test_request_state_memory_is_bounded_by_the_window():
+def test_content_found_state_memory_is_bounded_by_the_window():
     seq = np.random.default_rng(10).integers(0, 50, 20000).astype(np.int32)
-    state = RequestState(seq, 100, max_ngram=4, window=512)
+    state = DraftState.from_tokens(seq, 100, max_ngram=4, window=512)
     for n in range(100, 20000, 37):
         state.advance(seq, n)
     state.advance(seq, 20000)
     assert state.length == 20000 and state.offset >= 20000 - 512
     assert state.nbytes <= 4 * 1024 * 3 * 8 + 512 * 8
-    chain, match = brute_force_match(seq[state.offset:].tolist(), 4)
-    assert state.continuation(6) == (chain[:6], match)
+    chain, _ = brute_force_match(seq[state.offset:].tolist(), 4)
+    tokens, count = state.index.lookup(6)
+    assert tokens[0, : int(count[0])].tolist() == chain[:6]
 
 
 def test_state_key_uses_length_and_tail():
@@ -232,8 +238,10 @@ def test_learn_accepted_matches_a_python_shift():
             row = [b] + [t for t in old[a].tolist() if t != b]
             row = (row + [t for t in old[a].tolist() if t == b][1:])[:k]
             expect[a] = torch.tensor(row, dtype=torch.int32)
-        learn_accepted(table, prev, nxt)
-        assert torch.equal(table, expect)
+        drafter = Drafter(12, torch.device("cpu"), topk=k)
+        drafter.matrix.table = table
+        drafter.learn_accepted(prev, nxt)
+        assert torch.equal(drafter.matrix.table, expect)
 
 
 def test_save_load_roundtrip_and_format(tmp_path, monkeypatch):
@@ -258,11 +266,14 @@ def test_options_from_env_reject_bad_values(monkeypatch):
     with pytest.raises(ValueError, match="TOKEN_RECYCLING_RECYCLE"):
         ProposerOptions.from_env()
     monkeypatch.setenv("TOKEN_RECYCLING_RECYCLE", "accepted")
-    monkeypatch.setenv("TOKEN_RECYCLING_MIN_MATCH", "two")
-    with pytest.raises(ValueError, match="TOKEN_RECYCLING_MIN_MATCH"):
+    monkeypatch.setenv("TOKEN_RECYCLING_MAX_NGRAM", "two")
+    with pytest.raises(ValueError, match="TOKEN_RECYCLING_MAX_NGRAM"):
         ProposerOptions.from_env()
-    monkeypatch.setenv("TOKEN_RECYCLING_MIN_MATCH", "2")
-    assert ProposerOptions.from_env() == ProposerOptions(recycle="accepted", min_match=2)
+    monkeypatch.setenv("TOKEN_RECYCLING_MAX_NGRAM", "3")
+    assert ProposerOptions.from_env() == ProposerOptions(recycle="accepted", max_ngram=3)
+    monkeypatch.setenv("TOKEN_RECYCLING_MIN_MATCH", "2")  # the policy chooses now: said, not silently ignored
+    with pytest.warns(UserWarning, match="TOKEN_RECYCLING_MIN_MATCH"):
+        ProposerOptions.from_env()
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         TokenRecyclingProposer(fake_config(0))
 
