@@ -10,6 +10,10 @@ live on the CPU, and a draft is built there and sent to the model's device witho
 (its host copy stays with it, ``Draft.host``), so a step reads nothing back for drafting
 (step_sync.py). What belongs to one sequence (its n-gram index, how its last
 continuation fared) lives in a :class:`DraftState`, one per request.
+
+The same Drafter serves engines that verify one chain per request per step (the vLLM proposer):
+``draft_chains`` / ``observe_chain`` / ``recycle`` beside ``draft`` / ``observe`` / ``recycle``, with
+the same matrix, policy and statistics, and DraftStates found again by their tokens (``state_key``).
 """
 
 from __future__ import annotations

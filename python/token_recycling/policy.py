@@ -33,6 +33,12 @@ drafting, the decision, verification, cache compaction). When a prompt's context
 measured (and 256 tokens longer), the curve is carried there: sizes 1, 16 and 64 are timed again and
 rescale it (auto_tree.remeasure_cost; measuring the whole curve again cost ~14 s on one
 long-document prompt of the issue-10 benchmark on a 2-core CPU, most of its regret there).
+
+One chain per step (:meth:`Policy.decide_chain`). An engine that verifies one chain per request
+(vLLM) gets the same statistics through a chain-shaped choice: an n-gram candidate's prefix, then
+the matrix's top-1 path, lengths chosen for expected accepted tokens minus a price per drafted
+token. That engine reports no forward times, so the price comes from :class:`BatchStepCost`, fitted
+from the time between its steps against the tokens each forwarded for the whole batch.
 """
 
 from __future__ import annotations
@@ -274,18 +280,18 @@ class Policy:
         cands = [(c[0], c[1], bool(c[2]) if len(c) > 2 else False) for c in candidates[:CANDIDATES]
                  if c[0] and self.max_chain]
         buckets = [self.chain.bucket(i, n, run, recent) for i, (_, n, recent) in enumerate(cands)]
-        cost = price * np.arange(budget + 1)
-        values = g - cost
-        m = int(np.argmax(values))
-        best = (float(values[m]), -1, 0, m)
+        gain = g.tolist()
+        # A few dozen (c, m) pairs: plain floats are quicker than numpy grids at this size. Ties go
+        # to the first seen: the matrix path alone, then fewer candidate tokens, then fewer matrix ones.
+        best = max(((gain[m] - price * m, -1, 0, m) for m in range(budget + 1)), key=lambda v: v[0])
         for r, ((tokens, _, _), b) in enumerate(zip(cands, buckets)):
-            e = self.chain.expected(b)[: min(len(tokens), self.max_chain, budget) + 1]  # e[c]
+            e = self.chain.expected(b)[: min(len(tokens), self.max_chain, budget) + 1].tolist()  # e[c]
             for c in range(1, len(e)):
-                room = budget - c + 1
-                values = e[c] + (e[c] - e[c - 1]) * g[:room] - price * c - cost[:room]
-                m = int(np.argmax(values))
-                if values[m] > best[0] + 1e-12:  # ties: the shorter draft
-                    best = (float(values[m]), r, c, m)
+                survive = e[c] - e[c - 1]  # the chance all c are right
+                for m in range(budget - c + 1):
+                    value = e[c] + survive * gain[m] - price * (c + m)
+                    if value > best[0] + 1e-12:
+                        best = (value, r, c, m)
         value, r, c, m = best
         chains = [cands[r][0][:c]] if c else []
         plan = Plan(m, chains, [t for t, _, _ in cands], buckets, cands[0][1] if cands else 0,
