@@ -16,7 +16,7 @@ for token with no speculation (bf16: a near-tie can flip a token; fp32 must matc
 Methods: ``none``, ``ngram`` (vLLM's prompt lookup: ``prompt_lookup_max=4``, so min = max = 4, as in
 vLLM's docs), ``suffix`` (needs ``arctic_inference.suffix_decoding`` importable; skipped otherwise),
 ``ours``; ``METHOD:K=6`` sets num_speculative_tokens for one engine, ``ours:KEY=VALUE,...`` the
-proposer's environment options (e.g. ``ours:RECYCLE=accepted,MIN_MATCH=2``; see
+proposer's environment options (e.g. ``ours:RECYCLE=accepted,NGRAM_WINDOW=1024``; see
 token_recycling/vllm/options.py).
 """
 

@@ -84,6 +84,8 @@ class FakeEngine:
         self.paused: list[Request] = []
         self.log: list[list[tuple[int | None, list[int]]]] = []
         self.accepted_log: list[list[tuple[int, list[int]]]] = []  # per step: (token before, sampled)
+        self.draft_tokens = 0     # draft tokens verified (what vLLM counts as num_draft_tokens)
+        self.accepted_tokens = 0  # ... of which accepted and returned (num_accepted_tokens)
 
     def add(self, req: Request) -> None:
         self.running.append(req)
@@ -134,6 +136,9 @@ class FakeEngine:
                     tokens.append(best)
                     if j >= len(drafts) or drafts[j] != best:
                         break
+                if drafts:
+                    self.draft_tokens += len(drafts)
+                    self.accepted_tokens += min(len(tokens), req.max_new - len(req.output)) - 1
             tokens = tokens[: req.max_new - len(req.output)]
             accepted_log.append((ctx[-1], list(tokens)))
             req.output.extend(tokens)

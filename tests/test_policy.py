@@ -10,7 +10,7 @@ from models import tiny_model
 
 from token_recycling import TokenRecycler
 from token_recycling.auto_tree import CostModel
-from token_recycling.policy import ChainStats, Plan, StepCost
+from token_recycling.policy import ChainStats, Plan, Policy, StepCost
 
 
 def test_chain_stats_count_positions_until_the_first_miss():
@@ -202,3 +202,45 @@ def test_the_curve_ignores_slow_outliers(monkeypatch):
     monkeypatch.setattr(auto_tree.time, "perf_counter", clock.perf_counter)
     curve = auto_tree.measure_cost(clock.forward, sizes=(1, 2, 4), small_repeats=2)
     assert curve.seconds == pytest.approx([true(1), true(4), true(4)])
+
+
+def brute_force_chain_choice(policy: Policy, candidates, run: int, budget: int, price: float):
+    """Every (candidate, c, m) scored from the statistics directly: ChainStats position rates and the
+    AutoTree rate of each top-1 node."""
+    rates = policy.auto.rates()[1:]
+    node = {tuple(p): i for i, p in enumerate(policy.auto.paths)}
+    g = [0.0]
+    for d in range(1, budget + 1):
+        g.append(g[-1] + rates[node[(0,) * d]])
+    options = [(g[m] - price * m, 0, m) for m in range(budget + 1)]
+    for rank, (tokens, n) in enumerate(candidates):
+        e = policy.chain.expected(policy.chain.bucket(rank, n, run))
+        for c in range(1, min(len(tokens), budget) + 1):
+            for m in range(budget - c + 1):
+                options.append((e[c] + (e[c] - e[c - 1]) * g[m] - price * (c + m), c, m))
+    return max(options, key=lambda o: o[0])
+
+
+def test_decide_chain_takes_the_best_chain_for_its_price():
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        policy = Policy(topk=8, max_chain=10, max_ngram=4)
+        policy.chain.num[:] = rng.integers(0, 20, policy.chain.num.shape)
+        policy.chain.den[:] = policy.chain.num + rng.integers(0, 20, policy.chain.num.shape)
+        policy.auto.den[:] = rng.integers(0, 50, policy.auto.den.shape)
+        policy.auto.num[:] = np.minimum(policy.auto.den, rng.integers(0, 50, policy.auto.den.shape))
+        candidates = [(rng.integers(0, 9, int(rng.integers(1, 11))).tolist(), int(rng.integers(1, 5)))
+                      for _ in range(int(rng.integers(0, 3)))]
+        run, budget = int(rng.integers(0, 6)), int(rng.integers(0, 8))
+        price = float(rng.choice([0.0, 0.01, 0.1, 0.3, 1.0]))
+        plan = policy.decide_chain(candidates, run, budget, price)
+        c = sum(len(x) for x in plan.chains)
+        best, _, _ = brute_force_chain_choice(policy, candidates, run, budget, price)
+        assert plan.expected - 1 - price * (c + plan.tree_nodes) == pytest.approx(best)
+        assert c + plan.tree_nodes <= budget
+        if plan.chains:
+            assert any(plan.chains[0] == t[:c] for t, _ in candidates)
+    policy = Policy(topk=8, max_chain=10, max_ngram=4)
+    assert policy.decide_chain([], 0, 6, 0.0).tree_nodes == 6  # free tokens: the whole budget
+    plan = policy.decide_chain([([1, 2, 3], 4)], 0, 6, 1e3)
+    assert plan.tree_nodes == 0 and plan.chains == []  # nothing pays at that price

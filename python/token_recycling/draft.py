@@ -10,6 +10,10 @@ live on the CPU, and a draft is built there and sent to the model's device witho
 (its host copy stays with it, ``Draft.host``), so a step reads nothing back for drafting
 (step_sync.py). What belongs to one sequence (its n-gram index, how its last
 continuation fared) lives in a :class:`DraftState`, one per request.
+
+The same Drafter serves engines that verify one chain per request per step (the vLLM proposer):
+``draft_chains`` / ``observe_chain`` / ``recycle`` beside ``draft`` / ``observe`` / ``recycle``, with
+the same matrix, policy and statistics, and DraftStates found again by their tokens (``state_key``).
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import distributed, ops
 from .adjacency import AdjacencyMatrix
 from .auto_tree import COST_SIZES, REMEASURE_SIZES, measure_cost, remeasure_cost
 from .ngram import NgramIndex, RecentOutputs
-from .policy import CANDIDATES, Plan, Policy, StepCost
+from .policy import CANDIDATES, DEFAULT_CHAIN_PRICE, Plan, Policy, StepCost
 from .tree import DraftTree, TreeSpec, make_tree
 
 
@@ -104,6 +109,82 @@ class DraftState:
         else:
             new = host_tokens[:emitted].view(1, -1) if host_tokens is not None else seq[:, seq.shape[1] - emitted:]
             self.index.extend(new)
+
+    # ------------------------------------------------------------------ a request known by its tokens
+    # An engine that hands the drafter token rows and no request ids (vLLM) keeps its states here too:
+    # built from the tokens (from_tokens), found again by content (state_key, matches), moved on by
+    # the tokens accepted since (advance), its index bounded to a window. The chain-only drafting
+    # (Drafter.draft_chains) records what it proposed in ``drafts``, ``from_ngram``, ``root`` and
+    # ``plan``, which the next step's Drafter.observe_chain scores.
+    offset = 0                    # tokens of the sequence before the index (the window's start)
+    window: int | None = None     # from_tokens: the index covers at most this many tokens
+    root = -1                     # the sequence's last token when the chain was drafted
+    from_ngram = 0                # how many of ``drafts`` (a prefix) came from an n-gram candidate
+    plan: Plan | None = None      # the policy's choice behind ``drafts`` (None: no policy or no budget)
+
+    @classmethod
+    def from_tokens(cls, tokens: np.ndarray, length: int, max_ngram: int, window: int) -> "DraftState":
+        """The state of a sequence ``tokens[:length]`` (a host array); its n-gram index covers the last
+        ``window`` tokens at most (then restarts from the last ``window // 2``), so its memory is
+        bounded: about ``max_ngram * 2 * window * 24`` bytes (0.8 MB for 4 and 4096)."""
+        if window < 64:
+            raise ValueError(f"window must be >= 64, got {window}")
+        state = cls(torch.zeros(1, 0, dtype=torch.long), 1, None)
+        state.max_ngram, state.window = max_ngram, window
+        state.drafts = []  # proposed at the last step, after ``length`` tokens
+        state._index_tail(tokens, length)
+        return state
+
+    @property
+    def length(self) -> int:
+        """Tokens of the sequence indexed so far (absolute: the window's start included)."""
+        return self.offset + int(self.index.lengths[0]) - self.seed_len
+
+    def matches(self, tokens: np.ndarray, length: int) -> bool:
+        """Whether this state indexes exactly ``tokens[:length]`` (its window of it)."""
+        if self.index is None or length != self.length:
+            return False
+        held = self.index.history[0, self.seed_len: self.seed_len + length - self.offset].numpy()
+        return bool(np.array_equal(held, tokens[self.offset:length]))
+
+    def advance(self, tokens: np.ndarray, length: int) -> None:
+        """Index ``tokens[self.length:length]``, the tokens accepted since the last step (from_tokens states)."""
+        old = self.length
+        if length < old:
+            raise ValueError(f"a sequence cannot shrink: {old} -> {length} tokens")
+        if length == old:
+            return
+        if self.seed_len + length - self.offset > self.index.capacity:
+            self._index_tail(tokens, length)
+            return
+        new = torch.from_numpy(np.ascontiguousarray(tokens[old:length], dtype=np.int64)).view(1, -1)
+        self.index.extend(new)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the n-gram index."""
+        return (self.index.table.numel() + self.index.history.numel()) * 8 if self.index is not None else 0
+
+    def _index_tail(self, tokens: np.ndarray, length: int) -> None:
+        keep = length if length <= self.window else self.window // 2
+        self.offset = length - keep
+        cap = 64
+        while cap < 2 * keep:
+            cap *= 2
+        self.index = NgramIndex(1, max(keep, min(cap, self.window)), self.max_ngram)
+        if keep:
+            tail = np.ascontiguousarray(tokens[self.offset:length], dtype=np.int64)
+            self.index.extend(torch.from_numpy(tail).view(1, -1))
+
+
+KEY_TAIL = 8  # tokens of the end of the sequence in a state's key (matches() checks all of them anyway)
+
+
+def state_key(tokens: np.ndarray, length: int) -> tuple:
+    """The key a content-found state is stored under when its sequence is ``tokens[:length]``: an
+    engine that does not say which request sits in which row stores each state under the length it
+    was drafted at and finds it next step under ``length - len(sampled)``, then checks it (matches)."""
+    return (length, tokens[max(0, length - KEY_TAIL):length].tobytes())
 
 
 class Drafter:
@@ -300,3 +381,92 @@ class Drafter:
             return None
         value = float(self.policy.cost(1))
         return value if math.isfinite(value) else None
+
+    # ------------------------------------------------------------------ chain-only configuration
+    # An engine that verifies one chain per request per step (vLLM's rejection sampler) drafts
+    # through these, with the same matrix, the same Policy and its statistics as the tree drafting
+    # above: start_from_tokens / draft_chains / observe_chain / recycle (or learn_accepted).
+
+    def start_from_tokens(self, tokens, length: int, window: int) -> DraftState:
+        """A request known only by its tokens ``tokens[:length]`` (a host array), its n-gram index
+        bounded to ``window`` tokens (DraftState.from_tokens)."""
+        return DraftState.from_tokens(tokens, length, self.max_ngram if self.ngram else 1, window)
+
+    def draft_chain(self, state: DraftState, root: int, budget: int, price: float | None = None) -> list[int]:
+        """One request's chain: :meth:`draft_chains` for one."""
+        return self.draft_chains([state], [root], [budget], price)[0]
+
+    def draft_chains(self, states: list[DraftState], roots: list[int], budgets: list[int],
+                     price: float | None = None) -> list[list[int]]:
+        """A chain of at most ``budgets[i]`` tokens after each sequence (``roots[i]``: its last token):
+        an n-gram candidate's first tokens, continued by the matrix's top-1 path from its last token
+        (from the root without one), cut where that path reaches a row nothing was recycled into.
+        How many of each comes from the policy (Policy.decide_chain: its chain statistics by match
+        length, run and source, the matrix chain's rates) and ``price``, what one more drafted token
+        costs in expected tokens (policy.BatchStepCost.price; None: DEFAULT_CHAIN_PRICE). Without a
+        policy (a fixed tree): the whole first candidate, then the matrix path. All paths come from
+        one ``build_draft_tree`` call. Each state keeps its draft for :meth:`observe_chain`."""
+        price = DEFAULT_CHAIN_PRICE if price is None else float(price)
+        out: list[list[int]] = [[] for _ in states]
+        pending: list[tuple[int, list[int], int, int]] = []  # (i, n-gram tokens, matrix tokens, path root)
+        for i, (state, root, budget) in enumerate(zip(states, roots, budgets)):
+            state.root, state.drafts, state.from_ngram, state.plan = int(root), [], 0, None
+            if budget <= 0:
+                continue
+            if self.policy is None:
+                fixed = self._fixed_chains(state) if self.ngram else []
+                chain = fixed[0][:budget] if fixed else []
+                tail = budget - len(chain)
+            else:
+                state.plan = self.policy.decide_chain(self._candidates(state) if self.ngram else [], state.run,
+                                                      budget, price)
+                chain = state.plan.chains[0] if state.plan.chains else []
+                tail = state.plan.tree_nodes
+            pending.append((i, chain, tail, chain[-1] if chain else int(root)))
+        depth = max((tail for _, _, tail, _ in pending), default=0)
+        tails: dict[int, list[int]] = {}
+        walk = [(i, tail, at) for i, _, tail, at in pending if tail > 0]
+        if walk:
+            table = self.matrix.table
+            parents = torch.arange(-1, depth, dtype=torch.int32)
+            ranks = torch.zeros(depth + 1, dtype=torch.int32)
+            roots_t = torch.tensor([at for _, _, at in walk], dtype=torch.long)
+            paths = ops.build_draft_tree(table, roots_t, parents, ranks)  # [R, depth + 1]: the top-1 paths
+            filled = (table[paths[:, :-1]] != 0).any(-1)  # the row each next token came from was recycled
+            usable = filled.to(torch.int32).cumprod(dim=1).sum(dim=1).tolist()
+            for (i, tail, _), path, ok in zip(walk, paths[:, 1:].tolist(), usable):
+                tails[i] = path[: min(tail, ok)]
+        for i, chain, _, _ in pending:
+            draft = chain + tails.get(i, [])
+            states[i].drafts, states[i].from_ngram = draft, len(chain)
+            out[i] = draft
+        return out
+
+    def observe_chain(self, state: DraftState, produced: list[int]) -> None:
+        """The chain twin of :meth:`observe`, before recycling: ``produced`` are the tokens the model
+        gave after the state's last draft (its accepted prefix, then the bonus token). The matrix
+        statistics score every candidate node from the draft's root (draft-time rows of the produced
+        path), the chain statistics every n-gram candidate of the plan, drafted or not."""
+        if self.policy is None or state.root < 0 or not produced:
+            return
+        path = [state.root] + [int(t) for t in produced[:-1]]
+        rows = self.matrix.table[torch.tensor(path, dtype=torch.long)]
+        self.policy.auto.score_nodes(rows.numpy(), np.asarray(produced, dtype=np.int64))
+        if state.plan is not None:
+            state.run = self.policy.score_plan(state.plan, [int(t) for t in produced])
+
+    def learn_accepted(self, prev: torch.Tensor, nxt: torch.Tensor) -> None:
+        """Recycling without logits: row ``prev[i]`` gets ``nxt[i]`` as rank 0, its other candidates
+        shifted down (``nxt[i]`` removed from where it was). Pairs are (token, the token that followed
+        it), both produced by the model; every pair reads the rows as they were before the update."""
+        if prev.numel() == 0:
+            return
+        table = self.matrix.table
+        prev = prev.to(torch.long).view(-1)
+        old = table[prev].to(torch.long)                       # [T, k]
+        nxt = nxt.to(torch.long).view(-1, 1)
+        moved = (old == nxt).to(torch.int8)                    # the entry that becomes rank 0
+        order = torch.argsort(moved, dim=1, stable=True)       # the others first, in their order
+        rest = torch.gather(old, 1, order)[:, : table.shape[1] - 1]
+        rows = torch.cat([nxt, rest], dim=1)
+        ops.update_adjacency(table, prev.view(1, -1), rows.view(1, prev.numel(), -1).to(table.dtype))

@@ -33,6 +33,12 @@ drafting, the decision, verification, cache compaction). When a prompt's context
 measured (and 256 tokens longer), the curve is carried there: sizes 1, 16 and 64 are timed again and
 rescale it (auto_tree.remeasure_cost): measuring the whole curve again costs seconds on a long
 document on a small CPU, more than the decision it informs is worth.
+
+One chain per step (:meth:`Policy.decide_chain`). An engine that verifies one chain per request
+(vLLM) gets the same statistics through a chain-shaped choice: an n-gram candidate's prefix, then
+the matrix's top-1 path, lengths chosen for expected accepted tokens minus a price per drafted
+token. That engine reports no forward times, so the price comes from :class:`BatchStepCost`, fitted
+from the time between its steps against the tokens each forwarded for the whole batch.
 """
 
 from __future__ import annotations
@@ -270,3 +276,131 @@ class Policy:
         self.chain.load_state(state.get("chain", {}))
         self.cost.load_state(state.get("cost", {}))
         self.steps_since = self.retune_every
+
+    # ------------------------------------------------------------------ one chain per step (vLLM)
+    def decide_chain(self, candidates: list[tuple], run: int, budget: int, price: float) -> Plan:
+        """For an engine that verifies one chain per request: the first c tokens of one n-gram
+        candidate continued by m tokens of the matrix's top-1 path from its last token (c = 0: the
+        top-1 path from the root), c + m <= budget, chosen to maximise
+
+            expected accepted tokens - price * (c + m),   expected = E(c) + S(c) * g(m)
+
+        E(c): the candidate's expected correct prefix cut to c (ChainStats, by the same buckets as
+        decide()), S(c) the chance all c are right (1 for c = 0), g(m) the expected accepted tokens of
+        the matrix's top-1 chain cut to m (AutoTree's rates of nodes [0], [0, 0], ..., taken to hold
+        after a candidate's tokens too). ``price``: what one more drafted token costs, in tokens (a
+        batch step's marginal cost times its tokens per second: BatchStepCost.price); at price 0
+        every budget is filled, at a high price nothing is drafted. The plan's ``tree_nodes`` is m,
+        its ``chains`` the chosen candidate's c tokens (empty for c = 0)."""
+        start = time.perf_counter()
+        budget = max(int(budget), 0)
+        g = self.matrix_chain_gain(budget)  # [budget + 1]
+        cands = [(c[0], c[1], bool(c[2]) if len(c) > 2 else False) for c in candidates[:CANDIDATES]
+                 if c[0] and self.max_chain]
+        buckets = [self.chain.bucket(i, n, run, recent) for i, (_, n, recent) in enumerate(cands)]
+        gain = g.tolist()
+        # A few dozen (c, m) pairs: plain floats are quicker than numpy grids at this size. Ties go
+        # to the first seen: the matrix path alone, then fewer candidate tokens, then fewer matrix ones.
+        best = max(((gain[m] - price * m, -1, 0, m) for m in range(budget + 1)), key=lambda v: v[0])
+        for r, ((tokens, _, _), b) in enumerate(zip(cands, buckets)):
+            e = self.chain.expected(b)[: min(len(tokens), self.max_chain, budget) + 1].tolist()  # e[c]
+            for c in range(1, len(e)):
+                survive = e[c] - e[c - 1]  # the chance all c are right
+                for m in range(budget - c + 1):
+                    value = e[c] + survive * gain[m] - price * (c + m)
+                    if value > best[0] + 1e-12:
+                        best = (value, r, c, m)
+        value, r, c, m = best
+        chains = [cands[r][0][:c]] if c else []
+        plan = Plan(m, chains, [t for t, _, _ in cands], buckets, cands[0][1] if cands else 0,
+                    1.0 + value + price * (c + m), recent=bool(cands and cands[r if r >= 0 else 0][2]))
+        plan.decision_seconds = time.perf_counter() - start
+        return plan
+
+    def matrix_chain_gain(self, depth: int) -> np.ndarray:
+        """[depth + 1]: expected accepted tokens of the matrix's top-1 chain cut to 0..depth tokens
+        (AutoTree's rates of [0], [0, 0], ...; past the deepest such node its last conditional rate
+        goes on). Refreshed every ``retune_every`` calls, like the tree gains."""
+        since = getattr(self, "_chain_since", self.retune_every)
+        if since >= self.retune_every or getattr(self, "_chain_rates", None) is None:
+            rates = self.auto.rates()[1:]
+            node = {tuple(p): i for i, p in enumerate(self.auto.paths)}
+            chain, d = [], 1
+            while (0,) * d in node:
+                chain.append(float(rates[node[(0,) * d]]))
+                d += 1
+            self._chain_rates, since = np.array(chain or [0.0]), 0
+        self._chain_since = since + 1
+        r = self._chain_rates
+        if depth > len(r):
+            q = r[-1] / r[-2] if len(r) >= 2 and r[-2] > 0 else r[-1]
+            r = np.concatenate([r, r[-1] * q ** np.arange(1, depth - len(r) + 1)])
+        return np.concatenate([[0.0], np.cumsum(r[:depth])])
+
+
+DEFAULT_CHAIN_PRICE = 0.01  # decide_chain's price before anything is measured: a drafted token costs 1% of a step
+
+
+class BatchStepCost:
+    """The price of a drafted token for an engine that verifies a batch each step and tells the
+    drafter nothing of its forward (vLLM hands a proposer tokens only).
+
+    What is measured: the wall time between two consecutive calls of the drafter (one engine step:
+    scheduling, the batch's forward, sampling, the drafting itself) against the tokens that step
+    forwarded for the whole batch (each request's root and drafts) and the tokens it produced. Only
+    steps that forwarded decode rows alone are used (a prefill's token count is unknown). The fit is
+    ``t(T) = a + b * T`` over the last ``window`` such steps, by Theil-Sen (the median of the slopes
+    between every two steps, then the median intercept), so a pause or an odd step does not move it.
+
+    The price: one more drafted token makes the step b seconds longer for every request in it, and a
+    step yields E / t(T) tokens per second, so the token must be expected to bring ``b * E / t(T)``
+    tokens to pay for itself (Policy.decide_chain). Until ``min_steps`` steps with differing T are
+    seen, or when the steps stop differing, ``b / a`` is taken as ``default_slope`` (1%: one extra
+    token of a small batch costs little next to a step's fixed work, so an unmeasured policy drafts
+    what its statistics expect to be accepted, as before the fit)."""
+
+    def __init__(self, window: int = 64, min_steps: int = 16, default_slope: float = 0.01):
+        self.samples: deque[tuple[int, int, float]] = deque(maxlen=window)  # (forwarded, produced, seconds)
+        self.min_steps, self.default_slope = min_steps, default_slope
+        self.intercept: float | None = None  # seconds; None: not fitted
+        self.slope: float | None = None      # seconds per forwarded token
+
+    @property
+    def measured(self) -> bool:
+        return self.slope is not None
+
+    def record_step(self, forwarded: int, produced: int, seconds: float) -> None:
+        """One step that forwarded decode rows only: tokens forwarded (batch), produced, wall seconds."""
+        if forwarded > 0 and seconds > 0:
+            self.samples.append((int(forwarded), int(produced), float(seconds)))
+            self._fit()
+
+    def _fit(self) -> None:
+        t = np.array([s[0] for s in self.samples], dtype=np.float64)
+        secs = np.array([s[2] for s in self.samples])
+        dt = t[:, None] - t[None, :]
+        pairs = dt > 0
+        if len(self.samples) < self.min_steps or pairs.sum() < self.min_steps:
+            self.intercept = self.slope = None
+            return
+        slope = max(float(np.median((secs[:, None] - secs[None, :])[pairs] / dt[pairs])), 0.0)
+        self.slope = slope
+        self.intercept = max(float(np.median(secs - slope * t)), 1e-9)
+
+    def seconds(self, forwarded) -> np.ndarray:
+        """A step's seconds for T forwarded tokens (unfitted: in units of the fixed part, a = 1)."""
+        if self.measured:
+            return self.intercept + self.slope * np.asarray(forwarded, dtype=np.float64)
+        return 1.0 + self.default_slope * np.asarray(forwarded, dtype=np.float64)
+
+    def price(self) -> float:
+        """Expected tokens one more drafted token must bring (see the class docstring)."""
+        slope = self.slope if self.measured else self.default_slope
+        if not self.samples:
+            return slope / float(self.seconds(1))  # one request producing one token a step
+        t = np.array([s[0] for s in self.samples], dtype=np.float64)
+        produced = sum(s[1] for s in self.samples)
+        return float(slope * produced / self.seconds(t).sum())
+
+    def state(self) -> dict:
+        return {"intercept": self.intercept, "slope": self.slope, "steps": len(self.samples)}

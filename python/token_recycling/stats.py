@@ -1,4 +1,5 @@
-"""What the last generate() call did: steps, tokens, acceptance, and where accepted tokens came from."""
+"""What drafting achieved: for the last generate() call (per step), or for a serving engine's proposer
+so far (counters); steps, tokens, acceptance, and where accepted tokens came from."""
 
 from __future__ import annotations
 
@@ -28,6 +29,19 @@ class GenerationStats:
     predicted_speedup: float | None = None  # auto: the last step's expected tokens/s vs one token/step
     measured_speedup: float | None = None   # auto: tokens/s vs the cost model's single-token step
     rows: list = field(default_factory=list)  # batch > 1: each row's own GenerationStats (this one sums them)
+    # An engine that verifies one chain per request per step (the vLLM proposer, which runs for as long
+    # as the server does) keeps only counters: the per-step lists above stay empty, ``steps`` counts
+    # its drafting calls (one per engine step) and from_matrix / from_ngram its accepted draft tokens.
+    drafts: int = 0                    # chains proposed (requests drafted for, summed over steps)
+    ngram_drafts: int = 0              # ... of which led by an n-gram candidate
+    drafted_ngram: int = 0             # draft tokens proposed from n-gram candidates
+    drafted_matrix: int = 0            # ... from the adjacency matrix
+    verified: int = 0                  # chains whose outcome was seen (the request's next step)
+    proposed_verified: int = 0         # draft tokens of those chains
+    recycled_topk: int = 0             # matrix rows set from the model's top-k (the paper's update)
+    recycled_accepted: int = 0         # matrix rows updated from produced tokens (no logits, or rows unmapped)
+    unmapped_steps: int = 0            # steps whose logits rows could not be matched to the tokens fed
+    states_rebuilt: int = 0            # request states built from their tokens (new, lost after a move, resumed)
 
     def record_step(self, path: list[int], draft) -> None:
         """One verification step: the accepted node indices (root first) and the Draft forwarded."""
@@ -52,6 +66,22 @@ class GenerationStats:
                 key = ",".join(map(str, tree_paths[node - 1]))
                 self.node_matches[key] = self.node_matches.get(key, 0) + 1
 
+    def record_chain(self, proposed: int, accepted: int, from_ngram: int) -> None:
+        """One verified chain: ``proposed`` draft tokens, the first ``accepted`` of them accepted, the
+        first ``from_ngram`` of the chain from an n-gram candidate (the rest from the matrix)."""
+        self.verified += 1
+        self.proposed_verified += proposed
+        ngram = min(accepted, from_ngram)
+        self.from_ngram += ngram
+        self.from_matrix += accepted - ngram
+
+    @property
+    def acceptance(self) -> float:
+        """Accepted / proposed draft tokens (chains: over the verified ones; trees: every forwarded node
+        but the roots)."""
+        proposed = self.proposed_verified or sum(self.tree_nodes) - len(self.tree_nodes)
+        return (self.from_matrix + self.from_ngram) / proposed if proposed else 0.0
+
     @property
     def mean_accepted(self) -> float:
         """Mean tokens emitted per step (the paper's MAT, bonus token included)."""
@@ -71,7 +101,7 @@ class GenerationStats:
     def as_dict(self) -> dict:
         d = asdict(self)
         d.update(mean_accepted=self.mean_accepted, accept_histogram=self.accept_histogram,
-                 tokens_per_second=self.tokens_per_second)
+                 tokens_per_second=self.tokens_per_second, acceptance=self.acceptance)
         return d
 
     def summary(self) -> str:

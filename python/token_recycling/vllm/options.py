@@ -7,14 +7,18 @@ are ours come from environment variables (the engine's worker processes inherit 
 | ``TOKEN_RECYCLING_SAVE_EVERY`` | 300 | seconds between saves of the matrix (0: only at exit) |
 | ``TOKEN_RECYCLING_TOPK`` | 8 | candidates kept per token in the adjacency matrix |
 | ``TOKEN_RECYCLING_RECYCLE`` | ``topk`` | ``topk``: rows := the model's top-k at every verified position (the paper); ``accepted``: rows learn from accepted tokens only |
-| ``TOKEN_RECYCLING_MIN_MATCH`` | 3 | an n-gram match of at least this many tokens is trusted: draft its continuation |
-| ``TOKEN_RECYCLING_MAX_NGRAM`` | 4 | longest suffix the n-gram index looks up (the match is then measured further back) |
+| ``TOKEN_RECYCLING_MAX_NGRAM`` | 4 | longest suffix the n-gram index looks up (the policy's chain statistics are kept per matched length up to it; a saved policy carries over between engines when both use the same) |
 | ``TOKEN_RECYCLING_NGRAM_WINDOW`` | 4096 | the n-gram index covers at most the last this-many tokens of a request (bounded memory) |
+
+How long each request's chain is, and how much of it comes from an n-gram candidate, is the
+drafter's policy's choice (Policy.decide_chain), not a setting; ``TOKEN_RECYCLING_MIN_MATCH``, the
+fixed match threshold that stood in for it, is no longer read (a warning says so when it is set).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 RECYCLE_MODES = ("topk", "accepted")
@@ -39,15 +43,14 @@ class ProposerOptions:
     save_every: int = 300
     topk: int = 8
     recycle: str = "topk"
-    min_match: int = 3
     max_ngram: int = 4
     ngram_window: int = 4096
 
     def __post_init__(self):
         if self.recycle not in RECYCLE_MODES:
             raise ValueError(f"recycle must be one of {RECYCLE_MODES}, got {self.recycle!r}")
-        if self.topk < 1 or self.min_match < 1 or self.max_ngram < 1 or self.save_every < 0:
-            raise ValueError(f"topk, min_match and max_ngram must be >= 1 and save_every >= 0: {self}")
+        if self.topk < 1 or self.max_ngram < 1 or self.save_every < 0:
+            raise ValueError(f"topk and max_ngram must be >= 1 and save_every >= 0: {self}")
         if self.ngram_window < 64:
             raise ValueError(f"ngram_window must be >= 64, got {self.ngram_window}")
 
@@ -56,10 +59,12 @@ class ProposerOptions:
         recycle = os.environ.get("TOKEN_RECYCLING_RECYCLE", "topk") or "topk"
         if recycle not in RECYCLE_MODES:
             raise ValueError(f"TOKEN_RECYCLING_RECYCLE must be one of {RECYCLE_MODES}, got {recycle!r}")
+        if os.environ.get("TOKEN_RECYCLING_MIN_MATCH"):
+            warnings.warn("TOKEN_RECYCLING_MIN_MATCH is no longer read: the drafter's policy chooses each "
+                          "request's chain from its statistics", stacklevel=2)
         return cls(matrix_path=os.environ.get("TOKEN_RECYCLING_MATRIX") or None,
                    save_every=_int_env("TOKEN_RECYCLING_SAVE_EVERY", 300, 0),
                    topk=_int_env("TOKEN_RECYCLING_TOPK", 8, 1),
                    recycle=recycle,
-                   min_match=_int_env("TOKEN_RECYCLING_MIN_MATCH", 3, 1),
                    max_ngram=_int_env("TOKEN_RECYCLING_MAX_NGRAM", 4, 1),
                    ngram_window=_int_env("TOKEN_RECYCLING_NGRAM_WINDOW", 4096, 64))

@@ -1,19 +1,22 @@
 """TokenRecyclingProposer: Token Recycling drafts for vLLM's speculative decoding.
 
-vLLM verifies one chain of drafts per request per step, so each step the proposer drafts, for every
-request in the batch, the better of two chains (the policy, chosen per request and per step):
+The proposer is the chain-only configuration of the library's :class:`~token_recycling.draft.Drafter`
+(the same class the HF loop drafts with): vLLM verifies one chain per request per step, so each step
+it asks ``Drafter.draft_chains`` for every request's chain: an n-gram candidate of the request's
+context continued by the matrix's top-1 path (cut where it reaches a row nothing was recycled into),
+its lengths chosen per request and per step by the drafter's :class:`~token_recycling.policy.Policy`
+from the same chain statistics (by match length, run and source) and matrix statistics the HF loop
+keeps. Next step it scores what each draft got right into those statistics (``observe_chain``) and
+recycles the verified positions' top-k into the matrix (``Drafter.recycle``; recycle.py says where
+the logits come from). A matrix saved by either engine, with its policy statistics, warms the other.
 
-1. **n-gram chain** when the context's end occurred before and that earlier occurrence matches at
-   least ``min_match`` tokens (a long, trusted match: code, quotes, lists, repeated names): the
-   tokens that followed it, up to K;
-2. **matrix chain** otherwise: the top-1 path through the adjacency matrix from the last token
-   (``ops.build_draft_tree`` with a chain tree), cut where it reaches a row nothing was recycled
-   into yet.
+Cost. vLLM gives a proposer no forward times, so the price of a drafted token comes from the wall
+time between propose() calls against the tokens each step forwarded (policy.BatchStepCost: fitted
+from steps that forwarded decode rows only; before that, a documented flat default).
 
-An n-gram chain shorter than K is continued by the matrix chain from its last token. One matrix
-serves every request of the engine (hot across requests and users); it is recycled every step
-(see recycle.py). Per-request state (request_state.py) is bounded and rebuilt from the tokens
-whenever it is missing, so preemption, resumption and row moves are safe.
+One matrix serves every request of the engine (hot across requests and users). Per-request state
+(a content-found ``DraftState``) is bounded and rebuilt from the tokens whenever it is missing, so
+preemption, resumption and row moves are safe. Statistics: a ``GenerationStats`` (counters only).
 """
 
 from __future__ import annotations
@@ -25,54 +28,31 @@ import tempfile
 import time
 import weakref
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .. import ops
 from ..adjacency import AdjacencyMatrix
+from ..draft import DraftState, Drafter, state_key
+from ..policy import BatchStepCost
+from ..stats import GenerationStats
 from .options import ProposerOptions
-from .recycle import TopkCapture, learn_accepted, recycle_topk
-from .request_state import RequestState, state_key
+from .recycle import TopkCapture
 
-
-@dataclass
-class ProposerStats:
-    steps: int = 0                 # propose() calls
-    drafts: int = 0                # requests drafted for (summed over steps)
-    ngram_drafts: int = 0          # ... of which led by the n-gram chain
-    drafted_ngram: int = 0         # draft tokens proposed from the n-gram chain
-    drafted_matrix: int = 0        # ... from the adjacency matrix
-    verified: int = 0              # drafts whose outcome was seen (the request's next step)
-    accepted_ngram: int = 0        # accepted draft tokens that came from the n-gram chain
-    accepted_matrix: int = 0       # ... from the matrix
-    proposed_verified: int = 0     # draft tokens of those verified drafts
-    recycled_topk: int = 0         # matrix rows set from the model's top-k (the paper's update)
-    recycled_accepted: int = 0     # matrix rows updated from accepted tokens
-    unmapped_steps: int = 0        # topk mode: steps whose logits rows could not be matched to tokens
-    states_rebuilt: int = 0        # request states built from scratch (new, moved-and-lost, resumed)
-
-    @property
-    def acceptance(self) -> float:
-        """Accepted / proposed draft tokens over the drafts whose outcome was seen."""
-        return (self.accepted_ngram + self.accepted_matrix) / self.proposed_verified if self.proposed_verified else 0.0
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d["acceptance"] = self.acceptance
-        return d
+NGRAM_TOKENS = 10  # the HF loop's default chain length: its saved chain statistics then fit ours
 
 
 @dataclass
 class _Row:
     """One batch row in one step."""
-    state: RequestState | None
+    state: DraftState | None
     tokens: np.ndarray | None      # the row of token_ids_cpu
     length: int = 0                # tokens after this step's sampled ones
     before: int = 0                # tokens before them
     fed: list[int] | None = None   # the tokens whose logits rows this step computed (None: unknown)
     logit_rows: int | None = 1     # how many logits rows this row has (None: unknown)
+    decoded: bool = False          # a request we drafted for last step, found again: its forward is known
 
 
 class TokenRecyclingProposer:
@@ -92,23 +72,26 @@ class TokenRecyclingProposer:
         self.max_model_len = int(vllm_config.model_config.max_model_len)
         self.vocab_size = int(vllm_config.model_config.get_vocab_size())
         self.options = options if options is not None else ProposerOptions.from_env()
-        self.matrix = AdjacencyMatrix(self.vocab_size, self.options.topk)
-        k = self.num_speculative_tokens
-        self._chain_parents = torch.arange(-1, k, dtype=torch.int32)
-        self._chain_ranks = torch.zeros(k + 1, dtype=torch.int32)
-        self._states: dict[tuple, RequestState] = {}
+        opts = self.options
+        self.drafter = Drafter(self.vocab_size, torch.device("cpu"), "auto", opts.topk, max_ngram=opts.max_ngram,
+                               ngram_tokens=max(NGRAM_TOKENS, self.num_speculative_tokens), ngram_history=0)
+        self.cost = BatchStepCost()
+        self._states: dict[tuple, DraftState] = {}
         self._capture: TopkCapture | None = None
         self._warm = False  # captures before the first propose() are warm-up forwards
-        self.stats = ProposerStats()
+        self._last_call: float | None = None
+        self.stats = GenerationStats(decoding="vllm", tree="chain")
         parallel = getattr(vllm_config, "parallel_config", None)
         self._saves = getattr(parallel, "rank", 0) == 0  # one writer under tensor/pipeline parallelism
         self._last_save = time.monotonic()
-        path = self.options.matrix_path
+        path = opts.matrix_path
         if path and os.path.isfile(path):
             self.load(path)
         if path and self._saves:
             ref = weakref.ref(self)
             atexit.register(lambda: ref() is not None and ref().save(path))
+
+    matrix = property(lambda self: self.drafter.matrix, doc="the AdjacencyMatrix (the drafter's)")
 
     # ----------------------------------------------------------------------- vLLM's interface
     def load_model(self, model=None, *args, **kwargs) -> None:
@@ -118,10 +101,11 @@ class TokenRecyclingProposer:
 
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
                 token_ids_cpu: np.ndarray, slot_mappings=None) -> list[list[int]]:
-        """Drafts for every request in the batch (``[]`` where none), after recycling what the
-        last step verified. ``sampled_token_ids[i]``: the tokens row i accepted this step (its
+        """Drafts for every request in the batch (``[]`` where none), after scoring and recycling what
+        the last step verified. ``sampled_token_ids[i]``: the tokens row i produced this step (its
         accepted drafts and the bonus token; empty for a partial prefill);
         ``token_ids_cpu[i, :num_tokens_no_spec[i]]``: its whole context, those tokens included."""
+        now = time.perf_counter()
         self.stats.steps += 1
         captured = self._capture.take() if self._capture is not None else []
         first, self._warm = not self._warm, True
@@ -132,6 +116,9 @@ class TokenRecyclingProposer:
         rows = [self._claim(i, sampled, num_tokens_no_spec, token_ids_cpu, key, copies)
                 for i, (sampled, key) in enumerate(zip(sampled_token_ids, keys))]
         self._states = {}  # unclaimed states (finished, preempted, unscheduled requests) go here
+        if rows and all(r.decoded for r in rows) and self._last_call is not None:  # the step forwarded decodes only
+            self.cost.record_step(sum(r.logit_rows for r in rows), sum(map(len, sampled_token_ids)), now - self._last_call)
+        self._last_call = now
         if not first:  # captures before the first call may come from vLLM's warm-up forwards
             self._recycle(rows, captured)
         drafts = self._draft(rows)
@@ -141,7 +128,8 @@ class TokenRecyclingProposer:
     # ----------------------------------------------------------------------- per step
     def _claim(self, i: int, sampled: list[int], num_tokens: np.ndarray, token_ids: np.ndarray, key,
                copies: dict) -> _Row:
-        """Find row i's state from the last step (or build one) and what this step fed for it."""
+        """Find row i's state from the last step (or build one), score its last draft, and note what
+        this step fed for it."""
         if not sampled:  # a partial prefill: one logits row, discarded; nothing to draft yet
             return _Row(None, None)
         tokens = token_ids[i]
@@ -151,10 +139,13 @@ class TokenRecyclingProposer:
         state = self._states.pop(key, None)
         if state is None and key in copies:  # a second row with the same tokens: the same draft was fed
             state = copy.deepcopy(copies[key])
-        if state is not None and state.matches(tokens, before) and sampled[:-1] == state.drafts[:len(sampled) - 1]:
+        produced = [int(t) for t in sampled]
+        if state is not None and state.matches(tokens, before) and produced[:-1] == state.drafts[:len(produced) - 1]:
             row.fed = [int(tokens[before - 1])] + state.drafts
-            row.logit_rows = len(row.fed)
-            self._count_outcome(state, len(sampled) - 1)
+            row.logit_rows, row.decoded = len(row.fed), True
+            if state.drafts:
+                self.stats.record_chain(len(state.drafts), len(produced) - 1, state.from_ngram)
+            self.drafter.observe_chain(state, produced)  # the matrix is still the one drafted from
             state.advance(tokens, length)
         else:
             # A request new to us: its prefill (one logits row, at the last prompt token), or one
@@ -163,23 +154,12 @@ class TokenRecyclingProposer:
                 row.fed = [int(tokens[before - 1])]
             else:
                 row.fed, row.logit_rows = None, None
-            state = RequestState(tokens, length, self.options.max_ngram, self.options.ngram_window)
+            state = self.drafter.start_from_tokens(tokens, length, self.options.ngram_window)
             self.stats.states_rebuilt += 1
         row.state = state
         return row
 
-    def _count_outcome(self, state: RequestState, accepted: int) -> None:
-        if not state.drafts:
-            return
-        s = self.stats
-        s.verified += 1
-        s.proposed_verified += len(state.drafts)
-        from_ngram = min(accepted, state.from_ngram)
-        s.accepted_ngram += from_ngram
-        s.accepted_matrix += accepted - from_ngram
-
     def _recycle(self, rows: list[_Row], captured: list[torch.Tensor]) -> None:
-        table = self.matrix.table
         counts = [r.logit_rows for r in rows]
         total = None if None in counts else sum(counts)
         fits = [c for c in captured if c.shape[0] == total]
@@ -191,7 +171,8 @@ class TokenRecyclingProposer:
                     at.extend(range(start, start + len(r.fed)))
                 start += r.logit_rows
             if fed:
-                recycle_topk(table, torch.tensor(fed, dtype=torch.long), fits[0][torch.tensor(at)])
+                topk = fits[0][torch.tensor(at)]
+                self.drafter.recycle(torch.tensor([fed], dtype=torch.long), topk.view(1, len(fed), -1))
                 self.stats.recycled_topk += len(fed)
             return
         if self._capture is not None and rows:  # topk mode, but this step's rows cannot be mapped
@@ -205,57 +186,45 @@ class TokenRecyclingProposer:
             prev.extend(seq[:-1].tolist())
             nxt.extend(seq[1:].tolist())
         if prev:
-            learn_accepted(table, torch.tensor(prev, dtype=torch.long), torch.tensor(nxt, dtype=torch.long))
+            self.drafter.learn_accepted(torch.tensor(prev, dtype=torch.long), torch.tensor(nxt, dtype=torch.long))
             self.stats.recycled_accepted += len(prev)
 
     def _draft(self, rows: list[_Row]) -> list[list[int]]:
-        k, opts = self.num_speculative_tokens, self.options
         out: list[list[int]] = [[] for _ in rows]
-        pending: list[tuple[int, list[int], int]] = []  # (row, n-gram chain, budget)
-        for i, r in enumerate(rows):
-            if r.state is None:
-                continue
-            self._states[state_key(r.tokens, r.length)] = r.state
-            r.state.drafts, r.state.from_ngram = [], 0
-            budget = min(k, self.max_model_len - r.length - 1)
-            if budget <= 0:
-                continue
-            chain, match = r.state.continuation(budget)
-            chain = chain[:budget] if match >= opts.min_match else []
-            pending.append((i, chain, budget))
-        if not pending:
+        live = [(i, r) for i, r in enumerate(rows) if r.state is not None]
+        if not live:
             return out
-        roots = torch.tensor([chain[-1] if chain else int(rows[i].tokens[rows[i].length - 1])
-                              for i, chain, _ in pending], dtype=torch.long)
-        table = self.matrix.table
-        paths = ops.build_draft_tree(table, roots, self._chain_parents, self._chain_ranks)  # [R, k + 1]
-        filled = (table[paths[:, :-1]] != 0).any(-1)             # the row each next token came from
-        usable = filled.to(torch.int32).cumprod(dim=1).sum(dim=1).tolist()
-        paths = paths[:, 1:].tolist()
+        for _, r in live:
+            self._states[state_key(r.tokens, r.length)] = r.state
+        k = self.num_speculative_tokens
+        states = [r.state for _, r in live]
+        drafts = self.drafter.draft_chains(states, [int(r.tokens[r.length - 1]) for _, r in live],
+                                           [min(k, self.max_model_len - r.length - 1) for _, r in live],
+                                           self.cost.price())
         s = self.stats
-        for (i, chain, budget), path, n_ok in zip(pending, paths, usable):
-            tail = path[: min(n_ok, budget - len(chain))]
-            draft = chain + tail
-            state = rows[i].state
-            state.drafts, state.from_ngram = draft, len(chain)
+        for (i, _), state, draft in zip(live, states, drafts):
             out[i] = draft
+            if state.plan is not None:
+                s.decision_seconds += state.plan.decision_seconds
             if draft:
                 s.drafts += 1
-                s.ngram_drafts += bool(chain)
-                s.drafted_ngram += len(chain)
-                s.drafted_matrix += len(tail)
+                s.ngram_drafts += bool(state.from_ngram)
+                s.drafted_ngram += state.from_ngram
+                s.drafted_matrix += len(draft) - state.from_ngram
         return out
 
     # ----------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Write the matrix (safetensors, the same format as ``TokenRecycler.save``) atomically."""
+        """Write the matrix and the policy's statistics (safetensors, the format of ``TokenRecycler.save``)
+        atomically."""
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tr-matrix-", suffix=".safetensors", dir=folder)
         os.close(fd)
         try:
-            self.matrix.save(tmp, extra={"source": "vllm", "recycle": self.options.recycle})
+            extra = dict(self.drafter.extra_state(), source="vllm", recycle=self.options.recycle)
+            self.matrix.save(tmp, extra=extra)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -263,9 +232,11 @@ class TokenRecyclingProposer:
         self._last_save = time.monotonic()
 
     def load(self, path: str | os.PathLike) -> None:
-        """Start from a saved matrix (from this proposer or from ``TokenRecycler.save``)."""
-        table, _ = AdjacencyMatrix.read(path, self.vocab_size, self.options.topk)
+        """Start from a saved matrix and policy statistics (from this proposer or ``TokenRecycler.save``;
+        statistics of another shape, e.g. another max_ngram, are left out)."""
+        table, extra = AdjacencyMatrix.read(path, self.vocab_size, self.options.topk)
         self.matrix.table.copy_(table)
+        self.drafter.load_extra_state(extra)
 
     def _maybe_save(self) -> None:
         opts = self.options
@@ -274,8 +245,8 @@ class TokenRecyclingProposer:
             self.save(opts.matrix_path)
 
     def reset(self) -> None:
-        """Forget the matrix and every request's state."""
-        self.matrix.reset()
+        """Forget the matrix, the policy's statistics and every request's state."""
+        self.drafter.reset()
         self._states.clear()
 
     @property

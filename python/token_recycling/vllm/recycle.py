@@ -8,17 +8,16 @@ target model, and the runner computes all of a step's logits with ``model.comput
 one row per verified position (each request's root and drafts, in batch order) before sampling.
 :class:`TopkCapture` wraps that method on the model instance and keeps the top-k ids of each such
 call (on the model's device; ~0.1 ms on the CPU for a batch), which the proposer maps back to the
-tokens it fed next step.
+tokens it fed next step, and hands to ``Drafter.recycle``.
 
-``learn_accepted`` is the alternative that needs no hook: the row of each accepted token gets the
-token that followed it, shifted in as rank 0.
+Without the hook (``TOKEN_RECYCLING_RECYCLE=accepted``, or a step whose rows cannot be mapped)
+``Drafter.learn_accepted`` is the update: the row of each produced token gets the token that
+followed it, shifted in as rank 0.
 """
 
 from __future__ import annotations
 
 import torch
-
-from .. import ops
 
 MAX_CALLS = 8  # captures kept between two propose() calls
 
@@ -61,22 +60,3 @@ class TopkCapture:
             out.append(ids.masked_fill_(ids >= self.vocab_size, 0))  # padded vocab rows
         return out
 
-
-def recycle_topk(table: torch.Tensor, fed: torch.Tensor, candidates: torch.Tensor) -> None:
-    """The paper's update: row ``fed[i]`` := ``candidates[i]`` (top-k at that position)."""
-    if fed.numel():
-        ops.update_adjacency(table, fed.view(1, -1), candidates.view(1, fed.numel(), -1).to(table.dtype))
-
-
-def learn_accepted(table: torch.Tensor, prev: torch.Tensor, nxt: torch.Tensor) -> None:
-    """Row ``prev[i]`` gets ``nxt[i]`` as rank 0; its other candidates shift down (``nxt[i]``
-    removed from where it was). Pairs are (token, the token that followed it), all accepted."""
-    if prev.numel() == 0:
-        return
-    old = table[prev].to(torch.long)                       # [T, k]
-    nxt = nxt.to(torch.long).view(-1, 1)
-    moved = (old == nxt).to(torch.int8)                    # the entry that becomes rank 0
-    order = torch.argsort(moved, dim=1, stable=True)       # the others first, in their order
-    rest = torch.gather(old, 1, order)[:, : table.shape[1] - 1]
-    rows = torch.cat([nxt, rest], dim=1)
-    ops.update_adjacency(table, prev.view(1, -1), rows.view(1, prev.numel(), -1).to(table.dtype))

@@ -2,7 +2,8 @@
 
 vLLM builds the proposer inside its worker process. ``LLM(..., worker_extension_cls=
 "token_recycling.vllm.TokenRecyclingWorkerExtension")`` (a vLLM option) adds these methods to the
-worker, so ``llm.collective_rpc("token_recycling_stats")`` returns each worker's statistics and
+worker, so ``llm.collective_rpc("token_recycling_stats")`` returns each worker's statistics (its
+proposer's GenerationStats as a dict, with ``acceptance``; live states; the step-cost fit) and
 ``llm.collective_rpc("token_recycling_save", args=(path,))`` saves the matrix.
 """
 
@@ -21,7 +22,8 @@ class TokenRecyclingWorkerExtension:
     def token_recycling_stats(self) -> dict:
         proposer = self._token_recycling_proposer()
         return dict(proposer.stats.as_dict(), live_states=len(proposer._states), state_bytes=proposer.state_bytes,
-                    matrix_rows_filled=int((proposer.matrix.table != 0).any(-1).sum()))
+                    matrix_rows_filled=int((proposer.matrix.table != 0).any(-1).sum()), step_cost=proposer.cost.state(),
+                    price=proposer.cost.price())
 
     def token_recycling_save(self, path: str) -> bool:
         proposer = self._token_recycling_proposer()
