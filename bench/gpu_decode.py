@@ -41,7 +41,6 @@ import os
 import statistics
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -323,7 +322,7 @@ def forward_cost(model, shape: str, prefixes, sizes, reps: int, device: str, sin
         static = None
         for path, tree_attention, use_static, on_device in TREE_PATHS:
             if tree_attention:
-                TokenRecycler(model, tree="paper-8", tree_attention=True)  # switches the backend in place
+                hf_attention.use_tree_attention(model)  # the backend a recycler enters during its calls
             else:
                 model.set_attn_implementation("sdpa")
             if use_static and static is None:  # one static cache (room for the largest tree) for both rows
@@ -333,11 +332,11 @@ def forward_cost(model, shape: str, prefixes, sizes, reps: int, device: str, sin
             at_prefix = torch.tensor([prefix], device=device) if on_device else prefix
             for n in sizes:
                 tree = tree_of(n, device)
-                draft = SimpleNamespace(tokens=torch.randint(3, vocab, (1, n), device=device), mask=tree.mask,
-                                        depths=tree.depths)
+                tokens = torch.randint(3, vocab, (1, n), device=device)
 
                 def tree_step():
-                    hf_model.forward_tree(model, draft, at_prefix, run_cache, tree_attention, kw)
+                    hf_model.forward_tree(model, tokens, tree.depths.view(1, -1), tree.mask.view(1, n, n), at_prefix,
+                                          run_cache, tree_attention, kw)
                     kv.trim(run_cache, n)
 
                 if on_device and device == "cuda":  # as in the decode loop: the kernels' checks wait for

@@ -53,7 +53,7 @@ def measure(model, prefix: int, tree_attention: bool, steps: int, device: str, g
 
     events, step_seconds, sync_marks = [], [], []
     caught: list = []
-    real_forward, real_done = rec._forward, rec.drafter.step_done
+    real_forward, real_done = rec._decoder._forward, rec.drafter.step_done
 
     def timed_forward(*args, **kwargs):
         if device != "cuda":
@@ -73,7 +73,7 @@ def measure(model, prefix: int, tree_attention: bool, steps: int, device: str, g
         sync_marks.append(len(caught))
         return real_done(seconds, *args, **kwargs)
 
-    rec._forward, rec.drafter.step_done = timed_forward, done
+    rec._decoder._forward, rec.drafter.step_done = timed_forward, done
     with warnings.catch_warnings(record=True) as caught_list:
         warnings.simplefilter("always")
         caught = caught_list

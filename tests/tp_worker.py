@@ -46,8 +46,8 @@ def main(out_dir: str, folders: list[str]) -> None:
                                         "seconds": time.perf_counter() - start}
         rec = TokenRecycler(models[0])
         if rank == 1:  # a per-rank decision gone wrong: rank 1 drafts a smaller tree
-            draft = rec.drafter.draft
-            rec.drafter.draft = lambda state, root: draft(state, root).truncate(2)
+            draft_rows = rec.drafter.draft_rows
+            rec.drafter.draft_rows = lambda *args: [d.truncate(2) for d in draft_rows(*args)]
         try:
             rec.generate(torch.tensor([prompts[0]]), max_new_tokens=MAX_NEW_TOKENS)
         except RuntimeError as exc:
