@@ -178,3 +178,34 @@ def test_a_batch_adds_every_rows_output_to_the_recent_history():
     got = rec.generate(ids, attention_mask=mask, max_new_tokens=12)
     rows = [got[b, ids.shape[1]:] for b in range(2)]
     assert rec.drafter.recent.tokens.tolist() == torch.cat(rows).tolist()
+
+
+@pytest.mark.parametrize("tree_attention", [True, False])
+def test_static_cache_with_a_batch(tree_attention):
+    """cache_implementation="static" at B > 1 (HF batched greedy over its own static cache), through the
+    tree kernel's per-row prefixes and through dense masks over the static buffer; a row finishing early
+    leaves the static layers too."""
+    reference, model = private_copy("llama")
+    prompts = _prompts(model.config.vocab_size, [4, 19, 9])
+    ids, mask = _batch(prompts)
+    first = reference.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False)[:, -1]
+    eos = int(first[1])  # row 1 stops at its first token: the batch shrinks at once
+    want = reference.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False,
+                              cache_implementation="static", eos_token_id=eos)
+    rec = TokenRecycler(model, tree="paper-16", tree_attention=tree_attention)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, custom_generate=rec,
+                         cache_implementation="static", eos_token_id=eos)
+    assert torch.equal(got, want)
+    assert max(s.mean_accepted for s in rec.stats.rows) > 1.0, "no draft accepted: compaction not exercised"
+
+
+def test_one_row_only_options_are_refused_for_a_batch():
+    model = tiny_model("llama")
+    ids, mask = _batch(_prompts(model.config.vocab_size, [3, 5]))
+    with pytest.raises(ValueError, match="streamer works with one unpadded sequence"):
+        TokenRecycler(model).generate(ids, attention_mask=mask, streamer=object())
+    with pytest.raises(NotImplementedError, match="cuda_graphs=True decodes one row at a time"):
+        TokenRecycler(model, cuda_graphs=True).generate(ids, attention_mask=mask, max_new_tokens=4)
+    window = tiny_model("mistral-window")
+    with pytest.raises(NotImplementedError, match="sliding-window models are decoded one row at a time"):
+        TokenRecycler(window).generate(ids, attention_mask=mask, max_new_tokens=4)

@@ -142,6 +142,28 @@ def test_one_sync_per_step(case, monkeypatch):
     assert mode.reads == [], "device values read outside the step's sync:\n" + "\n".join(mode.reads)
 
 
+@pytest.mark.parametrize("tree", ["paper-16", "auto"])
+def test_one_sync_per_step_for_a_batch(tree, monkeypatch):
+    """Rows of different lengths (left-padded), one of them finishing early: still one sync per step
+    for the whole batch, and nothing else read back."""
+    reference, model = sdpa_copy()
+    g = torch.Generator().manual_seed(2)
+    lengths = (9, 3, 14)
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        ids[b, ids.shape[1] - n:] = torch.randint(3, model.config.vocab_size, (n,), generator=g)
+        mask[b, ids.shape[1] - n:] = 1
+    want = reference.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
+    rec = TokenRecycler(model, tree=tree)
+    with tracked(model, ids, monkeypatch) as mode, _testing.counting() as counts:
+        got = rec.generate(ids, attention_mask=mask, max_new_tokens=40)
+    assert torch.equal(got, want)
+    assert rec.stats.steps > 1 and max(r.mean_accepted for r in rec.stats.rows) > 1.0
+    assert counts.syncs == rec.stats.steps  # once per step, whatever B is
+    assert mode.reads == [], "device values read outside the step's sync:\n" + "\n".join(mode.reads)
+
+
 def test_sampling_one_sync_per_step(monkeypatch):
     """The sampling walk goes through the same point (its uniforms consumed once the count is back):
     same output as an untracked run with the same seed, one sync per step, no other read."""
