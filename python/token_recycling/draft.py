@@ -33,6 +33,9 @@ from .policy import CANDIDATES, DEFAULT_CHAIN_PRICE, Plan, Policy, StepCost
 from .tree import DraftTree, TreeSpec, make_tree
 
 
+MAX_FORWARD_TOKENS = 512  # a batch's cost curve is timed up to this many tokens per forward (rows x nodes)
+
+
 @dataclass(frozen=True)
 class Draft:
     """One step's draft: ``tokens [1, M]`` with node 0 the root; ``parents [M]`` (int32),
@@ -317,16 +320,19 @@ class Drafter:
 
     # ------------------------------------------------------------------ the cost curve
     def tune(self, time_forward: Callable[[int], None], prefix: int, capacity: int | None,
-             cost: StepCost | None = None) -> None:
+             cost: StepCost | None = None, rows: int = 1) -> None:
         """Measure the forward cost curve ``cost`` (default the policy's own; ``time_forward(n)``: one
-        verification-shaped forward of n tokens per row, cache restored) when none is measured yet or
-        the context outgrew it. Needs room for 3+ sizes in a static cache."""
+        verification-shaped forward of n tokens for each of ``rows`` rows, cache restored) when none is
+        measured yet or the context outgrew it. Needs room for 3+ sizes in a static cache. A batch
+        times sizes up to MAX_FORWARD_TOKENS tokens in all (past them the last slope goes on)."""
         if self.policy is None:
             return
         cost = cost or self.policy.cost
         if not cost.needs_measuring(prefix):
             return
-        fits = lambda n: capacity is None or prefix + n <= capacity  # noqa: E731
+        def fits(n: int) -> bool:
+            return (capacity is None or prefix + n <= capacity) and (n * rows <= MAX_FORWARD_TOKENS or n <= 4)
+
         if cost.measured:  # the context outgrew the curve: a few sizes rescale it
             sizes = [n for n in REMEASURE_SIZES if fits(n)]
             if not sizes:  # the static cache is all but full

@@ -118,8 +118,8 @@ class Decoder:
         active, length = self._drop_finished(rows, cache, length)  # rows whose first token ended them
         cost = self.cost(len(active))
         if active:
-            drafter.tune(lambda n: self._timed_dummy_forward(active, cache, length, n), min(r.cached for r in active),
-                         kv.static_capacity(cache), cost)
+            drafter.tune(lambda n: self._timed_dummy_forward(active, cache, length, n), length,
+                         kv.static_capacity(cache), cost, rows=len(active))
         steps = 0
         # The prefix length on the device, for the kernels that read it there (graph steps, one row).
         prefix_len = torch.tensor([r.cached for r in active], dtype=torch.long, device=rec.device)
@@ -165,9 +165,10 @@ class Decoder:
                     active, length = self._drop_finished(active, cache, length)
                     if active:
                         prefix_len = torch.tensor([r.cached for r in active], dtype=torch.long, device=rec.device)
-                        cost = self.cost(len(active))
-                        drafter.tune(lambda n: self._timed_dummy_forward(active, cache, length, n),
-                                     min(r.cached for r in active), kv.static_capacity(cache), cost)
+                        # A curve already measured for the smaller batch, else the wider batch's (nodes
+                        # cost no less with fewer rows): measuring inside a call would cost more than it saves.
+                        narrower = self.cost(len(active))
+                        cost = narrower if narrower is not None and narrower.measured else cost
             step_sync.finish()
         return steps
 
@@ -186,9 +187,10 @@ class Decoder:
         return drafts, max(d.size for d in drafts)
 
     def _forward(self, rows: list[Row], drafts: list[Draft], cache, length: int, forwarded: int,
-                 prefix_len: torch.Tensor) -> torch.Tensor:
+                 prefix_len: torch.Tensor, graphs: bool = True) -> torch.Tensor:
+        """Logits [B, N, V] of every row's draft (graph steps: one row, padded to a bucket)."""
         rec = self.rec
-        if rec.graph is not None:
+        if rec.graph is not None and graphs:
             return rec.graph.forward(drafts[0], prefix_len, cache, forwarded)
         tokens, depths, tree = pad_drafts(drafts)
         if len(rows) == 1:
@@ -232,7 +234,7 @@ class Decoder:
         """A verification-shaped forward: every row forwards a chain of n nodes; the cache restored."""
         device = self.rec.device
         drafts = [chain_draft(r.root, n, device) for r in rows]
-        self._forward(rows, drafts, cache, length, n, torch.tensor([r.cached for r in rows], device=device))
+        self._forward(rows, drafts, cache, length, n, None, graphs=False)  # never captured: n is any size
         sync(device)
         kv.trim(cache, n)
 
