@@ -1,10 +1,11 @@
 """``token-recycling bench --batch-size 1,2,4,8``: batched Token Recycling against HF batched greedy.
 
 For each batch size B the prompts (first turns) are taken B at a time, left-padded, and decoded by
-``model.generate(batch, attention_mask=..., do_sample=False)`` and by one hot ``TokenRecycler``
+``model.generate(batch, attention_mask=..., do_sample=False)`` and by a ``TokenRecycler``
 (``rec.generate(batch, attention_mask=...)``), the order alternating from batch to batch, after one
 warm-up batch per batch size that is not counted (the auto tree measures its forward-cost curve
-once per batch size: that happens there). Throughput is the whole batch's: new tokens of every row (up to
+once per batch size: that happens there). The recycler is reset before and after each size's
+warm-up: it learns across the batches of one size, as a server would, but never sees a prompt twice. Throughput is the whole batch's: new tokens of every row (up to
 and including its EOS, padding not counted) over the batch's seconds. Every row is compared with
 greedy's, token for token (in fp32 any difference is a bug). The tree sizes the auto policy chose
 are reported per batch size (mean nodes forwarded per row per step).
@@ -77,10 +78,15 @@ def run(model, tokenizer, rec, prompts, batch_sizes: list[int], max_new_tokens: 
     device = model.device
     samples = []
     for size in batch_sizes:
+        # Every batch size starts from a cold matrix and no remembered outputs: the same prompts run at
+        # every size, and a recycler that had seen them would copy its own earlier answers. The cost
+        # curves measured in the warm-up stay (reset() keeps what the hardware costs).
+        rec.reset()
         if warmup:
             warm = padded_batch(tokenizer, prompts[:size], chat_template, device)
             for method in ("greedy", "ours"):
                 run_batch(method, model, rec, warm, min(max_new_tokens, 16))
+            rec.reset()
         for i in range(0, len(prompts) - size + 1, size):
             inputs = padded_batch(tokenizer, prompts[i:i + size], chat_template, device)
             order = ("greedy", "ours") if len(samples) % 2 == 0 else ("ours", "greedy")
