@@ -126,11 +126,13 @@ class RandomPlans:
     KINDS = [(1, 0), (1, 1), (1, 2), (8, 0), (8, 1), (8, 2), (40, 2), (2, 1), (0, 0), (0, 1)]  # (tree nodes, chains)
 
     def __init__(self, policy, seed):
-        self.policy, self.rng, self.decide = policy, random.Random(seed), policy.decide
+        self.policy, self.rng, self.decide_rows = policy, random.Random(seed), policy.decide_rows
         self.kinds, self.step = set(), 0
 
-    def __call__(self, candidates, run, cost=None):
-        plan = self.decide(candidates, run, cost)  # a real decision (refreshes the tree order)
+    def __call__(self, rows, cost=None):
+        return [self.forced(candidates, plan) for (candidates, _), plan in zip(rows, self.decide_rows(rows, cost))]
+
+    def forced(self, candidates, plan):  # plan: a real decision (it refreshes the tree order)
         nodes, want = self.KINDS[self.step % len(self.KINDS)]
         self.step += 1
         chains = [t[: self.rng.randint(1, len(t))] if i < want else [] for i, (t, *_) in enumerate(candidates[:2])]
@@ -144,7 +146,7 @@ def test_every_decision_path_is_lossless(arch):
     rec = TokenRecycler(model)  # the defaults: tree="auto", n-gram candidates
     rec.drafter.policy.cost.set_curve(CostModel([1, 128], [1.0, 2.0], context=10**6))  # skip measuring (speed)
     plans = RandomPlans(rec.drafter.policy, seed=1)
-    rec.drafter.policy.decide = plans
+    rec.drafter.policy.decide_rows = plans
     prompts = [[50, 51, 52, 50, 51], [7, 8, 9, 7, 8, 10, 7, 8, 9, 7, 8], list(range(20, 40)) * 2]
     for ids in prompts:
         ids = torch.tensor([ids])
@@ -244,3 +246,33 @@ def test_decide_chain_takes_the_best_chain_for_its_price():
     assert policy.decide_chain([], 0, 6, 0.0).tree_nodes == 6  # free tokens: the whole budget
     plan = policy.decide_chain([([1, 2, 3], 4)], 0, 6, 1e3)
     assert plan.tree_nodes == 0 and plan.chains == []  # nothing pays at that price
+
+
+def _plan_size(plan):
+    return 1 + plan.tree_nodes + plan.chain_tokens
+
+
+def test_a_batch_chooses_one_size_and_roots_alone_where_drafting_does_not_pay():
+    from token_recycling.auto_tree import CostModel
+    from token_recycling.policy import Policy, StepCost
+    policy = Policy(8, max_chain=10, max_ngram=4)
+    trusted = [(list(range(20, 30)), 4)]
+    rows = [(trusted, 4)] + [([], 0)] * 7  # one row with a long match, seven without
+
+    flat = StepCost()
+    flat.set_curve(CostModel([1, 128], [1.0, 1.05]))  # more nodes cost next to nothing: draft
+    plans = policy.decide_rows(rows, flat)
+    sizes = [_plan_size(p) for p in plans]
+    assert max(sizes) > 1 and plans[0].chain_tokens > 0
+    assert all(s <= max(sizes) for s in sizes)
+
+    steep = StepCost()
+    steep.set_curve(CostModel([1, 2, 128], [1.0, 1.9, 120.0]))  # each node nearly doubles the forward
+    plans = policy.decide_rows(rows, steep)
+    assert [_plan_size(p) for p in plans] == [1] * len(rows)  # the batch runs as batched greedy does
+    assert plans[0].candidates == [trusted[0][0]]  # its candidate is still scored after the step
+
+    # One row alone with the same curve may still draft its trusted chain: the batch's choice is the batch's.
+    alone = policy.decide_rows(rows[:1], steep)[0]
+    assert alone.expected / steep(_plan_size(alone)) >= 1.0 / steep(1)
+    assert policy.decide(*rows[0], cost=steep).chains == alone.chains  # decide is decide_rows of one row

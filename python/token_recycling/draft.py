@@ -237,16 +237,14 @@ class Drafter:
 
     def draft_rows(self, states: list[DraftState], roots: list[torch.Tensor],
                    cost: StepCost | None = None) -> list[Draft]:
-        """One draft per row, forwarded together. With the policy each row's plan is chosen against
-        ``cost``, the curve of a forward of ``len(states)`` rows; then the batch drafts at all only
-        where its expected tokens per second beat every row forwarding its root alone (a wide batch
-        on a compute-bound device: the step runs as batched greedy does)."""
+        """One draft per row, forwarded together. With the policy the plans are chosen together
+        (Policy.decide_rows) against ``cost``, the curve of a forward of ``len(states)`` rows: one
+        size for the batch, roots alone where drafting does not pay (a wide batch on a compute-bound
+        device then runs as batched greedy does)."""
         if self.policy is None:
             return [self._build(root, self.tree, self._fixed_chains(state)).to(self.device)
                     for state, root in zip(states, roots)]
-        plans = [self.policy.decide(self._candidates(state), state.run, cost) for state in states]
-        if len(plans) > 1 and not self.policy.batch_drafts(plans, cost):
-            plans = [plan.root_only() for plan in plans]
+        plans = self.policy.decide_rows([(self._candidates(state), state.run) for state in states], cost)
         drafts = []
         for plan, root in zip(plans, roots):
             self.tree = self._tree_of(self.policy.tree_paths(plan.tree_nodes))

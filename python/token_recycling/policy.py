@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -76,10 +76,6 @@ class Plan:
     @property
     def chain_tokens(self) -> int:
         return sum(len(c) for c in self.chains)
-
-    def root_only(self) -> "Plan":
-        """The same step forwarding its root alone (its candidates are still scored)."""
-        return replace(self, tree_nodes=0, chains=[], expected=1.0)
 
 
 class ChainStats:
@@ -215,11 +211,49 @@ class Policy:
         first (at most CANDIDATES used); run: how many tokens of the last step's first candidate the
         model produced; cost: the step-cost curve to weigh against (default: this policy's own, one
         row's)."""
+        return self.decide_rows([(candidates, run)], cost)[0]
+
+    def decide_rows(self, rows: list[tuple[list[tuple], int]], cost: StepCost | None = None) -> list[Plan]:
+        """One plan per row of a batch forwarded together: ``rows`` holds each row's (candidates, run)
+        as :meth:`decide` takes them. The forward pads every row to the largest draft, so the batch
+        chooses one size M (nodes per row, root included) maximising the tokens the rows expect, each
+        from its best plan of at most M nodes, per second of a forward of M nodes per row; then every
+        row takes that plan. M = 1 (roots alone) is a choice: a wide batch on a compute-bound device
+        then runs as batched greedy does. With one row this is expected / seconds over its plans."""
         cost = cost or self.cost
         start = time.perf_counter()
         if self.steps_since >= self.retune_every:
             self.refresh()
         self.steps_since += 1
+        grids = [self._grid(candidates, run) for candidates, run in rows]
+        top = max(int(g["size"].max()) for g in grids)
+        best = np.zeros((len(grids), top + 1))  # [row, M]: the row's best expected tokens with <= M nodes
+        for b, g in enumerate(grids):
+            np.maximum.at(best[b], g["size"].ravel(), g["expected"].ravel())
+            best[b] = np.maximum.accumulate(best[b])
+        sizes = np.arange(1, top + 1)
+        seconds = np.asarray(cost(sizes), dtype=np.float64)
+        value = best[:, 1:].sum(0) / seconds
+        m = int(sizes[int(np.argmax(value))])
+        self.last_value = float(value.max()) / len(grids)
+        elapsed = (time.perf_counter() - start) / len(grids)
+        plans = []
+        for g in grids:
+            # The row's most expected tokens within M nodes; among equals, the smallest draft.
+            score = np.where(g["size"] <= m, g["expected"] - 1e-9 * g["size"], -np.inf)
+            i, j, k = np.unravel_index(int(np.argmax(score)), score.shape)
+            cands = g["cands"]
+            chains = [t[:length] for (t, _, _), length in zip(cands, (j, k))]
+            plan = Plan(int(self.budgets[i]), chains, [t for t, _, _ in cands], g["buckets"],
+                        cands[0][1] if cands else 0, float(g["expected"][i, j, k]), float(seconds[m - 1]),
+                        recent=bool(cands and cands[0][2]))
+            plan.decision_seconds = elapsed
+            plans.append(plan)
+        return plans
+
+    def _grid(self, candidates: list[tuple], run: int) -> dict:
+        """A row's choices: expected tokens and nodes forwarded (root included) over the grid of
+        (matrix tree size, first chain length, second chain length)."""
         cands = [(c[0], c[1], bool(c[2]) if len(c) > 2 else False) for c in candidates[:CANDIDATES]
                  if c[0] and self.max_chain]
         buckets = [self.chain.bucket(i, n, run, recent) for i, (_, n, recent) in enumerate(cands)]
@@ -230,38 +264,19 @@ class Policy:
         # tokens differ they are right on disjoint steps, and the tree pays where neither is.
         p1 = np.where(np.arange(len(e1)) > 0, e1[min(1, len(e1) - 1)], 0.0)  # [c1]
         p2 = np.where(np.arange(len(e2)) > 0, e2[min(1, len(e2) - 1)], 0.0)  # [c2]
-        # value[n, c1, c2] = expected / seconds over the whole grid.
         n = self.budgets[:, None, None]
         c1 = np.arange(len(e1))[None, :, None]
         c2 = np.arange(len(e2))[None, None, :]
         neither = np.clip(1.0 - p1[None, :, None] - p2[None, None, :], 0.0, 1.0)
         expected = 1.0 + e1[None, :, None] + e2[None, None, :] + neither * self.tree_gain[:, None, None]
-        seconds = cost(1 + n + c1 + c2)
-        value = expected / seconds
-        i, j, k = np.unravel_index(int(np.argmax(value)), value.shape)
-        self.last_value = float(value[i, j, k])
-        chains = [t[:length] for (t, _, _), length in zip(cands, (j, k))]
-        plan = Plan(int(self.budgets[i]), chains, [t for t, _, _ in cands], buckets, cands[0][1] if cands else 0,
-                    float(expected[i, j, k]), float(seconds[i, j, k]), recent=bool(cands and cands[0][2]))
-        plan.decision_seconds = time.perf_counter() - start
-        return plan
+        size = np.broadcast_to(1 + n + c1 + c2, expected.shape)
+        return {"expected": expected, "size": size, "cands": cands, "buckets": buckets}
 
     # ------------------------------------------------------------------ learning
     def score_plan(self, plan: Plan, actual: list[int]) -> int:
         """Scores the plan's candidates against the produced tokens; returns the first one's run."""
         runs = [self.chain.score(b, t, actual) for b, t in zip(plan.buckets, plan.candidates)]
         return runs[0] if runs else 0
-
-    def batch_drafts(self, plans: list[Plan], cost: StepCost | None = None) -> bool:
-        """Whether a batch of rows with these plans should draft at all: the forward pads every row to
-        the largest draft, so the batch's expected tokens over the time of that forward must beat
-        every row forwarding its root alone (one token each at the time of a one-node forward)."""
-        cost = cost or self.cost
-        size = max(1 + p.tree_nodes + p.chain_tokens for p in plans)
-        if size == 1:
-            return True
-        drafting = sum(p.expected for p in plans) / float(cost(size))
-        return drafting > len(plans) / float(cost(1))
 
     def predicted_speedup(self) -> float | None:
         if not self.cost.measured:
