@@ -1,4 +1,4 @@
-"""tree_attention / tree_attention_lse with rows of different lengths (batch.py): one tree per row
+"""tree_attention / tree_attention_lse with rows of different lengths (a batch, step.py): one tree per row
 ([B, N, N] masks) and the tree block at one common slot (tree_start) after per-row prefixes."""
 
 import pytest

@@ -17,7 +17,7 @@ verification forward of SmolLM2-135M about 3 ms. The decode loop's CPU default s
 mask to our kernel where its vectorized CPU path runs (``cpu_kernel_vectorized``: "tree-kernel"),
 else the dense mask through ``gqa_sdpa`` ("dense-gqa").
 
-Batches of rows of different lengths (batch.py): ``attention_mask`` is ``[B, 1, N, N]`` with one
+Batches of rows of different lengths (step.py, cache.py): ``attention_mask`` is ``[B, 1, N, N]`` with one
 tree per row, ``tree_prefix_len`` a LongTensor ``[B]`` (row b's cached tokens, at ``[0, P_b)``) and
 ``tree_start`` (``START_KWARG``) the int slot where every row's tree block begins (the cache length
 before the forward, ``>= max P_b``); keys between a row's prefix and ``tree_start`` are never
@@ -99,7 +99,7 @@ def tree_mask_of(attention_mask: torch.Tensor | None, query: torch.Tensor,
     if tuple(attention_mask.shape[1:]) != (1, n, n) or key.shape[2] < n:
         return None
     if attention_mask.shape[0] != 1 and attention_mask.stride(0) != 0:
-        return attention_mask[:, 0] if per_row else None  # one tree per row (batch.py), else a padding mask
+        return attention_mask[:, 0] if per_row else None  # one tree per row (step.py), else a padding mask
     return attention_mask[0, 0]
 
 

@@ -148,7 +148,7 @@ class TokenRecycler:
 
         Returns a LongTensor [B, prompt + new]. Stops at `max_new_tokens` or at an EOS token
         (default: the model's generation_config.eos_token_id), which is included. A batch (B > 1)
-        or a padded row must be left-padded with `attention_mask` (batch.py); rows that stop early
+        or a padded row must be left-padded with `attention_mask` (step.py); rows that stop early
         are filled with the model's pad_token_id (else the first EOS id), as generate() does.
         """
         from transformers.generation.stopping_criteria import (EosTokenCriteria, MaxLengthCriteria,

@@ -57,10 +57,6 @@ class Pending:
             self.settle(n)
         return Verdict(self.accept_len, self.accepted_nodes[:, :n], nodes[:n], self.emitted[:n], emitted[:n])
 
-    def resolve_here(self) -> Verdict:
-        """The verdict with copies of its own (for loops without a designated step sync: batch.py)."""
-        return self.resolve(*[t.reshape(-1).cpu() for t in self.device_parts()])
-
 
 def pending(tokens: torch.Tensor, accept_len: torch.Tensor, nodes: torch.Tensor, bonus: torch.Tensor,
             settle: Callable[[int], None] | None = None) -> Pending:
