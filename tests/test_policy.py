@@ -276,3 +276,23 @@ def test_a_batch_chooses_one_size_and_roots_alone_where_drafting_does_not_pay():
     alone = policy.decide_rows(rows[:1], steep)[0]
     assert alone.expected / steep(_plan_size(alone)) >= 1.0 / steep(1)
     assert policy.decide(*rows[0], cost=steep).chains == alone.chains  # decide is decide_rows of one row
+
+
+def test_expected_gains_follow_what_drafted_steps_produced():
+    policy = Policy(8, max_chain=10, max_ngram=4)
+    trusted = [(list(range(20, 30)), 4)]
+    before = policy.decide(trusted, run=4)
+    assert policy.calibration == 1.0 and before.expected > 1.0
+    for _ in range(31):
+        policy.record_outcome(Plan(3, [], expected=3.0), produced=2)  # one extra token where two were expected
+    assert policy.calibration == 1.0  # not before 32 drafted plans
+    policy.record_outcome(Plan(0, [], expected=1.0), produced=1)  # the root alone teaches nothing
+    assert len(policy.outcomes) == 31
+    policy.record_outcome(Plan(3, [], expected=3.0), produced=2)
+    assert policy.calibration == pytest.approx(0.5)
+    after = policy.decide(trusted, run=4)
+    assert after.expected - 1.0 == pytest.approx(0.5 * (before.expected - 1.0), rel=1e-6) or \
+        after.expected < before.expected  # the same plan's gain halves, or a smaller plan is chosen
+    for _ in range(300):  # plans drafted with the scaled estimate: the raw estimate is what is compared
+        policy.record_outcome(Plan(3, [], expected=1.0 + policy.calibration * 2.0), produced=3)
+    assert policy.calibration == pytest.approx(1.0)
