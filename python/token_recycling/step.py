@@ -76,7 +76,7 @@ class Decoder:
         rec = self.rec
         start = time.perf_counter()
         rows = self._prefill(input_ids, pads, cache, verifier, stopping, streamer, capacity)
-        steps = self._loop(rows, cache, capacity)
+        steps = self._loop(rows, cache)
         if rec.graph is not None:
             rec.graph.release()
         for row in rows:  # later requests' n-grams search these outputs
@@ -112,11 +112,11 @@ class Decoder:
             rows.append(row)
         return rows
 
-    def _loop(self, rows: list[Row], cache, capacity: int) -> int:
+    def _loop(self, rows: list[Row], cache) -> int:
         rec, drafter = self.rec, self.rec.drafter
         length = max(r.cached for r in rows)  # the cache's length (slots), kept on the host
         active, length = self._drop_finished(rows, cache, length)  # rows whose first token ended them
-        cost = self.cost(len(active))
+        cost, cost_rows = self.cost(len(active)), len(active)  # the curve, and the batch size it is of
         if active:
             drafter.tune(lambda n: self._timed_dummy_forward(active, cache, length, n), length,
                          kv.static_capacity(cache), cost, rows=len(active))
@@ -129,8 +129,9 @@ class Decoder:
                 t_step = time.perf_counter()
                 batch = len(active)
                 drafts = drafter.draft_rows([r.state for r in active], [r.root for r in active], cost)
-                drafts, forwarded = self._fit(cache, length, drafts, capacity)
-                distributed.check_draft(drafts[0], steps)  # tensor parallel: a desync is an error, not a hang
+                drafts, forwarded = self._fit(cache, length, drafts)
+                for draft in drafts:  # tensor parallel: a desync is an error, not a hang
+                    distributed.check_draft(draft, steps)
                 kv.check_cache(cache, forwarded)
                 timer.start()
                 logits = self._forward(active, drafts, cache, length, forwarded, prefix_len)
@@ -160,7 +161,8 @@ class Decoder:
                 if batch == 1:
                     prefix_len = prefix_len + verdicts[0].accept_len[:1]  # on the device: no sync
                 steps += 1
-                drafter.step_done(time.perf_counter() - t_step, timer.seconds(), forwarded, cost)
+                if batch == cost_rows:  # a narrower batch's times would bend the wider batch's curve
+                    drafter.step_done(time.perf_counter() - t_step, timer.seconds(), forwarded, cost)
                 if any(r.done for r in active):
                     active, length = self._drop_finished(active, cache, length)
                     if active:
@@ -168,12 +170,13 @@ class Decoder:
                         # A curve already measured for the smaller batch, else the wider batch's (nodes
                         # cost no less with fewer rows): measuring inside a call would cost more than it saves.
                         narrower = self.cost(len(active))
-                        cost = narrower if narrower is not None and narrower.measured else cost
+                        if narrower is not None and narrower.measured:
+                            cost, cost_rows = narrower, len(active)
             step_sync.finish()
         return steps
 
     # ------------------------------------------------------------------ the step's parts
-    def _fit(self, cache, length: int, drafts: list[Draft], capacity: int) -> tuple[list[Draft], int]:
+    def _fit(self, cache, length: int, drafts: list[Draft]) -> tuple[list[Draft], int]:
         """(the drafts that fit the cache, how many slots the forward writes). A static cache forwards
         only the first nodes that fit; graph steps (one row) pad to a bucket size."""
         if self.rec.graph is not None:
