@@ -182,11 +182,7 @@ class Decoder:
         if self.rec.graph is not None:
             draft, size = self.rec.graph.fit(cache, length, drafts[0])
             return [draft], size or draft.size
-        room = kv.room(cache, length)
-        if room is not None:
-            if room < 1:
-                raise ValueError(f"the static cache ({kv.static_capacity(cache)} positions) is full at {length} tokens")
-            drafts = [d.truncate(room) if d.size > room else d for d in drafts]
+        drafts = [kv.fit(cache, length, d) for d in drafts]  # every row's tree starts at the same slot
         return drafts, max(d.size for d in drafts)
 
     def _forward(self, rows: list[Row], drafts: list[Draft], cache, length: int, forwarded: int,
