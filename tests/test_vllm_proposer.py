@@ -46,16 +46,21 @@ def oracle_matrix(log, topk: int) -> torch.Tensor:
 def prompts(rng, n, length=12):
     return [rng.integers(0, VOCAB, length).tolist() for _ in range(n)]
 
+def serve(proposer, model, seed: int, requests: int, tokens: int):
+    """``requests`` random prompts through the fake engine until every one has ``tokens`` new tokens."""
+    engine = FakeEngine(proposer, model)
+    reqs = [Request(i, p, tokens) for i, p in enumerate(prompts(np.random.default_rng(seed), requests))]
+    for r in reqs:
+        engine.add(r)
+    run_engine(engine)
+    return engine, reqs
+
+
 
 # ---------------------------------------------------------------------------- the whole loop
 def test_greedy_output_and_paper_recycling_with_a_steady_batch():
     proposer, model = make()
-    rng = np.random.default_rng(1)
-    engine = FakeEngine(proposer, model)
-    reqs = [Request(i, p, 40) for i, p in enumerate(prompts(rng, 3))]
-    for r in reqs:
-        engine.add(r)
-    run_engine(engine)
+    engine, reqs = serve(proposer, model, seed=1, requests=3, tokens=40)
     for r in reqs:
         assert r.output == model.greedy(r.prompt, 40)
     assert torch.equal(proposer.matrix.table, oracle_matrix(engine.log, proposer.options.topk))
@@ -144,12 +149,7 @@ def test_a_step_without_propose_leaves_its_capture_behind_unused():
 
 def test_accepted_mode_learns_every_transition():
     proposer, model = make(recycle="accepted")
-    rng = np.random.default_rng(7)
-    engine = FakeEngine(proposer, model)
-    reqs = [Request(i, p, 30) for i, p in enumerate(prompts(rng, 2))]
-    for r in reqs:
-        engine.add(r)
-    run_engine(engine)
+    engine, reqs = serve(proposer, model, seed=7, requests=2, tokens=30)
     assert proposer.stats.recycled_topk == 0 and proposer.stats.unmapped_steps == 0
     # Replay: per step (the first is skipped), every pair (token, next) read from the table as it was
     # before the step and shifted in; when a token occurs twice in a step the last pair wins.
@@ -186,24 +186,14 @@ def test_a_repeating_context_is_drafted_from_its_ngrams_and_accepted():
 def test_a_prohibitive_price_drafts_nothing_and_stays_lossless():
     proposer, model = make()
     proposer.cost.price = lambda: 1e9  # a step so compute-bound that no draft token pays
-    rng = np.random.default_rng(14)
-    engine = FakeEngine(proposer, model)
-    reqs = [Request(i, p, 20) for i, p in enumerate(prompts(rng, 3))]
-    for r in reqs:
-        engine.add(r)
-    run_engine(engine)
+    engine, reqs = serve(proposer, model, seed=14, requests=3, tokens=20)
     assert all(r.output == model.greedy(r.prompt, 20) for r in reqs)
     assert proposer.stats.drafts == 0 and engine.draft_tokens == 0
 
 
 def test_a_fitted_step_cost_keeps_the_loop_lossless_and_consistent():
     proposer, model = make(fit_cost=True)
-    rng = np.random.default_rng(15)
-    engine = FakeEngine(proposer, model)
-    reqs = [Request(i, p, 60) for i, p in enumerate(prompts(rng, 4))]
-    for r in reqs:
-        engine.add(r)
-    run_engine(engine)
+    engine, reqs = serve(proposer, model, seed=15, requests=4, tokens=60)
     assert all(r.output == model.greedy(r.prompt, 60) for r in reqs)
     assert proposer.cost.samples  # decode-only steps were timed
     assert_counts_match_the_engine(proposer, engine)
