@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# The calibration cache (calibration.py) would make routing and cost curves depend on timings taken
+# on this machine earlier, and would write to the user's cache folder: tests run without it, and
+# test_calibration.py turns it on in a temporary folder.
+os.environ["TOKEN_RECYCLING_CALIBRATION"] = "off"
 
 
 @pytest.fixture(autouse=True)

@@ -59,10 +59,10 @@ class TokenRecycler:
             forward is captured once per generate() call and replayed; elsewhere, or where capture is
             impossible (``rec.graph.uncaptured_reason``), the same forward runs uncaptured.
         skinny_linear: during generate(), the model's float32 or bf16 CPU ``nn.Linear`` layers take
-            ``ops.skinny_linear`` for forwards of 1..12 tokens (skinny.py: a forward of up to 4 tokens
-            then costs about what torch's one-token forward does, instead of 1.7-2x). None (default):
-            on where it applies and this CPU has its AVX2/FMA path. The model is restored after each
-            call.
+            ``ops.skinny_linear`` for forwards of a few tokens (skinny.py: a forward of up to 4 tokens
+            then costs about what torch's one-token forward does, instead of 1.7-2x), up to a row count
+            measured per layer shape on this machine and cached (calibration.py). None (default): on
+            where it applies and this CPU has its AVX2/FMA path. The model is restored after each call.
     """
 
     def __init__(self, model, tree: TreeSpec = "auto", topk: int = 8, *, seed_from_prompt: bool = False,
@@ -84,6 +84,7 @@ class TokenRecycler:
         self.graph = GraphStep(model, self._cache_kwarg) if cuda_graphs else None
         self._decoder = Decoder(self)
         self.skinny_linear = self._setup_skinny_linear(skinny_linear)
+        self._routing: dict[int, dict[str, int] | None] = {}  # threads -> skinny_linear's row limits
 
     # The drafter's shared state, as attributes of the recycler.
     matrix = property(lambda self: self.drafter.matrix, doc="the AdjacencyMatrix (shared by every call)")
@@ -218,7 +219,7 @@ class TokenRecycler:
         its length and restored on return (also on an exception)."""
         distributed.check_prompt(input_ids)
         with hf_attention.entered(self.model, self.attention != "model"), \
-                skinny.routed(self.model, self.skinny_linear):  # few-token forwards' linears (CPU)
+                skinny.routed(self.model, self.skinny_linear, table=self._routing_table()):  # few-token linears (CPU)
             window.prepare(self.model, cache)  # sliding-window layers that tree decoding can compact
             return self._decoder.decode(input_ids, pads, cache, stopping, verifier, streamer, capacity,
                                         pad_token_id)
@@ -236,6 +237,16 @@ class TokenRecycler:
                                       "once per prompt")
 
     # ------------------------------------------------------------------------------ helpers
+    def _routing_table(self) -> dict[str, int] | None:
+        """skinny_linear's per-shape row limits at torch's current thread count (skinny.routing_table:
+        measured once per machine and model, then read from the calibration cache)."""
+        if not self.skinny_linear:
+            return None
+        threads = torch.get_num_threads()
+        if threads not in self._routing:
+            self._routing[threads] = skinny.routing_table(self.model, self.device)
+        return self._routing[threads]
+
     def _setup_skinny_linear(self, wanted: bool | None) -> bool:
         if wanted is None:
             return self.device.type == "cpu" and skinny.available() and skinny.applies(self.model)

@@ -18,21 +18,29 @@ any other change of kernel: the lossless tests compare against ``model.generate`
 bfloat16 on an AVX2 CPU (no native bf16 arithmetic) the op widens the bf16 weights in registers; a
 bf16 result, rounded once from a float32 sum, can differ from torch's by an ulp, which is the
 documented bf16 near-tie divergence, not a loss in float32. On CPUs with AVX512-BF16 the op
-multiplies bf16 by bf16 with ``vdpbf16ps``. Where the CPU also has AMX, torch's product overtakes
-ours at about 10 rows; routing still stops at ``MAX_ROWS`` because few steps forward 10-12 tokens
-and a lower cap gained nothing end to end (bench/RESULTS.md, "What a verification forward costs").
+multiplies bf16 by bf16 with ``vdpbf16ps``.
+
+Where torch's product overtakes ours depends on the layer's shape, the dtype, the CPU and the thread
+count: on a 2-core Xeon with AMX, a [49152, 576] bf16 output layer is faster through torch from about
+5 rows, a [1536, 576] one from about 10 (bench/RESULTS.md, "Routing by measurement"). So each
+distinct weight shape gets its own row limit, measured on the machine (:func:`calibrate`: every layer
+of that shape timed both ways at 1..16 rows, the weights streamed as a forward streams them) and kept
+in the calibration cache (calibration.py). Without a calibration every shape takes ``MAX_ROWS``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
+from typing import Callable
 
 import torch
 
-from . import ops
+from . import calibration, ops
 
-MAX_ROWS = 12  # past this BLAS's packed product is as fast (bench/RESULTS.md, "What a verification forward costs")
+MAX_ROWS = 12  # without a calibration: past this BLAS's packed product is as fast on the CPUs measured
 MIN_ROWS = 1
+CALIBRATION_ROWS = (1, 2, 3, 4, 6, 8, 10, 12, 16)  # the row counts calibrate() times
 DTYPES = (torch.float32, torch.bfloat16)  # the weight dtypes the op takes (x and bias match the weight)
 
 
@@ -64,6 +72,11 @@ def _op():
     return torch.ops.token_recycling.skinny_linear.default
 
 
+def shape_key(weight: torch.Tensor) -> str:
+    """The routing table's key of a weight: its dtype and [out, in] shape."""
+    return f"{str(weight.dtype).replace('torch.', '')} {weight.shape[0]}x{weight.shape[1]}"
+
+
 def _routed_forward(module: torch.nn.Linear, original, max_rows: int, min_rows: int):
     # Called ~200 times per forward: kept to a few attribute reads (the op takes x [..., in] itself).
     op, weight, bias = _op(), module.weight, module.bias
@@ -79,16 +92,20 @@ def _routed_forward(module: torch.nn.Linear, original, max_rows: int, min_rows: 
 
 
 @contextlib.contextmanager
-def routed(model, enabled: bool = True, max_rows: int = MAX_ROWS, min_rows: int = MIN_ROWS):
+def routed(model, enabled: bool = True, max_rows: int = MAX_ROWS, min_rows: int = MIN_ROWS,
+           table: dict[str, int] | None = None):
     """Route ``model``'s float32/bf16 CPU linears through skinny_linear for min_rows..max_rows rows, then
-    restore. The decode loop and the bench's "greedy-skinny"/"pld-skinny" baselines (HF's own decoding)
-    use the same rows, 1..12, so ours against those baselines is what drafting gives."""
+    restore. ``table`` (from :func:`calibrate` or :func:`routing_table`) gives a shape's own row limit
+    in place of ``max_rows`` (0: that shape always takes torch's product). The decode loop and the
+    bench's "greedy-skinny"/"pld-skinny" baselines (HF's own decoding) route with the same table, so
+    ours against those baselines is what drafting gives."""
     patched = []
     if enabled:
         for module in _linears(model):
+            limit = max_rows if table is None else int(table.get(shape_key(module.weight), max_rows))
             had_own = "forward" in module.__dict__
             original = module.forward
-            module.forward = _routed_forward(module, original, max_rows, min_rows)
+            module.forward = _routed_forward(module, original, limit, min_rows)
             patched.append((module, had_own, original))
     try:
         yield len(patched)
@@ -98,3 +115,58 @@ def routed(model, enabled: bool = True, max_rows: int = MAX_ROWS, min_rows: int 
                 module.forward = original
             else:
                 del module.forward
+
+
+def _time_both(weights: list[torch.Tensor], rows: int, repeats: int) -> tuple[float, float]:
+    """Best-of-``repeats`` seconds of x @ w.T over all ``weights`` through skinny_linear and torch."""
+    op, linear = _op(), torch.nn.functional.linear
+    x = torch.randn(rows, weights[0].shape[1], dtype=weights[0].dtype)
+    best = [float("inf"), float("inf")]
+    for _ in range(repeats):
+        for i in (0, 1):  # interleaved: a burst of load elsewhere hits both alike
+            start = time.perf_counter()
+            for w in weights:
+                op(x, w, None, True) if i == 0 else linear(x, w)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0], best[1]
+
+
+def calibrate(model, rows: tuple[int, ...] = CALIBRATION_ROWS, repeats: int = 3,
+              timer: Callable[[list[torch.Tensor], int, int], tuple[float, float]] | None = None) -> dict[str, int]:
+    """Measure, per weight shape of ``model``, the most rows for which skinny_linear is faster than
+    torch's product: {shape_key: row limit}. Every layer of a shape is timed in turn (a forward streams
+    each layer's weights once, so no layer is timed from a warm cache) at each of ``rows``, both
+    ways, the best of ``repeats``. A shape's limit is the largest row count up to which skinny_linear
+    won at every size (0 where torch wins at one row); row counts between two measured sizes take the
+    routing of the smaller one. ``timer(weights, rows, repeats) -> (skinny seconds, torch seconds)``
+    replaces the clock in tests."""
+    timer = timer or _time_both
+    groups: dict[str, list[torch.Tensor]] = {}
+    for module in _linears(model):
+        groups.setdefault(shape_key(module.weight), []).append(module.weight.detach())
+    table = {}
+    with torch.no_grad():
+        for shape, weights in groups.items():
+            limit = 0
+            for n in sorted(rows):
+                ours, theirs = timer(weights, n, repeats)
+                if ours >= theirs:
+                    break
+                limit = n
+            table[shape] = limit
+    return table
+
+
+def routing_table(model, device: torch.device | None = None) -> dict[str, int] | None:
+    """The calibrated row limits for ``model`` on this machine at torch's current thread count: from
+    the calibration cache, else measured now (about a second for a 135M model on 2 cores) and kept.
+    None where calibration is off (``TOKEN_RECYCLING_CALIBRATION=off``): every shape takes MAX_ROWS."""
+    if calibration.mode() == "off" or not _linears(model):
+        return None
+    entry = calibration.key(model, device or torch.device("cpu"), "skinny_linear routing")
+    stored = calibration.load(entry)
+    if stored is not None and isinstance(stored.get("rows"), dict):
+        return {k: int(v) for k, v in stored["rows"].items()}
+    table = calibrate(model)
+    calibration.store(entry, {"rows": table})
+    return table

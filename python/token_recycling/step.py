@@ -26,7 +26,7 @@ import time
 import torch
 
 from . import cache as kv
-from . import distributed, hf_model, window
+from . import calibration, distributed, hf_model, window
 from .auto_tree import CostModel, sync
 from .draft import Draft
 from .emit import Emitter
@@ -118,8 +118,7 @@ class Decoder:
         active, length = self._drop_finished(rows, cache, length)  # rows whose first token ended them
         cost, cost_rows = self.cost(len(active)), len(active)  # the curve, and the batch size it is of
         if active:
-            drafter.tune(lambda n: self._timed_dummy_forward(active, cache, length, n), length,
-                         kv.static_capacity(cache), cost, rows=len(active))
+            self._tune(active, cache, length, cost)
         steps = 0
         # The prefix length on the device, for the kernels that read it there (graph steps, one row).
         prefix_len = torch.tensor([r.cached for r in active], dtype=torch.long, device=rec.device)
@@ -174,6 +173,34 @@ class Decoder:
                             cost, cost_rows = narrower, len(active)
             step_sync.finish()
         return steps
+
+    # ------------------------------------------------------------------ the cost curve
+    def _tune(self, rows: list[Row], cache, length: int, cost: StepCost | None) -> None:
+        """The forward-cost curve of ``len(rows)`` rows: from the calibration cache where this machine
+        measured one for this model and setting, else measured now (Drafter.tune) and kept there."""
+        rec = self.rec
+        entry = self._cost_entry(len(rows)) if cost is not None and not cost.measured else None
+        if entry is not None:
+            stored = calibration.load(entry)
+            if stored is not None and stored.get("sizes"):
+                cost.load_state(stored)
+        fresh = cost is not None and not cost.measured
+        rec.drafter.tune(lambda n: self._timed_dummy_forward(rows, cache, length, n), length,
+                         kv.static_capacity(cache), cost, rows=len(rows))
+        if entry is not None and fresh and cost.measured:
+            calibration.store(entry, cost.state())
+
+    def _cost_entry(self, batch: int) -> str | None:
+        """The calibration cache's entry of a curve for ``batch`` rows in this recycler's setting (None:
+        not cached, as under torch.distributed, where every rank must measure together)."""
+        rec = self.rec
+        if self.fixed is not None or distributed.active() or calibration.mode() == "off":
+            return None
+        table = rec._routing_table()
+        routing = ",".join(f"{k}:{v}" for k, v in sorted(table.items())) if table else str(rec.skinny_linear)
+        setting = (f"cost curve; rows={batch}; attention={rec.attention}; skinny_linear={routing}; "
+                   f"graphs={rec.graph is not None}")
+        return calibration.key(rec.model, rec.device, setting)
 
     # ------------------------------------------------------------------ the step's parts
     def _fit(self, cache, length: int, drafts: list[Draft]) -> tuple[list[Draft], int]:

