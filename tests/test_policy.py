@@ -113,9 +113,22 @@ def test_two_different_continuations_are_both_grafted():
     state = drafter.start(seq, 64)
     draft = drafter.draft(state, torch.tensor([11]))
     paths = _draft_roots(draft)
-    assert (40, 41, 42, 9, 10, 11) in paths and (30, 31, 9, 10, 11, 40) in paths
+    # The latest match's continuation reaches the context's end and goes on with its period (6).
+    assert (40, 41, 42, 9, 10, 11, 40, 41, 42, 9) in paths and (30, 31, 9, 10, 11, 40) in paths
     assert draft.plan.match == 3 and len(draft.plan.chains) == 2
     assert draft.chain_tokens == draft.size - draft.tree_nodes > 0
+
+
+def test_a_loop_is_drafted_a_whole_chain_long():
+    # "5 6 7" repeating: the latest match of the suffix is one period back, so its continuation in the
+    # context is 2 tokens long; copying goes on into the copied tokens, as prompt lookup's would.
+    rec = TokenRecycler(tiny_model("llama"), ngram_tokens=8)
+    seq = torch.tensor([[3, 4, 5, 6, 7, 5, 6, 7, 5, 6, 7, 5]])
+    cands = rec.drafter._candidates(rec.drafter.start(seq, 64))
+    assert cands[0][0] == [6, 7, 5, 6, 7, 5, 6, 7]
+    # A continuation that ends before the context does is not extended.
+    seq = torch.tensor([[3, 4, 5, 6, 9, 9, 9, 9, 9, 9, 9, 3, 4]])
+    assert rec.drafter._candidates(rec.drafter.start(seq, 64))[0][0] == [5, 6, 9, 9, 9, 9, 9, 9]
 
 
 class RandomPlans:

@@ -278,8 +278,19 @@ class Drafter:
         tokens, count, ngram, start = ops.ngram_candidates(index.table, index.history, index.lengths,
                                                            index.max_ngram, self.ngram_tokens, CANDIDATES)
         counts, ngrams, starts = count[0].tolist(), ngram[0].tolist(), start[0].tolist()
-        return [(tokens[0, j, : counts[j]].tolist(), ngrams[j], starts[j] < state.seed_len)
-                for j in range(CANDIDATES) if counts[j]]
+        length = int(index.lengths[0])
+        found = []
+        for j in range(CANDIDATES):
+            if not counts[j]:
+                continue
+            cont = tokens[0, j, : counts[j]].tolist()
+            if starts[j] + counts[j] == length and counts[j] < self.ngram_tokens:
+                # The match ends counts[j] tokens before the context does, so copying from it goes on
+                # into the tokens it predicts: the continuation repeats with that period (a loop, a
+                # list, a table). Cut at the context's end, it would draft less than a copy can give.
+                cont = [cont[i % counts[j]] for i in range(self.ngram_tokens)]
+            found.append((cont, ngrams[j], starts[j] < state.seed_len))
+        return found
 
     def _tree_of(self, paths: list[list[int]]) -> DraftTree:
         key = tuple(map(tuple, paths))

@@ -21,8 +21,8 @@ documented bf16 near-tie divergence, not a loss in float32. On CPUs with AVX512-
 multiplies bf16 by bf16 with ``vdpbf16ps``.
 
 Where torch's product overtakes ours depends on the layer's shape, the dtype, the CPU and the thread
-count: on a 2-core Xeon with AMX, a [49152, 576] bf16 output layer is faster through torch from about
-5 rows, a [1536, 576] one from about 10 (bench/RESULTS.md, "Routing by measurement"). So each
+count: on a 2-core Xeon with AMX at 2 threads, ours is faster for a [49152, 576] bf16 output layer up
+to 4 rows and for a [1536, 576] one up to 10 (docs/cpu.md). So each
 distinct weight shape gets its own row limit, measured on the machine (:func:`calibrate`: every layer
 of that shape timed both ways at 1..16 rows, the weights streamed as a forward streams them) and kept
 in the calibration cache (calibration.py). Without a calibration every shape takes ``MAX_ROWS``.
