@@ -443,3 +443,22 @@ def test_hf_baselines_run_transformers_sdpa_after_a_recycler_switched_the_model(
     assert model.config._attn_implementation == "sdpa"
     new, _ = bench.run_method("ours", model, rec, inputs, 6)
     assert len(new) == 6
+
+
+def test_weight_bytes_count_a_tied_embedding_once():
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight  # tied, as SmolLM2's output layer is
+    assert bench.weight_bytes(model) == 10 * 4 * 4
+    model[1].weight = torch.nn.Parameter(torch.zeros(10, 4, dtype=torch.bfloat16))
+    assert bench.weight_bytes(model) == 10 * 4 * 4 + 10 * 4 * 2
+
+
+def test_the_report_puts_the_physical_limit_beside_the_rates():
+    env = {"weight_bytes": 270_000_000, "weight_read_seconds": 0.01, "torch_threads": 2}
+    lines = report.limit_lines(env, {"mat": 2.5}, ["greedy", "ours"])
+    assert "270 MB" in lines[0] and "27.0 GB/s" in lines[0] and "cannot pass 100 tok/s" in lines[0]
+    assert "at its 2.50 tokens per step 250 tok/s" in lines[0]
+    assert report.limit_lines({}, {"mat": 2.5}, ["ours"]) == []  # not measured (a GPU run): no line
+    assert bench.read_seconds(1 << 20, "cpu", repeats=1) > 0

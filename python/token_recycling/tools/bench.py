@@ -201,12 +201,45 @@ def run(model, tokenizer, rec, prompts: list[Prompt], cfg: BenchConfig, progress
     return samples
 
 
-def environment(device) -> dict:
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters, each storage once (tied embeddings count once): what a forward
+    reads at least, the output layer reading the whole embedding table."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        key = (p.untyped_storage().data_ptr(), p.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += key[1]
+    return total
+
+
+def read_seconds(nbytes: int, device, repeats: int = 5) -> float | None:
+    """Best-of-``repeats`` seconds for torch to read ``nbytes`` of memory once (a sum over a buffer that
+    size, at torch's thread count): the least time a forward that reads that many bytes of weights can
+    take on this machine. CPU only (None elsewhere)."""
+    if torch.device(device).type != "cpu":
+        return None
+    buf = torch.ones(max(nbytes // 4, 1), dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first touches the pages
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def environment(device, model=None) -> dict:
+    """The run's machine and versions; with ``model``, its weight bytes and the time this machine takes
+    to read that many bytes (the physical limit the report puts beside the rates)."""
     import transformers
 
     from .. import WITH_CUDA
 
-    return {
+    limit = {}
+    if model is not None:
+        nbytes = weight_bytes(model)
+        limit = {"weight_bytes": nbytes, "weight_read_seconds": read_seconds(nbytes, device)}
+    return {**limit,
         "hardware": hardware(str(device)),
         "device": str(device),
         "torch": torch.__version__,

@@ -320,7 +320,7 @@ def cmd_bench(args) -> int:
         "max_new_tokens": args.max_new_tokens, "methods": list(cfg.methods), "multi_turn": args.multi_turn,
         "chat_template": args.chat_template, "pld_tokens": bench.PLD_TOKENS, "sampling": cfg.sampling,
     }
-    env = bench.environment(loaded.model.device)  # (its timestamp is the start of the run)
+    env = bench.environment(loaded.model.device, loaded.model)  # (its timestamp is the start of the run)
     out.mkdir(parents=True, exist_ok=True)
 
     def save(samples: list[dict], complete: bool) -> dict:

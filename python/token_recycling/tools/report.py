@@ -189,12 +189,28 @@ def markdown(results: dict, table: dict, counts: Counter, plots: bool = True) ->
         lines.append("Accepted tokens per step: " + ", ".join(
             f"{n}: {100 * counts[n] / steps:.1f}%" for n in sorted(counts)) + f" ({steps} steps).")
         lines.append("")
-    lines += regret_lines(table, methods) + choice_lines(results)
+    lines += limit_lines(env, total, methods) + regret_lines(table, methods) + choice_lines(results)
     if plots:
         lines += ["![speedup by category](speedup.png)", "", "![accepted lengths](accept_lengths.png)", ""]
     else:
         lines += [f"({PLOTS_HINT}.)", ""]
     return "\n".join(lines)
+
+
+def limit_lines(env: dict, total: dict, methods: list[str]) -> list[str]:
+    """The physical limit beside the rates: a forward reads every weight once, so no method passes
+    (tokens per forward) / (the time this machine takes to read the weights' bytes)."""
+    nbytes, seconds = env.get("weight_bytes"), env.get("weight_read_seconds")
+    if not nbytes or not seconds:
+        return []
+    floor = 1.0 / seconds
+    text = (f"Physical limit: a forward reads the {nbytes / 1e6:.0f} MB of weights at least once; this "
+            f"machine reads that many bytes in {seconds * 1e3:.1f} ms at best ({nbytes / seconds / 1e9:.1f} GB/s, "
+            f"a sum over a buffer that size at {env.get('torch_threads', '?')} threads), so one token per "
+            f"forward (greedy) cannot pass {floor:.0f} tok/s")
+    if "ours" in methods and total.get("mat"):
+        text += f", and ours at its {total['mat']:.2f} tokens per step {floor * total['mat']:.0f} tok/s"
+    return [text + ". Prompt processing and drafting are not counted in that bound.", ""]
 
 
 def regret_lines(table: dict, methods: list[str]) -> list[str]:
