@@ -91,10 +91,19 @@ def test_num_return_sequences_samples_every_copy():
 
 @pytest.mark.parametrize("arch", ["mistral-window", "gemma2"])
 def test_window_models_with_padding(arch):
-    """A sliding-window model decodes one row at a time: a batch is refused, and a single left-padded row
-    (the padding is cut before the prefill) gives what HF gives for it."""
+    """A sliding-window model decodes one row at a time: a batch is refused; a single left-padded row
+    gives what HF gives for it."""
     model = tiny_model(arch)
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), IDS], dim=1)
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(IDS)], dim=1)
     with pytest.raises(NotImplementedError, match="sliding-window models are decoded one row at a time"):
         TokenRecycler(model).generate(torch.cat([padded, padded]), attention_mask=torch.cat([mask, mask]))
+    impl = model.config._attn_implementation
+    want = model.generate(padded, attention_mask=mask, max_new_tokens=40, do_sample=False)
+    try:
+        rec = TokenRecycler(model, tree="paper")
+        got = rec.generate(padded, attention_mask=mask, max_new_tokens=40)
+    finally:
+        model.set_attn_implementation(impl)
+    assert torch.equal(got, want)
+    assert rec.stats.mean_accepted > 1.0, "no draft accepted: compaction past the padding not exercised"
