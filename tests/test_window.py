@@ -11,14 +11,17 @@ from token_recycling.tree import make_tree
 NEW_TOKENS = 110
 
 # Each architecture runs every prompt length; the settings rotate so that each architecture sees
-# both trees, tree attention on and off, and dynamic and static caches. (Static cache with tree
-# attention is wrong for full layers on any model, windowed or not: the backend takes the prefix as
-# key length - N, and a static layer's keys are its whole buffer. Not combined here until fixed.)
+# both trees, tree attention on and off, and dynamic and static caches in every combination. With a
+# static cache and tree attention the full layers' keys are the whole static buffer: the backend is
+# given the prefix length (it never takes key length - N), and the window layers (window.WindowLayer,
+# dynamic) take the window path with the tree last in their keys.
 RUNS = [  # (prompt length, tree, tree attention, cache)
     (10, "auto", False, "static"),
+    (10, "paper", True, "static"),
     (40, "paper", True, "dynamic"),
     (150, "auto", True, "dynamic"),
     (150, "paper", False, "static"),
+    (150, "auto", True, "static"),
 ]
 
 
@@ -45,6 +48,7 @@ def test_lossless_past_the_window(arch):
             else:
                 got = rec.generate(ids, max_new_tokens=NEW_TOKENS)
             assert torch.equal(got, expected), (arch, length, tree, tree_attention, cache)
+            assert rec.attention == ("tree-kernel" if tree_attention else "model")
             accepted.append(rec.stats.mean_accepted)
             model.set_attn_implementation(impl)
     finally:

@@ -190,8 +190,7 @@ class TokenRecycler:
             raise ValueError("this TokenRecycler was built for another model")
         generator = model_kwargs.pop("generator", None)
         if generation_config is not None:
-            if (generation_config.num_beams or 1) > 1:
-                raise NotImplementedError("TokenRecycler does not do beam search (num_beams must be 1)")
+            check_generation_config(generation_config)
         input_ids, pads = self._check_input(input_ids, model_kwargs.get("attention_mask"))
         self._check_features(input_ids, pads, streamer)
         cache = model_kwargs.get("cache", model_kwargs.get("past_key_values")) or kv.new_cache(self.model)
@@ -324,6 +323,35 @@ def check_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor | No
                          "its tokens (tokenizer.padding_side = 'left', as transformers' generate() expects "
                          "for decoder-only models); right padding is not supported")
     return pads
+
+
+def check_generation_config(generation_config) -> None:
+    """Refuse what ``model.generate(custom_generate=rec)`` would otherwise ignore without a word: other
+    decoding methods (their output is not greedy's or sampling's), other drafters, and per-step outputs
+    that ``return_dict_in_generate`` would return (the tree forwards have no one-token scores,
+    attentions or hidden states). ``num_return_sequences`` works: HF repeats each prompt before the call."""
+    cfg = generation_config
+    if (cfg.num_beams or 1) > 1:
+        raise NotImplementedError("TokenRecycler does not do beam search (num_beams must be 1)")
+    refused = {
+        "penalty_alpha": (cfg.penalty_alpha or 0) > 0 and (cfg.top_k or 0) > 1,  # contrastive search
+        "dola_layers": cfg.dola_layers is not None,
+        "constraints": cfg.constraints is not None,
+        "force_words_ids": cfg.force_words_ids is not None,
+        "prompt_lookup_num_tokens": cfg.prompt_lookup_num_tokens is not None,
+        "assistant_early_exit": cfg.assistant_early_exit is not None,
+        "use_mtp": bool(getattr(cfg, "use_mtp", False)),
+    }
+    for name, is_set in refused.items():
+        if is_set:
+            raise NotImplementedError(f"{name} selects another decoding method than greedy or sampling, which "
+                                      f"TokenRecycler does not do (drop {name} to decode with TokenRecycler)")
+    if cfg.return_dict_in_generate:
+        for name in ("output_scores", "output_logits", "output_attentions", "output_hidden_states"):
+            if getattr(cfg, name, False):
+                raise NotImplementedError(f"{name}=True is not supported by TokenRecycler: a step verifies a "
+                                          f"whole draft tree in one forward, so there are no per-token {name[7:]} "
+                                          f"to return (return_dict_in_generate gives sequences and the cache)")
 
 
 def _first_eos(generation_config) -> int:
