@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import cache as kv
-from . import distributed, hf_attention, hf_model, rotary, sample, skinny, verify, window
+from . import distributed, hf_attention, hf_model, sample, skinny, verify, window
 from .adjacency import AdjacencyMatrix
 from .draft import Drafter
 from .graph_step import BUCKETS, GraphStep
@@ -218,8 +218,7 @@ class TokenRecycler:
         its length and restored on return (also on an exception)."""
         distributed.check_prompt(input_ids)
         with hf_attention.entered(self.model, self.attention != "model"), \
-                skinny.routed(self.model, self.skinny_linear, table=self._routing_table()), \
-                rotary.entered(self.model, self.device.type == "cpu"):  # few-token forwards' small ops (CPU)
+                skinny.routed(self.model, self.skinny_linear, table=self._routing_table()):  # few-token linears (CPU)
             window.prepare(self.model, cache)  # sliding-window layers that tree decoding can compact
             return self._decoder.decode(input_ids, pads, cache, stopping, verifier, streamer, capacity,
                                         pad_token_id)

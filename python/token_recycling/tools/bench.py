@@ -125,7 +125,7 @@ def run_method(method: str, model, rec, inputs: dict, max_new_tokens: int,
     pad = gen.pad_token_id if gen.pad_token_id is not None else eos
     common = {**dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad), **sampling}
     device = inputs["input_ids"].device
-    from .. import hf_attention, rotary, skinny
+    from .. import hf_attention, skinny
     # The "-skinny" baselines route as the recyclers do: the same calibrated per-shape row limits.
     table = skinny.routing_table(model) if method.endswith("-skinny") else None
     with torch.inference_mode(), count_forwards(model) as forwards:
@@ -134,9 +134,7 @@ def run_method(method: str, model, rec, inputs: dict, max_new_tokens: int,
         if method in HF_METHODS:
             lookup = {"prompt_lookup_num_tokens": PLD_TOKENS} if method.startswith("pld") else {}
             # HF's methods as users have them: transformers' sdpa, not the backend a recycler switched to.
-            ours_cpu = method.endswith("-skinny") and device.type == "cpu"  # the CPU forward the recyclers run
-            with skinny.routed(model, method.endswith("-skinny"), table=table), rotary.entered(model, ours_cpu), \
-                    hf_attention.transformers_sdpa(model):
+            with skinny.routed(model, method.endswith("-skinny"), table=table), hf_attention.transformers_sdpa(model):
                 out = model.generate(**inputs, **common, **lookup)
         elif is_recycler(method):
             out = recs[method].generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
