@@ -2,6 +2,8 @@
 generate() options that it cannot honour are refused rather than ignored, and those that work are
 shown to work (against HF's own generate())."""
 
+import copy
+
 import pytest
 import torch
 from models import private_copy, tiny_model
@@ -107,3 +109,17 @@ def test_window_models_with_padding(arch):
         model.set_attn_implementation(impl)
     assert torch.equal(got, want)
     assert rec.stats.mean_accepted > 1.0, "no draft accepted: compaction past the padding not exercised"
+
+
+def test_a_static_cache_too_small_for_the_run_stops_it_with_an_error():
+    from transformers import StaticCache
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 12))
+    reference = copy.deepcopy(model)  # never given to a recycler
+    rec = TokenRecycler(model)
+    with pytest.raises(ValueError, match=r"the static cache \(30 positions\) is full at 30 tokens"):
+        model.generate(ids, custom_generate=rec, past_key_values=StaticCache(config=model.config, max_cache_len=30),
+                       max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    # Nothing is left behind: the recycler decodes on, equal to greedy.
+    want = reference.generate(ids, max_new_tokens=10, do_sample=False)
+    assert torch.equal(model.generate(ids, custom_generate=rec, max_new_tokens=10, do_sample=False), want)
