@@ -13,6 +13,12 @@ there. A :class:`MatrixKeeper` therefore saves
   its SIGTERM), so it can never hang a shutdown;
 * at interpreter exit where that runs (an engine in the caller's process).
 
+The proposer lives in vLLM's worker process. A signal to the server's whole process group (Ctrl-C in
+a terminal, systemd's default KillMode) reaches it, and its handler saves. A SIGTERM to the API
+server alone does not: vLLM then ends the engine and its worker without signalling the worker (with
+its default ``--shutdown-timeout 0`` it SIGKILLs them at once), so the last periodic save is what
+survives.
+
 Every save is atomic (``adjacency.write_atomic``): a process killed mid-save (``kill -9``) leaves the
 old file or the new one. Temporary files of such a save are ignored by the loader and removed when
 they are older than ``STALE_TEMP_SECONDS``.
