@@ -15,8 +15,9 @@ Checks (any failure: exit status 1, with the reason):
 - every request that was not aborted finished (a finish reason) before its deadline: none lost or hung,
   and afterwards the server reports no request running or waiting;
 - every finished greedy request gives the same tokens with and without speculation (fp32);
-- the server's RSS (the process and its children) after the run is within ``--rss-slack-mb`` of the
-  RSS before it, and the proposer's per-request states never outnumber the batch and are gone (one
+- the server's RSS (the process and its children) grows over the run by at most ``--rss-slack-mb``
+  more than the server without speculation's does (vLLM keeps ~130 MB after its first load), and the
+  proposer's per-request states never outnumber the batch and are gone (one
   left, for the last request) after a final request;
 - SIGTERM to the server's process group (systemd's default) saves the matrix; a restart loads it warm
   (the log's filled rows equal the file's); a few greedy requests there match again; SIGINT to the
@@ -459,9 +460,13 @@ def soak(args) -> dict:
             check(not s["lost"], f"{name}: every request not aborted finished in time (lost: {s['lost'][:5]})")
             check(s["running_after"] == 0 and s["waiting_after"] == 0,
                   f"{name}: nothing left running or waiting afterwards ({s['running_after']}, {s['waiting_after']})")
-            check(s["rss_after"] - s["rss_before"] <= args.rss_slack_mb,
-                  f"{name}: RSS back to baseline: {s['rss_before']:.0f} MB before, {s['rss_peak']:.0f} peak, "
-                  f"{s['rss_after']:.0f} after (slack {args.rss_slack_mb} MB)")
+            # vLLM itself keeps ~130 MB after a first load (both servers alike): the proposer's server may
+            # keep at most --rss-slack-mb more than the server without speculation does.
+            allowed = args.rss_slack_mb + (report["none"]["rss_after"] - report["none"]["rss_before"] if spec else 1e9)
+            check(s["rss_after"] - s["rss_before"] <= allowed,
+                  f"{name}: RSS after the run: {s['rss_before']:.0f} MB before, {s['rss_peak']:.0f} peak, "
+                  f"{s['rss_after']:.0f} after" + (f" (growth allowed: no speculation's + {args.rss_slack_mb:.0f} MB)"
+                                                   if spec else " (the reference growth)"))
             if spec:
                 check(not s["sampler_errors"], f"ours: the proposer's statistics were readable ({s['sampler_errors']})")
                 check(0 < s["states_peak"] <= args.concurrency,
@@ -576,7 +581,8 @@ def main(argv=None) -> int:
     ap.add_argument("--greedy-only", action="store_true", help="every request greedy")
     ap.add_argument("--save-every", type=int, default=300, help="TOKEN_RECYCLING_SAVE_EVERY of the server")
     ap.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may take in all")
-    ap.add_argument("--rss-slack-mb", type=float, default=64.0, help="RSS allowed to stay above the baseline")
+    ap.add_argument("--rss-slack-mb", type=float, default=64.0,
+                    help="RSS growth allowed beyond the server without speculation's")
     ap.add_argument("--allow-no-preemption", action="store_true", help="do not fail when nothing was preempted")
     ap.add_argument("--out", default="build/vllm-soak", help="folder for the server log, the matrix and soak.json")
     args = ap.parse_args(argv)
