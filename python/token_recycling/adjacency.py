@@ -3,17 +3,69 @@
 It starts empty (all zeros: every candidate is token 0, which verification simply rejects), persists
 across calls (hot start) and is saved with safetensors together with its vocab size, k and,
 optionally, the draft tree and tree statistics.
+
+A save is atomic: the bytes go to a temporary file in the same folder, which is flushed to disk and
+then renamed over the target (and the folder flushed), so a process killed mid-save leaves the old
+file or the new one, never a mix. The file carries a SHA-256 of the matrix and its metadata, which
+``read`` checks: a file damaged afterwards is refused with a message that says so.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
+
+FORMAT = "token-recycling/1"
+TEMP_PREFIX = ".tr-save-"  # temporary files of an unfinished save: f"{TEMP_PREFIX}{name}-XXXX"
+
+
+class CorruptMatrixFile(ValueError):
+    """A matrix file that cannot be read back whole: cut short, or changed after it was written."""
+
+
+def _checksum(table: torch.Tensor, meta: dict[str, str]) -> str:
+    """SHA-256 of the matrix's bytes and every metadata field but the checksum itself."""
+    h = hashlib.sha256(table.contiguous().numpy().tobytes())
+    for key in sorted(meta):
+        if key != "sha256":
+            h.update(f"\0{key}\0{meta[key]}".encode())
+    return h.hexdigest()
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader, or a restart after a crash at any point, sees the
+    old file or the new one whole: temp file in the same folder, fsync, rename, fsync the folder."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.path.basename(path)}-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder that cannot be opened (some platforms): the rename is still atomic
+        return
+    try:
+        os.fsync(dir_fd)  # the rename itself reaches the disk
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
 
 
 class AdjacencyMatrix:
@@ -31,9 +83,21 @@ class AdjacencyMatrix:
         return self.table.numel() * self.table.element_size()
 
     def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
-        meta = {"format": "token-recycling/1", "vocab_size": str(self.vocab_size), "topk": str(self.topk),
-                "extra": json.dumps(extra or {})}
-        save_file({"matrix": self.table.cpu().contiguous()}, os.fspath(path), metadata=meta)
+        """Write the matrix and ``extra`` (JSON-able) to ``path``, atomically (module doc)."""
+        self.write(path, self.table.cpu().clone(), json.dumps(extra or {}))
+
+    @staticmethod
+    def write(path: str | os.PathLike, table: torch.Tensor, extra_json: str = "{}") -> None:
+        """Write a [vocab, k] int32 CPU table and its JSON ``extra`` atomically: a copy taken under
+        a lock can be written outside it (the vLLM proposer's saves do)."""
+        if table.dim() != 2 or table.dtype != torch.int32 or table.device.type != "cpu":
+            raise ValueError(f"table must be a 2-D int32 CPU tensor, got {tuple(table.shape)} {table.dtype} "
+                             f"on {table.device}")
+        table = table.contiguous()
+        meta = {"format": FORMAT, "vocab_size": str(table.shape[0]), "topk": str(table.shape[1]),
+                "extra": extra_json}
+        meta["sha256"] = _checksum(table, meta)
+        write_atomic(path, safetensors_bytes({"matrix": table}, metadata=meta))
 
     @staticmethod
     def read(path: str | os.PathLike, vocab_size: int, topk: int) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -45,10 +109,14 @@ class AdjacencyMatrix:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
                 table = f.get_tensor("matrix")
-        except Exception as exc:  # not a safetensors file, or no "matrix" inside
-            raise ValueError(f"{path!r} is not a token-recycling matrix file ({exc})") from exc
-        if meta.get("format") != "token-recycling/1":
+        except Exception as exc:  # not a safetensors file, cut short, or no "matrix" inside
+            raise CorruptMatrixFile(f"{path!r} is not a token-recycling matrix file, or is truncated or corrupt "
+                             f"({type(exc).__name__}: {exc})") from exc
+        if meta.get("format") != FORMAT:
             raise ValueError(f"{path!r} is not a token-recycling matrix file (format {meta.get('format')!r})")
+        if "sha256" in meta and meta["sha256"] != _checksum(table, meta):  # files written before it have none
+            raise CorruptMatrixFile(f"{path!r} is corrupt: its checksum does not match its contents (the file was "
+                             "changed or damaged after it was written)")
         v, k = int(meta["vocab_size"]), int(meta["topk"])
         if (v, k) != (vocab_size, topk) or tuple(table.shape) != (v, k):
             raise ValueError(f"{path!r} holds a matrix for vocab_size={v}, k={k}, but this model/recycler "

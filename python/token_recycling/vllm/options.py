@@ -3,8 +3,8 @@ are ours come from environment variables (the engine's worker processes inherit 
 
 | variable | default | meaning |
 |---|---|---|
-| ``TOKEN_RECYCLING_MATRIX`` | unset | safetensors file: loaded at start when it exists (a warm server), saved every ``TOKEN_RECYCLING_SAVE_EVERY`` seconds and at exit |
-| ``TOKEN_RECYCLING_SAVE_EVERY`` | 300 | seconds between saves of the matrix (0: only at exit) |
+| ``TOKEN_RECYCLING_MATRIX`` | unset | safetensors file: loaded at start when it exists (a warm server), saved every ``TOKEN_RECYCLING_SAVE_EVERY`` seconds when it changed (an idle server too), on SIGINT and SIGTERM and at exit; every save atomic (keeper.py) |
+| ``TOKEN_RECYCLING_SAVE_EVERY`` | 300 | seconds between periodic saves of the matrix (0: only on a signal and at exit) |
 | ``TOKEN_RECYCLING_TOPK`` | 8 | candidates kept per token in the adjacency matrix |
 | ``TOKEN_RECYCLING_RECYCLE`` | ``topk`` | ``topk``: rows := the model's top-k at every verified position (the paper); ``accepted``: rows learn from accepted tokens only |
 | ``TOKEN_RECYCLING_MAX_NGRAM`` | 4 | longest suffix the n-gram index looks up (the policy's chain statistics are kept per matched length up to it; a saved policy carries over between engines when both use the same) |

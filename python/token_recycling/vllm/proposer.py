@@ -14,29 +14,31 @@ Cost. vLLM gives a proposer no forward times, so the price of a drafted token co
 time between propose() calls against the tokens each step forwarded (policy.BatchStepCost: fitted
 from steps that forwarded decode rows only; before that, a documented flat default).
 
-One matrix serves every request of the engine (hot across requests and users). Per-request state
+One matrix serves every request of the engine (hot across requests and users); with
+``TOKEN_RECYCLING_MATRIX`` it is loaded at start and kept on disk however the server stops (keeper.py:
+periodic saves from a thread, saves on SIGINT/SIGTERM and at exit, each atomic). Per-request state
 (a content-found ``DraftState``) is bounded and rebuilt from the tokens whenever it is missing, so
 preemption, resumption and row moves are safe. Statistics: a ``GenerationStats`` (counters only).
 """
 
 from __future__ import annotations
 
-import atexit
 import copy
+import json
 import os
-import tempfile
+import threading
 import time
-import weakref
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..adjacency import AdjacencyMatrix
+from ..adjacency import AdjacencyMatrix, CorruptMatrixFile
 from ..draft import DraftState, Drafter, state_key
 from ..policy import BatchStepCost
 from ..stats import GenerationStats
+from .keeper import MatrixKeeper, logger, remove_stale_temp_files
 from .options import ProposerOptions
 from .recycle import TopkCapture
 
@@ -83,13 +85,20 @@ class TokenRecyclingProposer:
         self.stats = GenerationStats(decoding="vllm", tree="chain")
         parallel = getattr(vllm_config, "parallel_config", None)
         self._saves = getattr(parallel, "rank", 0) == 0  # one writer under tensor/pipeline parallelism
-        self._last_save = time.monotonic()
+        # The matrix and policy change only inside propose(), under this lock; a save copies them under
+        # it. Re-entrant: a signal handler runs in the main thread, possibly in the middle of propose().
+        self._lock = threading.RLock()
+        self._version = 0        # bumped by every propose() that learned something
+        self._saved_version = 0  # the version the file on disk holds (a fresh or loaded matrix: 0)
+        self._steps_before = 0   # engine steps the loaded matrix had seen
+        self.loaded: dict | None = None  # what was loaded at start (path, filled_rows, saved_at, steps)
+        self.keeper: MatrixKeeper | None = None
         path = opts.matrix_path
-        if path and os.path.isfile(path):
-            self.load(path)
-        if path and self._saves:
-            ref = weakref.ref(self)
-            atexit.register(lambda: ref() is not None and ref().save(path))
+        if path:
+            self._load_at_start(path)
+            if self._saves:
+                self.keeper = MatrixKeeper(self, TokenRecyclingProposer._changed_copy,
+                                           TokenRecyclingProposer._write_copy, opts.save_every)
 
     matrix = property(lambda self: self.drafter.matrix, doc="the AdjacencyMatrix (the drafter's)")
 
@@ -105,6 +114,10 @@ class TokenRecyclingProposer:
         the last step verified. ``sampled_token_ids[i]``: the tokens row i produced this step (its
         accepted drafts and the bonus token; empty for a partial prefill);
         ``token_ids_cpu[i, :num_tokens_no_spec[i]]``: its whole context, those tokens included."""
+        with self._lock:
+            return self._propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+
+    def _propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu) -> list[list[int]]:
         now = time.perf_counter()
         self.stats.steps += 1
         captured = self._capture.take() if self._capture is not None else []
@@ -121,9 +134,9 @@ class TokenRecyclingProposer:
         self._last_call = now
         if not first:  # captures before the first call may come from vLLM's warm-up forwards
             self._recycle(rows, captured)
-        drafts = self._draft(rows)
-        self._maybe_save()
-        return drafts
+        if any(r.state is not None for r in rows):
+            self._version += 1  # the matrix or the policy's statistics learned: the next save writes
+        return self._draft(rows)
 
     # ----------------------------------------------------------------------- per step
     def _claim(self, i: int, sampled: list[int], num_tokens: np.ndarray, token_ids: np.ndarray, key,
@@ -214,40 +227,91 @@ class TokenRecyclingProposer:
         return out
 
     # ----------------------------------------------------------------------- persistence
+    def _copy(self, reason: str) -> tuple:
+        """What a save writes, copied under the lock: (table, extra as JSON, version)."""
+        with self._lock:
+            table = self.matrix.table.detach().to("cpu", copy=True)
+            filled = int((table != 0).any(-1).sum())
+            extra = dict(self.drafter.extra_state(), source="vllm", recycle=self.options.recycle,
+                         saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), saved_unix=time.time(),
+                         steps=self._steps_before + self.stats.steps, filled_rows=filled, reason=reason,
+                         pid=os.getpid())
+            return table, json.dumps(extra), self._version, filled
+
+    def _changed_copy(self, reason: str = "periodic"):
+        """The keeper's snapshot: a copy, or None when the file already holds this version."""
+        with self._lock:
+            return None if self._version == self._saved_version else self._copy(reason)
+
+    def _write_copy(self, copied: tuple, reason: str) -> str:
+        table, extra_json, version, filled = copied
+        path = self.options.matrix_path
+        AdjacencyMatrix.write(path, table, extra_json)
+        with self._lock:
+            self._saved_version = max(self._saved_version, version)
+        return f"{path} ({filled} of {table.shape[0]} rows filled, version {version})"
+
     def save(self, path: str | os.PathLike) -> None:
-        """Write the matrix and the policy's statistics (safetensors, the format of ``TokenRecycler.save``)
-        atomically."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tr-matrix-", suffix=".safetensors", dir=folder)
-        os.close(fd)
-        try:
-            extra = dict(self.drafter.extra_state(), source="vllm", recycle=self.options.recycle)
-            self.matrix.save(tmp, extra=extra)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        self._last_save = time.monotonic()
+        """Write the matrix and the policy's statistics (safetensors, the format of ``TokenRecycler.save``,
+        with when it was saved and after how many engine steps) atomically."""
+        table, extra_json, version, _ = self._copy("save")
+        AdjacencyMatrix.write(path, table, extra_json)
+        if self.options.matrix_path and os.path.abspath(path) == os.path.abspath(self.options.matrix_path):
+            with self._lock:
+                self._saved_version = max(self._saved_version, version)
 
-    def load(self, path: str | os.PathLike) -> None:
+    def load(self, path: str | os.PathLike) -> dict:
         """Start from a saved matrix and policy statistics (from this proposer or ``TokenRecycler.save``;
-        statistics of another shape, e.g. another max_ngram, are left out)."""
+        statistics of another shape, e.g. another max_ngram, are left out). Returns the file's extra
+        metadata. A damaged file raises CorruptMatrixFile; one for another vocabulary or k, ValueError."""
         table, extra = AdjacencyMatrix.read(path, self.vocab_size, self.options.topk)
-        self.matrix.table.copy_(table)
-        self.drafter.load_extra_state(extra)
+        with self._lock:
+            self.matrix.table.copy_(table)
+            self.drafter.load_extra_state(extra)
+            self._steps_before = int(extra.get("steps", 0) or 0)
+        return extra
 
-    def _maybe_save(self) -> None:
-        opts = self.options
-        if (opts.matrix_path and self._saves and opts.save_every > 0
-                and time.monotonic() - self._last_save >= opts.save_every):
-            self.save(opts.matrix_path)
+    def _load_at_start(self, path: str) -> None:
+        """Load ``path`` when it exists and say so in the log (filled rows, when saved, after how many
+        steps). A damaged file is set aside as ``<path>.corrupt`` (kept for a look, never loaded) and
+        the server starts cold; a whole file made for another model (vocabulary, k) raises ValueError,
+        untouched: that is a wrong setting, not a crash to recover from."""
+        left = remove_stale_temp_files(path)
+        if left:
+            logger.warning("token-recycling: removed %d temporary file(s) of a save that was interrupted "
+                           "(%s); they were never the matrix file", len(left), ", ".join(left))
+        if not os.path.exists(path):
+            logger.info("token-recycling: no matrix at %s yet; starting cold, it will be saved there", path)
+            return
+        try:
+            extra = self.load(path)
+        except CorruptMatrixFile as exc:
+            aside = f"{path}.corrupt"
+            try:
+                os.replace(path, aside)
+            except OSError:
+                aside = "(could not be moved)"
+            logger.error("token-recycling: refusing the matrix file %s: %s. Starting cold; the file was "
+                         "moved to %s", path, exc, aside)
+            return
+        filled = int((self.matrix.table != 0).any(-1).sum())
+        self.loaded = {"path": os.fspath(path), "filled_rows": filled, "saved_at": extra.get("saved_at"),
+                       "steps": self._steps_before, "reason": extra.get("reason")}
+        logger.info("token-recycling: loaded the matrix from %s: %d of %d rows filled, saved at %s (%s) after %d "
+                    "engine steps", path, filled, self.vocab_size, extra.get("saved_at", "an unknown time"),
+                    extra.get("reason", "unknown"), self._steps_before)
+
+    def close(self) -> None:
+        """No more saves by this proposer: its periodic thread ends, signals and exit no longer save it."""
+        if self.keeper is not None:
+            self.keeper.stop()
 
     def reset(self) -> None:
         """Forget the matrix, the policy's statistics and every request's state."""
-        self.drafter.reset()
-        self._states.clear()
+        with self._lock:
+            self.drafter.reset()
+            self._states.clear()
+            self._version += 1
 
     @property
     def state_bytes(self) -> int:
