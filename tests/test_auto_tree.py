@@ -99,7 +99,9 @@ def test_auto_tree_is_lossless_and_reports_its_choice(tmp_path):
         want = model.generate(ids, max_new_tokens=60, do_sample=False)
         assert torch.equal(rec.generate(ids, max_new_tokens=60), want)
     s = rec.stats
-    assert s.tree_size == rec.tree.num_nodes - 1 >= 1
+    # The report is the last step's tree (which may be none where the n-gram chain alone pays: the
+    # prompt repeats, and a continuation then goes on with its period); some step drafted from the matrix.
+    assert s.tree_size == rec.tree.num_nodes - 1 and max(s.matrix_nodes) > 1
     assert s.predicted_speedup is not None and s.measured_speedup is not None
     assert s.from_matrix + s.from_ngram == sum(n - 1 for n in s.accept_lengths)
     assert len(s.chain_tokens) == len(s.match) == len(s.expected) == s.steps and s.decision_seconds > 0

@@ -385,8 +385,9 @@ class Drafter:
     def load_extra_state(self, extra: dict) -> None:
         if self.policy is not None and extra.get("auto"):
             self.policy.load_state(extra["auto"])
-            saved = [list(p) for p in extra.get("tree", [])]
-            self.tree = make_tree(saved or self.policy.auto.choose(1), self.topk)
+            saved = extra.get("tree")  # [] is a choice too: the last step drafted no matrix tree
+            self.tree = make_tree([list(p) for p in saved] if saved is not None else self.policy.auto.choose(1),
+                                  self.topk)
 
     def predicted_speedup(self) -> float | None:
         return self.policy.predicted_speedup() if self.policy is not None else None
