@@ -11,14 +11,13 @@ The test is calibrated (a second HF sample of RUNS rows passes it) and shown to 
 whose output is off by a total variation of exactly 0.05 (computed, not estimated) fails it.
 """
 
-import copy
 import math
 from collections import Counter
 
 import pytest
 import torch
-from models import tiny_model
 from test_sampling import EOS, NEW, PROMPT, _chi2_quantile, _cut, _homogeneity, _tv
+from test_sampling import model  # noqa: F401  (the sharper tiny model, a module-scoped fixture)
 
 from token_recycling import TokenRecycler, sample
 from token_recycling.sample import sampling_processors
@@ -37,17 +36,6 @@ SETTINGS = {
     "top-k 8, top-p 0.9, temperature 0.8": (dict(temperature=0.8, top_k=8, top_p=0.9), "batch"),
 }
 BIASED = "top-k 8, top-p 0.9, temperature 0.8"
-
-
-@pytest.fixture(scope="module")
-def model():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead
-    m = copy.deepcopy(tiny_model("llama"))  # sharper, as in test_sampling.py: drafts get accepted
-    with torch.no_grad():
-        m.get_output_embeddings().weight.mul_(2.0)
-    yield m
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
