@@ -89,9 +89,10 @@ def main(mode: str) -> None:
             say("saved", sha(proposer))
         return
     say("learned", sha(proposer))
-    say("ready")
     deadline = time.monotonic() + IDLE_LIMIT
     try:
+        # Inside the try: the test signals as soon as it reads "ready", which can be before print returns.
+        say("ready")
         while not got and time.monotonic() < deadline:
             time.sleep(0.05)
     except KeyboardInterrupt:
