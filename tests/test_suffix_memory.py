@@ -143,3 +143,13 @@ def test_saved_with_the_matrix_and_old_files_still_load(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptMatrixFile, match="tensors beside the matrix"):
         TokenRecycler.load(model, path)
+
+
+def test_chain_statistics_of_the_older_layout_load_their_context_part():
+    from token_recycling.policy import ChainStats
+    stats = ChainStats(max_ngram=4, length=10)
+    old_rows = 2 * stats.memory_start  # a context part and an earlier-outputs part of the same shape
+    num = np.arange(old_rows * 11, dtype=float).reshape(old_rows, 11)
+    stats.load_state({"num": num.tolist(), "den": (num + 1).tolist()})
+    assert np.array_equal(stats.num[: stats.memory_start], num[: stats.memory_start])
+    assert not stats.num[stats.memory_start:].any() and not stats.den[stats.memory_start:].any()
