@@ -169,15 +169,16 @@ def test_bad_padding_is_refused():
         rec.generate(ids, streamer=object())
 
 
-def test_a_batch_adds_every_rows_output_to_the_recent_history():
-    # As a one-row generate does: later requests' n-gram lookups search what the batch generated
-    # (each row's own tokens, not the padding or another row's eos tail).
+def test_a_batch_adds_every_row_to_the_suffix_memory():
+    # As a one-row generate does: later requests draft from what the batch held and generated
+    # (each row's own prompt and output, not the padding or another row's eos tail).
     model = tiny_model("llama")
     rec = TokenRecycler(model)
-    ids, mask = _batch(_prompts(model.config.vocab_size, [5, 9]))
+    prompts = _prompts(model.config.vocab_size, [5, 9])
+    ids, mask = _batch(prompts)
     got = rec.generate(ids, attention_mask=mask, max_new_tokens=12)
-    rows = [got[b, ids.shape[1]:] for b in range(2)]
-    assert rec.drafter.recent.tokens.tolist() == torch.cat(rows).tolist()
+    rows = [torch.cat([p.view(-1), got[b, ids.shape[1]:]]) for b, p in enumerate(prompts)]
+    assert rec.drafter.memory.state_tensors()["memory_tokens"].tolist() == torch.cat(rows).tolist()
 
 
 @pytest.mark.parametrize("tree_attention", [True, False])

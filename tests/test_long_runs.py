@@ -1,7 +1,7 @@
 """Long runs on the real model (SmolLM2-135M, float32): a prompt of over 1,000 tokens and 2,100 new
 tokens, equal token for token to HF greedy generate() of an untouched copy of the model, with the
-dynamic cache and with a static cache; and the recycler's memory of earlier outputs (ngram_history,
-4096 tokens) wraps and is searched while it is full. (A static cache too small for a run: test_refusals.py.)
+dynamic cache and with a static cache; and the recycler's suffix memory of earlier requests
+(ngram_history) remembers the first run and drafts the second from it. (A static cache too small for a run: test_refusals.py.)
 
 Length is forced the same way on both sides: ``min_new_tokens`` equal to ``max_new_tokens`` (HF's
 processor masks EOS until then; through ``custom_generate=rec`` it is applied at every tree node), so
@@ -65,18 +65,16 @@ def test_long_runs_equal_greedy(smollm2):
     want = reference.generate(ids, **kw)
     assert want.shape[1] == ids.shape[1] + NEW
 
-    rec = TokenRecycler(model)  # the defaults: tree="auto", ngram_history=4096
-    history = rec.drafter.recent.capacity
-    assert history == 4096
+    rec = TokenRecycler(model)  # the defaults: tree="auto", the suffix memory on
     got = model.generate(ids, custom_generate=rec, **kw)  # dynamic cache
     assert torch.equal(got, want), "dynamic cache: first difference at new token " + _first_difference(got, want, ids)
-    assert len(rec.drafter.recent) == NEW
+    assert len(rec.drafter.memory) == want.shape[1]  # the prompt and its output
 
     got = model.generate(ids, custom_generate=rec, cache_implementation="static", **kw)
     assert torch.equal(got, want), "static cache: first difference at new token " + _first_difference(got, want, ids)
-    # Two runs' outputs are more than the history holds: it keeps the last 4096 tokens.
-    assert 2 * NEW > history and len(rec.drafter.recent) == history
-    assert rec.drafter.recent.tokens.tolist() == (want[0, ids.shape[1]:].tolist() * 2)[-history:]
+    # The second run drafted from the first (the suffix memory) and is remembered beside it.
+    assert rec.stats.from_memory > 0
+    assert rec.drafter.memory.state_tensors()["memory_tokens"].tolist() == want[0].tolist() * 2
 
 
 

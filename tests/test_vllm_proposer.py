@@ -66,7 +66,7 @@ def test_greedy_output_and_paper_recycling_with_a_steady_batch():
     assert torch.equal(proposer.matrix.table, oracle_matrix(engine.log, proposer.options.topk))
     s = proposer.stats
     assert s.unmapped_steps == 0 and s.recycled_topk > 0
-    assert s.from_matrix + s.from_ngram > 0, s  # the bigram model repeats itself
+    assert s.accepted_drafts > 0, s  # the bigram model repeats itself
     assert_counts_match_the_engine(proposer, engine)
 
 
@@ -74,8 +74,8 @@ def assert_counts_match_the_engine(proposer, engine):
     """The proposer's accounting against the engine's own count of what it verified and accepted."""
     s = proposer.stats
     assert s.proposed_verified == engine.draft_tokens, (s, engine.draft_tokens)
-    assert s.from_matrix + s.from_ngram == engine.accepted_tokens, (s, engine.accepted_tokens)
-    assert s.drafted_ngram + s.drafted_matrix >= s.proposed_verified
+    assert s.from_matrix + s.from_ngram + s.from_memory == engine.accepted_tokens, (s, engine.accepted_tokens)
+    assert s.drafted_ngram + s.drafted_memory + s.drafted_matrix >= s.proposed_verified
     assert 0 < s.acceptance == engine.accepted_tokens / engine.draft_tokens
 
 
@@ -179,7 +179,7 @@ def test_a_repeating_context_is_drafted_from_its_ngrams_and_accepted():
     assert r.output == model.greedy(prompt, 60)
     s = proposer.stats
     assert s.acceptance > 0.9 and s.from_ngram > 0.9 * (s.from_ngram + s.from_matrix), s.as_dict()
-    assert (s.from_ngram + s.from_matrix) / s.verified > 3.5  # K = 4: whole chains accepted
+    assert s.accepted_drafts / s.verified > 3.5  # K = 4: whole chains accepted
     assert_counts_match_the_engine(proposer, engine)
 
 
@@ -424,3 +424,29 @@ def test_importing_the_package_does_not_import_vllm():
     code = ("import sys, token_recycling, token_recycling.vllm; "
             "assert 'vllm' not in sys.modules, sorted(m for m in sys.modules if m.startswith('vllm'))")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_finished_requests_feed_the_suffix_memory(tmp_path):
+    # A request the engine no longer schedules is remembered; the same prompt later drafts from it
+    # (the matrix made cold, so the memory is what knows the answer), and a save carries the memory.
+    proposer, model = make()
+    prompt = prompts(np.random.default_rng(21), 1)[0]
+    engine = FakeEngine(proposer, model)
+    engine.add(Request(0, prompt, 40))
+    run_engine(engine)
+    proposer.matrix.reset()
+    again = Request(1, prompt, 40)
+    engine = FakeEngine(proposer, model)
+    engine.add(again)
+    run_engine(engine)
+    assert again.output == model.greedy(prompt, 40)
+    assert len(proposer.drafter.memory) >= len(prompt) + 40 and proposer.stats.from_memory > 0
+    assert proposer.stats.drafted_memory >= proposer.stats.from_memory
+    path = tmp_path / "m.safetensors"
+    proposer.save(path)
+    back, _ = make()
+    back.load(path)
+    held = back.drafter.memory.state_tensors()["memory_tokens"]
+    assert torch.equal(held, proposer.drafter.memory.state_tensors()["memory_tokens"])
+    off, _ = make(memory=0)
+    assert off.drafter.memory.capacity == 0

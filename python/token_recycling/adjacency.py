@@ -2,7 +2,9 @@
 
 It starts empty (all zeros: every candidate is token 0, which verification simply rejects), persists
 across calls (hot start) and is saved with safetensors together with its vocab size, k and,
-optionally, the draft tree and tree statistics.
+optionally, the draft tree and tree statistics, and tensors beside the matrix (the suffix memory:
+``memory_*``), which carry a checksum of their own (``tensors_sha256``) so that a reader that knows
+only the matrix still reads it.
 
 A save is atomic: the bytes go to a temporary file in the same folder, which is flushed to disk and
 then renamed over the target (and the folder flushed), so a process killed mid-save leaves the old
@@ -36,6 +38,16 @@ def _checksum(table: torch.Tensor, meta: dict[str, str]) -> str:
     for key in sorted(meta):
         if key != "sha256":
             h.update(f"\0{key}\0{meta[key]}".encode())
+    return h.hexdigest()
+
+
+def _tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors: each name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.numpy().tobytes())
     return h.hexdigest()
 
 
@@ -82,22 +94,48 @@ class AdjacencyMatrix:
     def nbytes(self) -> int:
         return self.table.numel() * self.table.element_size()
 
-    def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
-        """Write the matrix and ``extra`` (JSON-able) to ``path``, atomically (module doc)."""
-        self.write(path, self.table.cpu().clone(), json.dumps(extra or {}))
+    def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None,
+             tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the matrix, ``extra`` (JSON-able) and ``tensors`` (CPU tensors kept beside the matrix,
+        e.g. the suffix memory) to ``path``, atomically (module doc)."""
+        self.write(path, self.table.cpu().clone(), json.dumps(extra or {}), tensors)
 
     @staticmethod
-    def write(path: str | os.PathLike, table: torch.Tensor, extra_json: str = "{}") -> None:
-        """Write a [vocab, k] int32 CPU table and its JSON ``extra`` atomically: a copy taken under
-        a lock can be written outside it (the vLLM proposer's saves do)."""
+    def write(path: str | os.PathLike, table: torch.Tensor, extra_json: str = "{}",
+              tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Write a [vocab, k] int32 CPU table, its JSON ``extra`` and ``tensors`` (named CPU tensors,
+        not "matrix") atomically: a copy taken under a lock can be written outside it (the vLLM
+        proposer's saves do)."""
         if table.dim() != 2 or table.dtype != torch.int32 or table.device.type != "cpu":
             raise ValueError(f"table must be a 2-D int32 CPU tensor, got {tuple(table.shape)} {table.dtype} "
                              f"on {table.device}")
+        tensors = {name: t.detach().cpu().contiguous() for name, t in (tensors or {}).items()}
+        if "matrix" in tensors:
+            raise ValueError("tensors must not be named 'matrix' (the matrix itself)")
         table = table.contiguous()
         meta = {"format": FORMAT, "vocab_size": str(table.shape[0]), "topk": str(table.shape[1]),
                 "extra": extra_json}
+        if tensors:
+            meta["tensors_sha256"] = _tensors_checksum(tensors)
         meta["sha256"] = _checksum(table, meta)
-        write_atomic(path, safetensors_bytes({"matrix": table}, metadata=meta))
+        write_atomic(path, safetensors_bytes({"matrix": table, **tensors}, metadata=meta))
+
+    @staticmethod
+    def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """The tensors saved beside the matrix (``write``'s ``tensors``; {} for a file without any),
+        checked against their checksum. Call after ``read``, which checks the rest of the file."""
+        path = os.fspath(path)
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys() if name != "matrix"}
+        except Exception as exc:
+            raise CorruptMatrixFile(f"{path!r} is not a token-recycling matrix file, or is truncated or corrupt "
+                                    f"({type(exc).__name__}: {exc})") from exc
+        if tensors and meta.get("tensors_sha256") != _tensors_checksum(tensors):
+            raise CorruptMatrixFile(f"{path!r} is corrupt: the checksum of the tensors beside the matrix "
+                                    f"({', '.join(sorted(tensors))}) does not match them")
+        return tensors
 
     @staticmethod
     def read(path: str | os.PathLike, vocab_size: int, topk: int) -> tuple[torch.Tensor, dict[str, Any]]:

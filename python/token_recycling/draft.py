@@ -1,11 +1,13 @@
 """Drafting: what the model verifies at each step, and what drafting learns from each step.
 
-The draft is the matrix tree (``build_draft_tree`` over the adjacency matrix) with context n-gram
-continuations grafted under the root (``graft_chain``, once per candidate). With a fixed tree it
-is that tree and the first candidate cut to ``ngram_tokens``; with tree="auto" a :class:`Policy`
-chooses, per step, the tree size and each candidate's length (policy.py). A :class:`Drafter` owns
-what is shared by every request: the adjacency matrix (recycled after every verification), the
-tree choice and its statistics. Drafting is host work: the matrix, the trees and the n-gram index
+The draft is the matrix tree (``build_draft_tree`` over the adjacency matrix) with candidate
+continuations grafted under the root (``graft_chain``, once per candidate): the context's n-gram
+continuations, and the suffix memory's (memory.SuffixMemory: earlier requests' prompts and
+outputs). With a fixed tree it is that tree and the context's first candidate (else the memory's)
+cut to ``ngram_tokens``; with tree="auto" a :class:`Policy` chooses, per step, the tree size and
+each candidate's length (policy.py). A :class:`Drafter` owns what is shared by every request: the
+adjacency matrix (recycled after every verification), the suffix memory, the tree choice and its
+statistics. Drafting is host work: the matrix, the trees and the n-gram index
 live on the CPU, and a draft is built there and sent to the model's device without waiting for it
 (its host copy stays with it, ``Draft.host``), so a step reads nothing back for drafting
 (step_sync.py). What belongs to one sequence (its n-gram index, how its last
@@ -28,12 +30,14 @@ import torch
 from . import distributed, ops
 from .adjacency import AdjacencyMatrix
 from .auto_tree import COST_SIZES, REMEASURE_SIZES, measure_cost, remeasure_cost
-from .ngram import NgramIndex, RecentOutputs
+from .memory import MAX_MATCH, SuffixMemory
+from .ngram import NgramIndex
 from .policy import CANDIDATES, DEFAULT_CHAIN_PRICE, Plan, Policy, StepCost
 from .tree import DraftTree, TreeSpec, make_tree
 
 
 MAX_FORWARD_TOKENS = 512  # a batch's cost curve is timed up to this many tokens per forward (rows x nodes)
+DEFAULT_MEMORY_TOKENS = 262144  # the suffix memory's default capacity (ngram_history): about 4 MB
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class Draft:
     tree: DraftTree
     plan: Plan | None = None  # tree="auto": the step's choice and what it rested on
     host: "Draft | None" = None  # the same draft on the CPU, when this one lives on a device
+    chain_sources: tuple = ()  # per grafted chain: (nodes after its graft, it came from the suffix memory)
 
     @property
     def on_host(self) -> "Draft":
@@ -69,6 +74,14 @@ class Draft:
         """N-gram tokens forwarded as new nodes (not merged into the matrix tree)."""
         return self.size - self.tree_nodes
 
+    def from_memory(self, node: int) -> bool:
+        """Whether chain node ``node`` (>= tree_nodes) was added by a suffix-memory chain (a chain
+        token merged into an earlier node counts as that node's)."""
+        for end, memory in self.chain_sources:
+            if node < end:
+                return memory
+        return False
+
     def truncate(self, n: int) -> "Draft":
         """The first n nodes (breadth-first order within the tree and chain, so still a tree)."""
         return replace(self, tokens=self.tokens[:, :n], parents=self.parents[:n], depths=self.depths[:n],
@@ -85,30 +98,30 @@ class Draft:
 
 class DraftState:
     """Per-request drafting state: the n-gram index over this sequence's tokens (None without
-    n-grams), after ``seed`` (earlier requests' outputs, ngram.RecentOutputs: its first
-    ``seed_len`` tokens), and how many tokens of the last step's first candidate the model produced
-    (``run``)."""
+    n-grams), and how many tokens of the last step's first candidate the model produced (``run``).
+    Earlier requests are the Drafter's suffix memory, shared, not part of this state."""
 
-    def __init__(self, seq: torch.Tensor, capacity: int, max_ngram: int | None, seed: torch.Tensor | None = None):
+    def __init__(self, seq: torch.Tensor, capacity: int, max_ngram: int | None):
         self.max_ngram = max_ngram
-        self.seed = seed if seed is not None and seed.numel() and max_ngram else None
-        self.seed_len = self.seed.numel() if self.seed is not None else 0
         self.index = self._new_index(seq, capacity) if max_ngram else None
         self.run = 0
 
     def _new_index(self, seq, capacity: int) -> NgramIndex:
-        index = NgramIndex(1, self.seed_len + max(capacity, seq.shape[1] + 1), self.max_ngram)
-        if self.seed is not None:
-            index.extend(self.seed.view(1, -1))
+        index = NgramIndex(1, max(capacity, seq.shape[1] + 1), self.max_ngram)
         index.extend(seq)
         return index
+
+    def tail(self, n: int) -> np.ndarray:
+        """The last ``n`` tokens of the indexed sequence (fewer when it is shorter), int64."""
+        length = int(self.index.lengths[0])
+        return self.index.history[0, max(0, length - n): length].numpy()
 
     def accept(self, seq: torch.Tensor, emitted: int, host_tokens: torch.Tensor | None = None) -> None:
         """The sequence grew by its last ``emitted`` tokens (``host_tokens``: those tokens on the host)."""
         if self.index is None or emitted == 0:
             return
         if self.index.lengths[0] + emitted > self.index.capacity:  # ran past the planned length
-            self.index = self._new_index(seq, 2 * (self.index.capacity - self.seed_len))
+            self.index = self._new_index(seq, 2 * self.index.capacity)
         else:
             new = host_tokens[:emitted].view(1, -1) if host_tokens is not None else seq[:, seq.shape[1] - emitted:]
             self.index.extend(new)
@@ -122,7 +135,8 @@ class DraftState:
     offset = 0                    # tokens of the sequence before the index (the window's start)
     window: int | None = None     # from_tokens: the index covers at most this many tokens
     root = -1                     # the sequence's last token when the chain was drafted
-    from_ngram = 0                # how many of ``drafts`` (a prefix) came from an n-gram candidate
+    from_ngram = 0                # how many of ``drafts`` (a prefix) came from a candidate
+    from_memory = False           # ... and that candidate came from the suffix memory
     plan: Plan | None = None      # the policy's choice behind ``drafts`` (None: no policy or no budget)
 
     @classmethod
@@ -141,13 +155,13 @@ class DraftState:
     @property
     def length(self) -> int:
         """Tokens of the sequence indexed so far (absolute: the window's start included)."""
-        return self.offset + int(self.index.lengths[0]) - self.seed_len
+        return self.offset + int(self.index.lengths[0])
 
     def matches(self, tokens: np.ndarray, length: int) -> bool:
         """Whether this state indexes exactly ``tokens[:length]`` (its window of it)."""
         if self.index is None or length != self.length:
             return False
-        held = self.index.history[0, self.seed_len: self.seed_len + length - self.offset].numpy()
+        held = self.index.history[0, : length - self.offset].numpy()
         return bool(np.array_equal(held, tokens[self.offset:length]))
 
     def advance(self, tokens: np.ndarray, length: int) -> None:
@@ -157,7 +171,7 @@ class DraftState:
             raise ValueError(f"a sequence cannot shrink: {old} -> {length} tokens")
         if length == old:
             return
-        if self.seed_len + length - self.offset > self.index.capacity:
+        if length - self.offset > self.index.capacity:
             self._index_tail(tokens, length)
             return
         new = torch.from_numpy(np.ascontiguousarray(tokens[old:length], dtype=np.int64)).view(1, -1)
@@ -191,14 +205,16 @@ def state_key(tokens: np.ndarray, length: int) -> tuple:
 
 
 class Drafter:
-    """The adjacency matrix, the tree template (fixed or auto) and the n-gram settings.
+    """The adjacency matrix, the suffix memory, the tree template (fixed or auto) and the n-gram settings.
 
     Args mirror :class:`TokenRecycler`'s: ``tree`` ("auto", a preset, rank paths or a DraftTree),
-    ``topk``, ``ngram`` / ``max_ngram`` / ``ngram_tokens`` / ``ngram_history``.
+    ``topk``, ``ngram`` / ``max_ngram`` / ``ngram_tokens`` / ``ngram_history`` (the suffix memory's
+    capacity in tokens; 0, or ``ngram=False``, keeps no memory).
     """
 
     def __init__(self, vocab_size: int, device: torch.device, tree: TreeSpec = "auto", topk: int = 8, *,
-                 ngram: bool = True, max_ngram: int = 4, ngram_tokens: int = 10, ngram_history: int = 4096):
+                 ngram: bool = True, max_ngram: int = 4, ngram_tokens: int = 10,
+                 ngram_history: int = DEFAULT_MEMORY_TOKENS):
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
         if ngram and (max_ngram < 1 or ngram_tokens < 1):
@@ -209,7 +225,10 @@ class Drafter:
         self.matrix = AdjacencyMatrix(vocab_size, topk, self.host)
         self.tree_spec = tree
         self.ngram, self.max_ngram, self.ngram_tokens = ngram, max_ngram, ngram_tokens
-        self.recent = RecentOutputs(ngram_history if ngram else 0)  # earlier requests' outputs (ngram.py)
+        if not isinstance(ngram_history, int) or isinstance(ngram_history, bool) or ngram_history < 0:
+            raise ValueError(f"ngram_history (the suffix memory's capacity in tokens) must be an int >= 0, "
+                             f"got {ngram_history!r}")
+        self.memory = SuffixMemory(ngram_history if ngram else 0)  # earlier requests (memory.py)
         self.policy: Policy | None = None
         if isinstance(tree, str) and tree == "auto":
             self.policy = Policy(topk, max_chain=ngram_tokens if ngram else 0, max_ngram=max_ngram)
@@ -222,11 +241,14 @@ class Drafter:
 
     # ------------------------------------------------------------------ per request
     def start(self, seq: torch.Tensor, capacity: int) -> DraftState:
-        return DraftState(seq, capacity, self.max_ngram if self.ngram else None, self.recent.tokens)
+        return DraftState(seq, capacity, self.max_ngram if self.ngram else None)
 
-    def finish(self, generated: torch.Tensor) -> None:
-        """A request ended: its generated tokens join the outputs later requests' n-grams search."""
-        self.recent.add(generated)
+    def finish(self, generated: torch.Tensor, prompt: torch.Tensor | None = None) -> None:
+        """A request ended: its prompt (when given) and generated tokens join the suffix memory,
+        as one sequence, for later requests to draft from."""
+        if prompt is not None:
+            generated = torch.cat([prompt.detach().reshape(-1).cpu(), generated.detach().reshape(-1).cpu()])
+        self.memory.add(generated)
 
     def draft(self, state: DraftState, root: torch.Tensor, cost: StepCost | None = None) -> Draft:
         """The matrix tree under ``root`` [1] (a host tensor), with n-gram continuations grafted under
@@ -242,36 +264,58 @@ class Drafter:
         size for the batch, roots alone where drafting does not pay (a wide batch on a compute-bound
         device then runs as batched greedy does)."""
         if self.policy is None:
-            return [self._build(root, self.tree, self._fixed_chains(state)).to(self.device)
-                    for state, root in zip(states, roots)]
+            drafts = []
+            for state, root in zip(states, roots):
+                chains = self._fixed_chains(state)
+                drafts.append(self._build(root, self.tree, [c for c, _ in chains], None,
+                                          [m for _, m in chains]).to(self.device))
+            return drafts
         plans = self.policy.decide_rows([(self._candidates(state), state.run) for state in states], cost)
         drafts = []
         for plan, root in zip(plans, roots):
             self.tree = self._tree_of(self.policy.tree_paths(plan.tree_nodes))
-            drafts.append(self._build(root, self.tree, plan.chains, plan).to(self.device))
+            drafts.append(self._build(root, self.tree, plan.chains, plan, plan.memory).to(self.device))
         return drafts
 
-    def _build(self, root: torch.Tensor, tree: DraftTree, chains: list[list[int]], plan: Plan | None = None) -> Draft:
+    def _build(self, root: torch.Tensor, tree: DraftTree, chains: list[list[int]], plan: Plan | None = None,
+               memory: list[bool] | None = None) -> Draft:
+        """``memory[i]``: chain i came from the suffix memory (the draft keeps which nodes did)."""
         tokens = ops.build_draft_tree(self.matrix.table, root.to(self.host), tree.parents, tree.ranks)
-        chains = [c for c in chains if c]
-        if not chains:
+        memory = list(memory or []) + [False] * (len(chains) - len(memory or []))
+        grafts = [(c, m) for c, m in zip(chains, memory) if c]
+        if not grafts:
             return Draft(tokens, tree.parents, tree.depths, tree.mask, tree, plan)
         out, parents = tokens, tree.parents
-        for chain in chains:  # each graft appends the chain's new nodes after the nodes so far
+        sources = []
+        for chain, from_memory in grafts:  # each graft appends the chain's new nodes after the nodes so far
             c = torch.tensor([chain], dtype=torch.long)
             out, parents, depths, mask, num = ops.graft_chain(out, parents, c, torch.tensor([len(chain)]))
             m = int(num[0])
             out, parents, depths, mask = out[:, :m], parents[0, :m], depths[0, :m], mask[0, :m, :m]
-        return Draft(out, parents, depths, mask, tree, plan)
+            sources.append((m, from_memory))
+        return Draft(out, parents, depths, mask, tree, plan, chain_sources=tuple(sources))
 
-    def _fixed_chains(self, state: DraftState) -> list[list[int]]:
+    def _fixed_chains(self, state: DraftState) -> list[tuple[list[int], bool]]:
+        """A fixed tree's chain: the context's first candidate, else the suffix memory's, as
+        [(tokens, from the memory)] (empty: neither matched)."""
         if state.index is None:
             return []
         chain, count = state.index.lookup(self.ngram_tokens)
-        return [chain[0, : int(count[0])].tolist()]
+        if int(count[0]):
+            return [(chain[0, : int(count[0])].tolist(), False)]
+        found = self._memory_candidate(state)
+        return [(found[0], True)] if found else []
 
-    def _candidates(self, state: DraftState) -> list[tuple[list[int], int, bool]]:
-        """[(continuation, matched suffix length, found in an earlier request's output)], best first."""
+    def _memory_candidate(self, state: DraftState) -> tuple[list[int], int, bool, int] | None:
+        """The suffix memory's continuation of the sequence: (tokens, match length, True, support)."""
+        if state.index is None or not len(self.memory):
+            return None
+        found = self.memory.lookup(state.tail(MAX_MATCH), self.ngram_tokens)
+        return (found.tokens, found.match, True, found.support) if found is not None else None
+
+    def _candidates(self, state: DraftState) -> list[tuple]:
+        """[(continuation, matched suffix length, from the suffix memory, support)]: the context's
+        n-gram candidates best first, then the suffix memory's (policy.Policy orders them)."""
         if state.index is None or not self.policy.max_chain:
             return []
         index = state.index
@@ -289,7 +333,10 @@ class Drafter:
                 # into the tokens it predicts: the continuation repeats with that period (a loop, a
                 # list, a table). Cut at the context's end, it would draft less than a copy can give.
                 cont = [cont[i % counts[j]] for i in range(self.ngram_tokens)]
-            found.append((cont, ngrams[j], starts[j] < state.seed_len))
+            found.append((cont, ngrams[j], False, 1))
+        memory = self._memory_candidate(state)
+        if memory is not None:
+            found.append(memory)
         return found
 
     def _tree_of(self, paths: list[list[int]]) -> DraftTree:
@@ -366,9 +413,9 @@ class Drafter:
         return f"tree={self.tree_spec!r}: {self.tree.num_nodes - 1} nodes, k={self.topk}, {ngram}"
 
     def reset(self) -> None:
-        """Cold start: forget what the matrix (and the policy's statistics, the recent outputs) learned."""
+        """Cold start: forget what the matrix (and the policy's statistics, the suffix memory) learned."""
         self.matrix.reset()
-        self.recent.reset()
+        self.memory.reset()
         if self.policy is not None:
             cost = self.policy.cost
             self.policy = Policy(self.topk, max_chain=self.policy.max_chain, max_ngram=self.max_ngram)
@@ -381,6 +428,15 @@ class Drafter:
         if self.policy is not None:
             extra["auto"] = self.policy.state()
         return extra
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """What save() stores beside the matrix as tensors: the suffix memory (memory.SuffixMemory)."""
+        return self.memory.state_tensors()
+
+    def load_extra_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The suffix memory saved by :meth:`extra_tensors` (a file without one leaves it as it is)."""
+        if tensors:
+            self.memory.load_state_tensors(tensors)
 
     def load_extra_state(self, extra: dict) -> None:
         if self.policy is not None and extra.get("auto"):
@@ -428,16 +484,19 @@ class Drafter:
         pending: list[tuple[int, list[int], int, int]] = []  # (i, n-gram tokens, matrix tokens, path root)
         for i, (state, root, budget) in enumerate(zip(states, roots, budgets)):
             state.root, state.drafts, state.from_ngram, state.plan = int(root), [], 0, None
+            state.from_memory = False
             if budget <= 0:
                 continue
             if self.policy is None:
                 fixed = self._fixed_chains(state) if self.ngram else []
-                chain = fixed[0][:budget] if fixed else []
+                chain = fixed[0][0][:budget] if fixed else []
+                state.from_memory = bool(fixed and fixed[0][1])
                 tail = budget - len(chain)
             else:
                 state.plan = self.policy.decide_chain(self._candidates(state) if self.ngram else [], state.run,
                                                       budget, price)
                 chain = state.plan.chains[0] if state.plan.chains else []
+                state.from_memory = bool(state.plan.chains and state.plan.memory and state.plan.memory[0])
                 tail = state.plan.tree_nodes
             pending.append((i, chain, tail, chain[-1] if chain else int(root)))
         depth = max((tail for _, _, tail, _ in pending), default=0)

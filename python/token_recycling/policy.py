@@ -1,8 +1,12 @@
 """tree="auto": what to draft, decided per step from what that step knows.
 
-Each step the drafter knows (1) the context's n-gram candidates: the continuations of the longest
-earlier match of the context's suffix, and of older or shorter matches that continue differently
-(``ops.ngram_candidates``), with the matched suffix length n of each; (2) how the continuation fared
+Each step the drafter knows (1) the candidate continuations: from the context's n-gram index the
+continuations of the longest earlier match of the context's suffix, and of older or shorter matches
+that continue differently (``ops.ngram_candidates``), with the matched suffix length n of each; from
+the suffix memory of earlier requests (memory.SuffixMemory) the most frequent continuation after the
+longest match there, with its match length and support (how many earlier occurrences went on that
+way); the best ``CANDIDATES`` of them by expected accepted tokens enter the choice below, and every
+one is scored afterwards; (2) how the continuation fared
 on the last step (how many of its tokens the model then produced: a copy run keeps going); (3) the
 matrix tree's per-node acceptance rates (:class:`auto_tree.AutoTree`); (4) the forward cost curve
 t(m) at the current context (:class:`StepCost`). It chooses the matrix tree size N (0: none), the first
@@ -16,14 +20,17 @@ different steps, and the matrix tree pays on the steps where neither is.
 
 Chain statistics (:class:`ChainStats`). Like SuffixDecoding, which grows its speculation length
 with the match length and with how often a continuation was seen, the trust in a candidate depends
-on a *bucket*: its source (this request's context, or an earlier request's output: ngram.RecentOutputs)
-and rank (first or second candidate), its matched suffix length n and the last step's run (0, 1-3 or
-4+ of the last candidate's tokens were what the model produced). For every
+on a *bucket*: its source and rank (this request's context: first or second candidate; the suffix
+memory), its matched suffix length n (the memory's in ranges: 2-3, 4-7, 8-15, 16+ tokens), for the
+memory its support (1, 2-3, 4+ earlier occurrences agreed on its first token), and the last step's
+run (0, 1-3 or 4+ of the last candidate's tokens were what the model produced). For every
 bucket and chain position j we count how often position j was correct given 1..j-1 were. Every
 candidate is scored against the accepted tokens whether or not it was drafted, and as far as the
 accepted tokens (bonus included) reach, so no exploration is needed: a chain not drafted is still
 measured at position 1. A bucket's rates shrink towards its source and rank's pooled rates, which
 shrink towards a prior, so a rare bucket borrows strength and a common one speaks for itself.
+Statistics saved with the older layout (a context part and an earlier-outputs part of the same
+shape) load their context part.
 
 Cost (:class:`StepCost`). t(m) is measured once (``measure_cost``) at the first context, and then
 followed: every step's forward time is divided by the curve's prediction, and the median of the
@@ -52,7 +59,9 @@ import numpy as np
 from .auto_tree import BUDGETS, AutoTree, CostModel
 
 RUNS = (0, 1, 4)  # last step's run buckets: 0, 1-3, 4+ tokens of the continuation were right
-CANDIDATES = 2  # n-gram candidates per step (the first, and the most recent different one)
+CANDIDATES = 2  # candidates drafted per step (and context n-gram candidates looked up)
+MEMORY_MATCH = (2, 4, 8, 16)  # suffix-memory match length buckets: 2-3, 4-7, 8-15, 16+
+MEMORY_SUPPORT = (1, 2, 4)  # suffix-memory support buckets: 1, 2-3, 4+ occurrences
 
 
 def run_bucket(run: int) -> int:
@@ -71,7 +80,8 @@ class Plan:
     expected: float = 1.0  # expected tokens this step
     seconds: float = 0.0  # predicted step time
     decision_seconds: float = 0.0  # time to make the choice (measured)
-    recent: bool = False  # the first candidate came from an earlier request's output
+    recent: bool = False  # the first candidate came from the suffix memory (earlier requests)
+    memory: list[bool] = field(default_factory=list)  # per chain: it came from the suffix memory
 
     @property
     def chain_tokens(self) -> int:
@@ -83,18 +93,30 @@ class ChainStats:
 
     def __init__(self, max_ngram: int, length: int, pseudo_count: float = 4.0):
         self.max_ngram, self.length, self.a = max_ngram, length, pseudo_count
-        self.per_rank = max_ngram * len(RUNS)
-        buckets = 2 * CANDIDATES * self.per_rank  # (source, rank) x matched length x run
+        self.per_rank = max_ngram * len(RUNS)  # a context rank's buckets: matched length x run
+        self.memory_start = CANDIDATES * self.per_rank  # then the memory's: match x support x run
+        buckets = self.memory_start + len(MEMORY_MATCH) * len(MEMORY_SUPPORT) * len(RUNS)
         self.num = np.zeros((buckets, length + 1))  # [b, j]: position j right (given 1..j-1 were)
         self.den = np.zeros((buckets, length + 1))  # [b, j]: position j observed with 1..j-1 right
         # Before any data: the first position is right a third of the time, later ones more often
         # (a continuation that started right tends to go on).
         self.prior = np.array([0.0, 0.35] + [0.7] * (length - 1))
 
-    def bucket(self, rank: int, ngram: int, run: int, recent: bool = False) -> int:
-        """``recent``: the candidate was found in an earlier request's output, not in this context."""
-        group = rank + (CANDIDATES if recent else 0)
-        return group * self.per_rank + (min(ngram, self.max_ngram) - 1) * len(RUNS) + run_bucket(run)
+    def bucket(self, rank: int, ngram: int, run: int, memory: bool = False, support: int = 1) -> int:
+        """``memory``: the candidate came from the suffix memory (earlier requests), with ``support``
+        earlier occurrences agreeing on its first token; else it is the context's candidate ``rank``."""
+        if memory:
+            match = max(sum(ngram >= m for m in MEMORY_MATCH) - 1, 0)
+            sup = max(sum(support >= m for m in MEMORY_SUPPORT) - 1, 0)
+            return self.memory_start + (match * len(MEMORY_SUPPORT) + sup) * len(RUNS) + run_bucket(run)
+        return rank * self.per_rank + (min(ngram, self.max_ngram) - 1) * len(RUNS) + run_bucket(run)
+
+    def group(self, bucket: int) -> tuple[int, int]:
+        """The buckets [lo, hi) pooled with ``bucket``: its context rank's, or the memory's."""
+        if bucket >= self.memory_start:
+            return self.memory_start, self.num.shape[0]
+        rank = bucket // self.per_rank
+        return rank * self.per_rank, (rank + 1) * self.per_rank
 
     def score(self, bucket: int, candidate: list[int], actual: list[int]) -> int:
         """Scores a candidate against the tokens the model produced; returns its correct prefix length."""
@@ -109,8 +131,7 @@ class ChainStats:
 
     def expected(self, bucket: int) -> np.ndarray:
         """[length + 1]: expected correct tokens of the candidate cut to 0..length tokens."""
-        rank = bucket // self.per_rank
-        lo, hi = rank * self.per_rank, (rank + 1) * self.per_rank
+        lo, hi = self.group(bucket)
         pooled = (self.num[lo:hi].sum(0) + self.a * self.prior) / (self.den[lo:hi].sum(0) + self.a)
         q = (self.num[bucket] + self.a * pooled) / (self.den[bucket] + self.a)
         q[0] = 1.0
@@ -125,6 +146,9 @@ class ChainStats:
         num, den = np.array(state.get("num", [])), np.array(state.get("den", []))
         if num.shape == self.num.shape and den.shape == self.den.shape:
             self.num, self.den = num, den
+        elif num.shape == den.shape == (2 * self.memory_start, self.length + 1):  # the older layout
+            self.num[: self.memory_start] = num[: self.memory_start]
+            self.den[: self.memory_start] = den[: self.memory_start]
 
 
 class StepCost:
@@ -210,8 +234,9 @@ class Policy:
 
     # ------------------------------------------------------------------ the decision
     def decide(self, candidates: list[tuple], run: int, cost: StepCost | None = None) -> Plan:
-        """candidates: [(tokens, matched n)] or [(tokens, matched n, from an earlier output)], best
-        first (at most CANDIDATES used); run: how many tokens of the last step's first candidate the
+        """candidates: [(tokens, matched n)], [(tokens, matched n, from the suffix memory)] or
+        [(tokens, matched n, from the suffix memory, support)]: the context's best first (at most
+        CANDIDATES of them), the memory's anywhere; run: how many tokens of the last step's first candidate the
         model produced; cost: the step-cost curve to weigh against (default: this policy's own, one
         row's)."""
         return self.decide_rows([(candidates, run)], cost)[0]
@@ -246,10 +271,10 @@ class Policy:
             score = np.where(g["size"] <= m, g["expected"] - 1e-9 * g["size"], -np.inf)
             i, j, k = np.unravel_index(int(np.argmax(score)), score.shape)
             cands = g["cands"]
-            chains = [t[:length] for (t, _, _), length in zip(cands, (j, k))]
-            plan = Plan(int(self.budgets[i]), chains, [t for t, _, _ in cands], g["buckets"],
+            chains = [t[:length] for (t, _, _, _), length in zip(cands, (j, k))]
+            plan = Plan(int(self.budgets[i]), chains, [t for t, _, _, _ in cands], g["buckets"],
                         cands[0][1] if cands else 0, float(g["expected"][i, j, k]), float(seconds[m - 1]),
-                        recent=bool(cands and cands[0][2]))
+                        recent=bool(cands and cands[0][2]), memory=[c[2] for c in cands[: len(chains)]])
             plan.decision_seconds = elapsed
             plans.append(plan)
         return plans
@@ -257,10 +282,8 @@ class Policy:
     def _grid(self, candidates: list[tuple], run: int) -> dict:
         """A row's choices: expected tokens and nodes forwarded (root included) over the grid of
         (matrix tree size, first chain length, second chain length)."""
-        cands = [(c[0], c[1], bool(c[2]) if len(c) > 2 else False) for c in candidates[:CANDIDATES]
-                 if c[0] and self.max_chain]
-        buckets = [self.chain.bucket(i, n, run, recent) for i, (_, n, recent) in enumerate(cands)]
-        e = [self.chain.expected(b)[: min(len(t), self.max_chain) + 1] for b, (t, _, _) in zip(buckets, cands)]
+        cands, buckets, curves = self._candidates(candidates, run)
+        e = [curve[: min(len(t), self.max_chain) + 1] for curve, (t, _, _, _) in zip(curves, cands)]
         e1 = e[0] if e else np.zeros(1)
         e2 = e[1] if len(e) > 1 else np.zeros(1)
         # First-token chances (0 when not drafted): the candidates differ, so where their first
@@ -275,6 +298,37 @@ class Policy:
         expected = 1.0 + self.calibration * gain
         size = np.broadcast_to(1 + n + c1 + c2, expected.shape)
         return {"expected": expected, "size": size, "cands": cands, "buckets": buckets}
+
+    def _candidates(self, candidates: list[tuple], run: int) -> tuple[list[tuple], list[int], list[np.ndarray]]:
+        """The candidates as (tokens, n, memory, support), their ChainStats buckets, and for the first
+        CANDIDATES of them (the ones a plan may draft) their expected-tokens curves. Without a memory
+        candidate: the context's first CANDIDATES in their order. With one: all of them ordered by
+        expected accepted tokens when drafted whole (a memory candidate whose first token is that of
+        a better context candidate, or the reverse, is not drafted: both would be right on the same
+        steps), the rest after them (still scored)."""
+        cands, buckets, context = [], [], 0
+        for c in candidates:
+            if not c[0] or not self.max_chain:
+                continue
+            memory = bool(c[2]) if len(c) > 2 else False
+            if not memory:
+                if context == CANDIDATES:
+                    continue
+                context += 1
+            support = int(c[3]) if len(c) > 3 else 1
+            cands.append((c[0], c[1], memory, support))
+            buckets.append(self.chain.bucket(context - 1, c[1], run, memory, support))
+        curves = [self.chain.expected(b) for b in buckets]
+        if context == len(cands):
+            return cands, buckets, curves
+        value = [curve[min(len(t), self.max_chain)] for curve, (t, _, _, _) in zip(curves, cands)]
+        chosen: list[int] = []
+        for i in sorted(range(len(cands)), key=lambda i: -value[i]):
+            clash = any(cands[j][0][0] == cands[i][0][0] and cands[j][2] != cands[i][2] for j in chosen)
+            if len(chosen) < CANDIDATES and not clash:
+                chosen.append(i)
+        order = chosen + [i for i in range(len(cands)) if i not in chosen]
+        return [cands[i] for i in order], [buckets[i] for i in order], [curves[i] for i in chosen]
 
     # ------------------------------------------------------------------ learning
     def record_outcome(self, plan: Plan, produced: int) -> None:
@@ -327,14 +381,12 @@ class Policy:
         start = time.perf_counter()
         budget = max(int(budget), 0)
         g = self.matrix_chain_gain(budget)  # [budget + 1]
-        cands = [(c[0], c[1], bool(c[2]) if len(c) > 2 else False) for c in candidates[:CANDIDATES]
-                 if c[0] and self.max_chain]
-        buckets = [self.chain.bucket(i, n, run, recent) for i, (_, n, recent) in enumerate(cands)]
+        cands, buckets, _ = self._candidates(candidates, run)
         gain = g.tolist()
         # A few dozen (c, m) pairs: plain floats are quicker than numpy grids at this size. Ties go
         # to the first seen: the matrix path alone, then fewer candidate tokens, then fewer matrix ones.
         best = max(((gain[m] - price * m, -1, 0, m) for m in range(budget + 1)), key=lambda v: v[0])
-        for r, ((tokens, _, _), b) in enumerate(zip(cands, buckets)):
+        for r, ((tokens, _, _, _), b) in enumerate(zip(cands, buckets)):
             e = self.chain.expected(b)[: min(len(tokens), self.max_chain, budget) + 1].tolist()  # e[c]
             for c in range(1, len(e)):
                 survive = e[c] - e[c - 1]  # the chance all c are right
@@ -344,8 +396,9 @@ class Policy:
                         best = (value, r, c, m)
         value, r, c, m = best
         chains = [cands[r][0][:c]] if c else []
-        plan = Plan(m, chains, [t for t, _, _ in cands], buckets, cands[0][1] if cands else 0,
-                    1.0 + value + price * (c + m), recent=bool(cands and cands[r if r >= 0 else 0][2]))
+        plan = Plan(m, chains, [t for t, _, _, _ in cands], buckets, cands[0][1] if cands else 0,
+                    1.0 + value + price * (c + m), recent=bool(cands and cands[r if r >= 0 else 0][2]),
+                    memory=[cands[r][2]] if c else [])
         plan.decision_seconds = time.perf_counter() - start
         return plan
 

@@ -19,7 +19,7 @@ import torch
 from . import cache as kv
 from . import distributed, hf_attention, hf_model, sample, skinny, verify, window
 from .adjacency import AdjacencyMatrix
-from .draft import Drafter
+from .draft import DEFAULT_MEMORY_TOKENS, Drafter
 from .graph_step import BUCKETS, GraphStep
 from .stats import GenerationStats
 from .step import Decoder
@@ -39,10 +39,13 @@ class TokenRecycler:
         ngram: graft the continuation of the longest earlier match of the context's last
             1..max_ngram tokens (up to ngram_tokens tokens) onto the tree each step. False gives
             the paper's method.
-        ngram_history: the n-gram lookup also searches the last ngram_history tokens this
-            recycler generated for earlier (batch-1) requests, like the matrix a memory that
-            outlives one call (ngram.RecentOutputs; ``reset()`` forgets it). 0 turns it off. Drafts
-            only: the output is the model's either way.
+        ngram_history: the capacity, in tokens, of the suffix memory (memory.SuffixMemory): every
+            earlier request's prompt and output, searched each step for the longest match of the
+            context's suffix and the continuation most of its occurrences went on with; like the
+            matrix a memory that outlives one call, saved with it (``save``), shared by every row
+            of a batch. Past the capacity the least recently used requests are forgotten;
+            ``reset()`` forgets all. About 16 bytes per token (``drafter.memory.bytes_per_token``).
+            0 turns it off. Drafts only: the output is the model's either way.
         tree_attention: run verification forwards through our tree-attention kernel (registered
             with transformers as attn_implementation "token_recycling"; every other call of the
             model goes to sdpa) instead of a dense [N, prefix + N] additive mask. None (default):
@@ -66,7 +69,8 @@ class TokenRecycler:
     """
 
     def __init__(self, model, tree: TreeSpec = "auto", topk: int = 8, *, seed_from_prompt: bool = False,
-                 ngram: bool = True, max_ngram: int = 4, ngram_tokens: int = 10, ngram_history: int = 4096,
+                 ngram: bool = True, max_ngram: int = 4, ngram_tokens: int = 10,
+                 ngram_history: int = DEFAULT_MEMORY_TOKENS,
                  tree_attention: bool | None = None, cuda_graphs: bool = False,
                  skinny_linear: bool | None = None):
         hf_model.check_supported(model, extra_implementations=("token_recycling",))
@@ -98,12 +102,13 @@ class TokenRecycler:
         return f"TokenRecycler({self.drafter.describe()})"
 
     def reset(self) -> None:
-        """Cold start: forget everything the matrix (and the auto tree's statistics, the recent outputs) learned."""
+        """Cold start: forget everything the matrix (and the auto tree's statistics, the suffix memory) learned."""
         self.drafter.reset()
 
     def save(self, path: str | os.PathLike) -> None:
-        """Save the matrix, the tree (and the auto tree's statistics) as safetensors, with vocab size and k."""
-        self.matrix.save(path, extra=self.drafter.extra_state())
+        """Save the matrix, the tree (and the auto tree's statistics) and the suffix memory as
+        safetensors, with vocab size and k."""
+        self.matrix.save(path, extra=self.drafter.extra_state(), tensors=self.drafter.extra_tensors())
 
     def use_cost_curve(self, sizes: Sequence[int], seconds: Sequence[float]) -> None:
         """tree="auto": weigh drafts against this forward-cost curve (seconds of a forward of n nodes per
@@ -125,7 +130,8 @@ class TokenRecycler:
 
     @classmethod
     def load(cls, model, path: str | os.PathLike, **kwargs) -> "TokenRecycler":
-        """A recycler for `model` with the matrix (and tree, unless `tree=` is given) saved at `path`."""
+        """A recycler for `model` with the matrix (and tree, unless `tree=` is given, and the suffix
+        memory, when the file has one) saved at `path`."""
         topk = kwargs.pop("topk", None)
         rec_topk = topk if topk is not None else _saved_topk(path)
         table, extra = AdjacencyMatrix.read(path, hf_model.vocab_size(model), rec_topk)
@@ -134,6 +140,7 @@ class TokenRecycler:
         rec = cls(model, topk=rec_topk, **kwargs)
         rec.matrix.table.copy_(table)
         rec.drafter.load_extra_state(extra)
+        rec.drafter.load_extra_tensors(AdjacencyMatrix.read_tensors(path))
         return rec
 
     @torch.no_grad()

@@ -79,9 +79,9 @@ class Decoder:
         steps = self._loop(rows, cache)
         if rec.graph is not None:
             rec.graph.release()
-        for row in rows:  # later requests' n-grams search these outputs
+        for row in rows:  # later requests draft from these (the suffix memory)
             row.emitter.end()
-            rec.drafter.finish(row.seq[0, input_ids.shape[1]:])
+            rec.drafter.finish(row.seq[0, input_ids.shape[1]:], prompt=row.seq[0, row.pad: input_ids.shape[1]])
         rec.stats = self._stats(rows, steps, time.perf_counter() - start, input_ids.shape[1], verifier.description)
         return padded_output(rows, pad_token_id)
 
@@ -331,6 +331,7 @@ def summed_stats(rows: list[Row], steps: int, seconds: float, prompt_len: int, d
         total.new_tokens += s.new_tokens
         total.from_matrix += s.from_matrix
         total.from_ngram += s.from_ngram
+        total.from_memory += s.from_memory
         total.decision_seconds += s.decision_seconds
         for key, count in s.node_matches.items():
             total.node_matches[key] = total.node_matches.get(key, 0) + count
@@ -341,5 +342,6 @@ def summed_stats(rows: list[Row], steps: int, seconds: float, prompt_len: int, d
         total.matrix_nodes.append(sum(s.matrix_nodes[t] for s in going))
         total.chain_tokens.append(sum(s.chain_tokens[t] for s in going))
         total.ngram_accepted.append(sum(s.ngram_accepted[t] for s in going))
+        total.memory_accepted.append(sum(s.memory_accepted[t] for s in going))
     total.rows = [r.stats for r in rows]
     return total

@@ -120,9 +120,9 @@ def _common(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
                    help="draft from the adjacency matrix only (with --tree paper: the paper's method), "
                         "without the context n-gram chain")
     p.add_argument("--topk", type=_positive, default=8, help="candidates kept per token (matrix width)")
-    p.add_argument("--ngram-history", type=_non_negative, default=4096,
-                   help="the n-gram lookup also searches this many tokens of earlier prompts' outputs "
-                        "(default 4096; 0: the current context only)")
+    p.add_argument("--ngram-history", type=_non_negative, default=262144,
+                   help="capacity in tokens of the suffix memory of earlier requests' prompts and outputs "
+                        "that drafts also come from (default 262144; 0: the current context only)")
     p.add_argument("--skinny-linear", default="auto", choices=list(SKINNY_LINEAR),
                    help="few-token forwards' linear layers through the skinny_linear op (CPU, float32 or bf16): auto "
                         "(default: where the CPU has AVX2/FMA), on, or off (torch's linear)")

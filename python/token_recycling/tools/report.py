@@ -179,10 +179,11 @@ def markdown(results: dict, table: dict, counts: Counter, plots: bool = True) ->
                          + ".")
         lines.append("")
     sources = [s["methods"]["ours"].get("stats", {}) for s in results["samples"] if "ours" in s["methods"]]
-    matrix, ngram = (sum(st.get(key, 0) for st in sources) for key in ("from_matrix", "from_ngram"))
-    if matrix + ngram:
+    matrix, ngram, memory = (sum(st.get(key, 0) for st in sources)
+                             for key in ("from_matrix", "from_ngram", "from_memory"))
+    if matrix + ngram + memory:
         lines.append(f"Accepted draft tokens (bonus tokens not counted): {matrix} from the adjacency matrix, "
-                     f"{ngram} from the context n-gram chain.")
+                     f"{ngram} from the context n-gram chain, {memory} from the suffix memory.")
         lines.append("")
     if counts:
         steps = sum(counts.values())
@@ -245,10 +246,10 @@ def choice_lines(results: dict) -> list[str]:
     decide = sum(st.get("decision_seconds", 0.0) for st in stats)
     return [f"Per step (default, {steps} steps): {total('tree_nodes') / steps:.1f} nodes forwarded, of which "
             f"{total('matrix_nodes') / steps - 1:.1f} matrix-tree nodes and {total('chain_tokens') / steps:.1f} new "
-            f"n-gram chain nodes; the n-gram lookup matched on {100 * matched / steps:.0f}% of steps (on "
-            f"{100 * recent / steps:.0f}% in an earlier prompt's output); accepted per "
-            f"step {total('accept_lengths') / steps:.2f} tokens ({total('ngram_accepted') / steps:.2f} from n-gram "
-            f"chains). Choosing the drafts took {100 * decide / seconds if seconds else 0:.2f}% of the time.", ""]
+            f"chain nodes; a candidate matched on {100 * matched / steps:.0f}% of steps (led by the suffix "
+            f"memory on {100 * recent / steps:.0f}%); accepted per step {total('accept_lengths') / steps:.2f} "
+            f"tokens ({total('ngram_accepted') / steps:.2f} from context n-gram chains, "
+            f"{total('memory_accepted') / steps:.2f} from suffix-memory chains). Choosing the drafts took {100 * decide / seconds if seconds else 0:.2f}% of the time.", ""]
 
 
 def write(results: dict, out_dir: str | Path) -> dict[str, Path]:

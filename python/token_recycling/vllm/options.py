@@ -9,6 +9,7 @@ are ours come from environment variables (the engine's worker processes inherit 
 | ``TOKEN_RECYCLING_RECYCLE`` | ``topk`` | ``topk``: rows := the model's top-k at every verified position (the paper); ``accepted``: rows learn from accepted tokens only |
 | ``TOKEN_RECYCLING_MAX_NGRAM`` | 4 | longest suffix the n-gram index looks up (the policy's chain statistics are kept per matched length up to it; a saved policy carries over between engines when both use the same) |
 | ``TOKEN_RECYCLING_NGRAM_WINDOW`` | 4096 | the n-gram index covers at most the last this-many tokens of a request (bounded memory) |
+| ``TOKEN_RECYCLING_MEMORY`` | 262144 | the suffix memory's capacity in tokens: finished requests' tokens (their n-gram window), shared by every request, least recently used forgotten first, saved with the matrix (0: none) |
 
 How long each request's chain is, and how much of it comes from an n-gram candidate, is the
 drafter's policy's choice (Policy.decide_chain), not a setting; ``TOKEN_RECYCLING_MIN_MATCH``, the
@@ -45,12 +46,15 @@ class ProposerOptions:
     recycle: str = "topk"
     max_ngram: int = 4
     ngram_window: int = 4096
+    memory: int = 262144
 
     def __post_init__(self):
         if self.recycle not in RECYCLE_MODES:
             raise ValueError(f"recycle must be one of {RECYCLE_MODES}, got {self.recycle!r}")
         if self.topk < 1 or self.max_ngram < 1 or self.save_every < 0:
             raise ValueError(f"topk and max_ngram must be >= 1 and save_every >= 0: {self}")
+        if self.memory < 0:
+            raise ValueError(f"memory must be >= 0, got {self.memory}")
         if self.ngram_window < 64:
             raise ValueError(f"ngram_window must be >= 64, got {self.ngram_window}")
 
@@ -67,4 +71,5 @@ class ProposerOptions:
                    topk=_int_env("TOKEN_RECYCLING_TOPK", 8, 1),
                    recycle=recycle,
                    max_ngram=_int_env("TOKEN_RECYCLING_MAX_NGRAM", 4, 1),
-                   ngram_window=_int_env("TOKEN_RECYCLING_NGRAM_WINDOW", 4096, 64))
+                   ngram_window=_int_env("TOKEN_RECYCLING_NGRAM_WINDOW", 4096, 64),
+                   memory=_int_env("TOKEN_RECYCLING_MEMORY", 262144, 0))

@@ -10,6 +10,13 @@ keeps. Next step it scores what each draft got right into those statistics (``ob
 recycles the verified positions' top-k into the matrix (``Drafter.recycle``; recycle.py says where
 the logits come from). A matrix saved by either engine, with its policy statistics, warms the other.
 
+Suffix memory. The drafter's memory.SuffixMemory holds finished requests' tokens for every later
+request to draft from (a candidate source of its own in the policy). vLLM does not tell a proposer
+that a request finished: a request whose state goes unclaimed for a step (finished, preempted or not
+scheduled) has the tokens its state holds (its n-gram window) remembered then. A preempted request
+that comes back is remembered again when it ends, so a part of it can count twice in the support of
+a continuation.
+
 Cost. vLLM gives a proposer no forward times, so the price of a drafted token comes from the wall
 time between propose() calls against the tokens each step forwarded (policy.BatchStepCost: fitted
 from steps that forwarded decode rows only; before that, a documented flat default).
@@ -76,7 +83,8 @@ class TokenRecyclingProposer:
         self.options = options if options is not None else ProposerOptions.from_env()
         opts = self.options
         self.drafter = Drafter(self.vocab_size, torch.device("cpu"), "auto", opts.topk, max_ngram=opts.max_ngram,
-                               ngram_tokens=max(NGRAM_TOKENS, self.num_speculative_tokens), ngram_history=0)
+                               ngram_tokens=max(NGRAM_TOKENS, self.num_speculative_tokens),
+                               ngram_history=opts.memory)
         self.cost = BatchStepCost()
         self._states: dict[tuple, DraftState] = {}
         self._capture: TopkCapture | None = None
@@ -128,7 +136,9 @@ class TokenRecyclingProposer:
         copies = {key: copy.deepcopy(self._states[key]) for key in twins}  # rows with identical tokens (n > 1)
         rows = [self._claim(i, sampled, num_tokens_no_spec, token_ids_cpu, key, copies)
                 for i, (sampled, key) in enumerate(zip(sampled_token_ids, keys))]
-        self._states = {}  # unclaimed states (finished, preempted, unscheduled requests) go here
+        for state in self._states.values():  # unclaimed (finished, preempted, unscheduled): remembered
+            self._remember(state)
+        self._states = {}
         if rows and all(r.decoded for r in rows) and self._last_call is not None:  # the step forwarded decodes only
             self.cost.record_step(sum(r.logit_rows for r in rows), sum(map(len, sampled_token_ids)), now - self._last_call)
         self._last_call = now
@@ -157,7 +167,7 @@ class TokenRecyclingProposer:
             row.fed = [int(tokens[before - 1])] + state.drafts
             row.logit_rows, row.decoded = len(row.fed), True
             if state.drafts:
-                self.stats.record_chain(len(state.drafts), len(produced) - 1, state.from_ngram)
+                self.stats.record_chain(len(state.drafts), len(produced) - 1, state.from_ngram, state.from_memory)
             self.drafter.observe_chain(state, produced)  # the matrix is still the one drafted from
             state.advance(tokens, length)
         else:
@@ -171,6 +181,11 @@ class TokenRecyclingProposer:
             self.stats.states_rebuilt += 1
         row.state = state
         return row
+
+    def _remember(self, state: DraftState) -> None:
+        """A request's tokens (its state's n-gram window) join the suffix memory."""
+        if state.index is not None and self.drafter.memory.capacity:
+            self.drafter.memory.add(state.index.history[0, : int(state.index.lengths[0])])
 
     def _recycle(self, rows: list[_Row], captured: list[torch.Tensor]) -> None:
         counts = [r.logit_rows for r in rows]
@@ -222,13 +237,17 @@ class TokenRecyclingProposer:
             if draft:
                 s.drafts += 1
                 s.ngram_drafts += bool(state.from_ngram)
-                s.drafted_ngram += state.from_ngram
+                if state.from_memory:
+                    s.drafted_memory += state.from_ngram
+                else:
+                    s.drafted_ngram += state.from_ngram
                 s.drafted_matrix += len(draft) - state.from_ngram
         return out
 
     # ----------------------------------------------------------------------- persistence
     def _copy(self, reason: str) -> tuple:
-        """What a save writes, copied under the lock: (table, extra as JSON, version)."""
+        """What a save writes, copied under the lock: (table, extra as JSON, version, filled rows, the
+        suffix memory's tensors)."""
         with self._lock:
             table = self.matrix.table.detach().to("cpu", copy=True)
             filled = int((table != 0).any(-1).sum())
@@ -236,7 +255,7 @@ class TokenRecyclingProposer:
                          saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), saved_unix=time.time(),
                          steps=self._steps_before + self.stats.steps, filled_rows=filled, reason=reason,
                          pid=os.getpid())
-            return table, json.dumps(extra), self._version, filled
+            return table, json.dumps(extra), self._version, filled, self.drafter.extra_tensors()
 
     def _changed_copy(self, reason: str = "periodic"):
         """The keeper's snapshot: a copy, or None when the file already holds this version."""
@@ -244,9 +263,9 @@ class TokenRecyclingProposer:
             return None if self._version == self._saved_version else self._copy(reason)
 
     def _write_copy(self, copied: tuple, reason: str) -> str:
-        table, extra_json, version, filled = copied
+        table, extra_json, version, filled, tensors = copied
         path = self.options.matrix_path
-        AdjacencyMatrix.write(path, table, extra_json)
+        AdjacencyMatrix.write(path, table, extra_json, tensors)
         with self._lock:
             self._saved_version = max(self._saved_version, version)
         return f"{path} ({filled} of {table.shape[0]} rows filled, version {version})"
@@ -254,8 +273,8 @@ class TokenRecyclingProposer:
     def save(self, path: str | os.PathLike) -> None:
         """Write the matrix and the policy's statistics (safetensors, the format of ``TokenRecycler.save``,
         with when it was saved and after how many engine steps) atomically."""
-        table, extra_json, version, _ = self._copy("save")
-        AdjacencyMatrix.write(path, table, extra_json)
+        table, extra_json, version, _, tensors = self._copy("save")
+        AdjacencyMatrix.write(path, table, extra_json, tensors)
         if self.options.matrix_path and os.path.abspath(path) == os.path.abspath(self.options.matrix_path):
             with self._lock:
                 self._saved_version = max(self._saved_version, version)
@@ -265,9 +284,11 @@ class TokenRecyclingProposer:
         statistics of another shape, e.g. another max_ngram, are left out). Returns the file's extra
         metadata. A damaged file raises CorruptMatrixFile; one for another vocabulary or k, ValueError."""
         table, extra = AdjacencyMatrix.read(path, self.vocab_size, self.options.topk)
+        tensors = AdjacencyMatrix.read_tensors(path)
         with self._lock:
             self.matrix.table.copy_(table)
             self.drafter.load_extra_state(extra)
+            self.drafter.load_extra_tensors(tensors)
             self._steps_before = int(extra.get("steps", 0) or 0)
         return extra
 
