@@ -10,7 +10,7 @@
 # Every failure exits non-zero. Only TOKEN_RECYCLING_SKIP_SUFFIX=1 (a machine where arctic-inference
 # cannot build: no network, no compiler) turns a failed install into SKIP with exit status 0, and says so.
 # SUFFIX_PYTHON: the venv's python (default: `python` on PATH, the venv .ci/run activated).
-# About 3-5 minutes on 2 cores the first time (the build ~2-3, tests ~1, bench ~1); a rerun skips the build.
+# About 4 minutes on 2 cores the first time (the build ~30 s, tests ~30 s, bench ~3 min); a rerun skips the build.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${SUFFIX_PYTHON:-python}

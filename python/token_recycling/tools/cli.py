@@ -333,9 +333,10 @@ def cmd_bench(args) -> int:
                                            ngram_history=0, skinny_linear=SKINNY_LINEAR[args.skinny_linear])
     skipped = {}
     for name in [b for b in baselines if b in suffix_methods()]:  # SuffixDecoding's drafts, our verification
-        recs[name], why = _suffix_recycler(loaded.model, args, name)
-        if recs[name] is None:
-            del recs[name]
+        suffix_rec, why = _suffix_recycler(loaded.model, args, name)
+        if suffix_rec is not None:
+            recs[name] = suffix_rec
+        else:  # the run goes on without it; report.md says why its column is missing
             skipped[name] = why
             models.stderr_log(f"[token-recycling] --baselines {name}: not run, {why}")
     baselines = tuple(b for b in baselines if b not in skipped)
