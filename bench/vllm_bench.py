@@ -14,9 +14,13 @@ Token Recycling matrix then stays hot across prompts, as in a server. Outputs ar
 for token with no speculation (bf16: a near-tie can flip a token; fp32 must match).
 
 Methods: ``none``, ``ngram`` (vLLM's prompt lookup: ``prompt_lookup_max=4``, so min = max = 4, as in
-vLLM's docs), ``suffix`` (needs ``arctic_inference.suffix_decoding`` importable; skipped otherwise),
-``ours``; ``METHOD:K=6`` sets num_speculative_tokens for one engine, ``ours:KEY=VALUE,...`` the
-proposer's environment options (e.g. ``ours:RECYCLE=accepted,NGRAM_WINDOW=1024``; see
+vLLM's docs), ``suffix`` (vLLM's SuffixDecoding proposer with vLLM's defaults, written out in
+``SUFFIX``: trees of depth 24, up to 24 draft tokens, spec factor 1.0, min token prob 0.1, the 10000
+latest responses kept; it needs ``arctic_inference.suffix_decoding`` importable in this venv, and
+where it is not, the report says so in a line and has no suffix column), ``ours``; ``METHOD:K=6``
+sets num_speculative_tokens for one engine, ``suffix:MAX_TREE_DEPTH=32,MIN_TOKEN_PROB=0.2`` (any
+``suffix_decoding_*`` field) vLLM's suffix settings, ``ours:KEY=VALUE,...`` the proposer's
+environment options (e.g. ``ours:RECYCLE=accepted,NGRAM_WINDOW=1024``; see
 token_recycling/vllm/options.py).
 """
 
@@ -24,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import json
 import os
 import platform
@@ -33,28 +36,55 @@ import time
 from pathlib import Path
 
 WARMUP = "Write three sentences about the history of the bicycle."
+# vLLM's SpeculativeConfig defaults for method="suffix" (num_speculative_tokens defaults to the tree
+# depth), written out so that a change of vLLM's defaults does not change what this compares.
+SUFFIX = {"num_speculative_tokens": 24, "suffix_decoding_max_tree_depth": 24,
+          "suffix_decoding_max_cached_requests": 10000, "suffix_decoding_max_spec_factor": 1.0,
+          "suffix_decoding_min_token_prob": 0.1}
+SUFFIX_INSTALL = ("in this venv: pip install nanobind==2.9.2 grpcio-tools \"protobuf==$(python -c 'import "
+                  "google.protobuf as p; print(p.__version__)')\" setuptools wheel ninja cmake && "
+                  "CMAKE_ARGS=-DPython_EXECUTABLE=$(which python) pip install --no-build-isolation --no-deps "
+                  "arctic-inference==0.3.0 (docs/vllm.md)")
 
 
 def parse_method(spec: str, k: int) -> tuple[str, dict | None, dict]:
     """(name, speculative_config, environment) for a --methods entry."""
     name, _, opts = spec.partition(":")
-    env = {}
+    env, suffix, k_given = {}, {}, False
     for item in filter(None, opts.split(",")):
         key, _, value = item.partition("=")
         if key.strip().upper() == "K":
-            k = int(value)
+            k, k_given = int(value), True
+        elif name == "suffix":
+            field = "suffix_decoding_" + key.strip().lower()
+            if field not in SUFFIX:
+                known = [f[len("suffix_decoding_"):].upper() for f in SUFFIX if f.startswith("suffix_decoding_")]
+                raise SystemExit(f"{spec!r}: {key.strip()} is not a suffix setting; known: K, {', '.join(known)}")
+            suffix[field] = int(value) if isinstance(SUFFIX[field], int) else float(value)
         else:
             env["TOKEN_RECYCLING_" + key.strip().upper()] = value.strip()
     if name == "none":
         return spec, None, env
     if name == "ngram":
         return spec, {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4}, env
-    if name == "suffix":
-        return spec, {"method": "suffix"}, env  # vLLM's defaults: dynamic drafts up to its tree depth
+    if name == "suffix":  # drafts of any length up to num_speculative_tokens, chosen per step by the cache
+        config = {"method": "suffix", **SUFFIX, **suffix}
+        # Without K, as vLLM does: as many draft tokens as the tree is deep.
+        config["num_speculative_tokens"] = k if k_given else config["suffix_decoding_max_tree_depth"]
+        return spec, config, env
     if name == "ours":
         from token_recycling.vllm import speculative_config
         return spec, speculative_config(k), env
     raise SystemExit(f"unknown method {spec!r}: none, ngram, suffix, ours[:KEY=VALUE,...]")
+
+
+def suffix_unavailable() -> str | None:
+    """Why vLLM's suffix method cannot run in this venv (None: it can)."""
+    try:
+        import arctic_inference.suffix_decoding  # noqa: F401 - what vLLM's SuffixDecodingProposer imports
+    except Exception as exc:  # noqa: BLE001
+        return f"arctic_inference.suffix_decoding cannot be imported ({type(exc).__name__}: {exc}); {SUFFIX_INSTALL}"
+    return None
 
 
 def load_prompts(limit: int) -> list[tuple[str, str, str]]:
@@ -123,10 +153,12 @@ def run(args) -> dict:
     model = args.model or str(models.convert_gguf(models.smollm2_gguf()))
     prompts = load_prompts(args.limit)
     methods = [parse_method(m, args.k) for m in args.methods.split(",")]
-    if any(spec and spec["method"] == "suffix" for _, spec, _ in methods) and \
-            importlib.util.find_spec("arctic_inference") is None:
-        print("suffix: arctic_inference is not importable, skipped", file=sys.stderr)
-        methods = [m for m in methods if not (m[1] and m[1]["method"] == "suffix")]
+    skipped = {}
+    why = suffix_unavailable() if any(spec and spec["method"] == "suffix" for _, spec, _ in methods) else None
+    if why is not None:
+        skipped = {m[0]: why for m in methods if m[1] and m[1]["method"] == "suffix"}
+        print(f"{', '.join(skipped)}: not run, {why}", file=sys.stderr)
+        methods = [m for m in methods if m[0] not in skipped]
     names = [m[0] for m in methods]
     max_seqs = max(args.concurrency)
     engines = {}
@@ -160,6 +192,7 @@ def run(args) -> dict:
             stats[name] = engines[name].collective_rpc("token_recycling_stats")[0]
     return {"model": model, "dtype": args.dtype, "k": args.k, "methods": names, "records": records,
             "proposer_stats": stats, "eager": not args.compile, "max_tokens": args.max_tokens,
+            "speculative_configs": {name: spec for name, spec, _ in methods}, "skipped": skipped,
             "environment": environment(vllm)}
 
 
@@ -222,7 +255,11 @@ def summarize(res: dict) -> str:
             f"token-recycling {env['token_recycling']}, Python {env['python']}; {env['hardware']}, {env['cpus']} CPUs; "
             f"{env['when']}.")
     stats = "\n".join(f"- {n}: {json.dumps(s)}" for n, s in res["proposer_stats"].items())
-    return "\n".join([info, "", *lines, "", "Outputs vs " + base + ":", *notes, "", "Proposer statistics:", stats, ""])
+    skipped = [f"**{n} not run** (no column): {why}" for n, why in (res.get("skipped") or {}).items()]
+    configs = [f"- {n}: {json.dumps(c)}" for n, c in (res.get("speculative_configs") or {}).items()
+               if c and not n.startswith("ours")]
+    return "\n".join([info, "", *(skipped and [*skipped, ""]), *lines, "", "Outputs vs " + base + ":", *notes, "",
+                      "Speculative configs:", *configs, "", "Proposer statistics:", stats, ""])
 
 
 def main(argv=None) -> None:

@@ -56,7 +56,7 @@ def _prompts() -> list[str]:
 
 
 def _engine(model: str, spec: dict | None):
-    extra = {"worker_extension_cls": WORKER_EXTENSION} if spec else {}
+    extra = {"worker_extension_cls": WORKER_EXTENSION} if spec and spec["method"] == "custom_class" else {}
     return vllm.LLM(model=model, dtype="float32", seed=0, max_model_len=1024, max_num_seqs=4,
                     kv_cache_memory_bytes=256 << 20, enforce_eager=True, disable_log_stats=False,
                     speculative_config=spec, **extra)
@@ -134,3 +134,25 @@ def test_drafts_are_accepted_and_our_accounting_matches_vllms(runs):
     # The top-k hook on compute_logits saw every step's logits rows and matched them to tokens.
     assert stats["recycled_topk"] > 0 and stats["unmapped_steps"] == 0, stats
     assert stats["live_states"] <= 4
+
+
+# vLLM's own suffix method (SuffixDecoding, arctic-inference), as bench/vllm_bench.py runs it: its
+# drafts go through the same rejection sampler, so fp32 greedy must equal no speculation too. Runs
+# where arctic-inference imports; .ci/vllm_check.sh installs it and sets TOKEN_RECYCLING_REQUIRE_SUFFIX=1.
+SUFFIX_CONFIG = {"method": "suffix", "num_speculative_tokens": 24, "suffix_decoding_max_tree_depth": 24,
+                 "suffix_decoding_max_cached_requests": 10000, "suffix_decoding_max_spec_factor": 1.0,
+                 "suffix_decoding_min_token_prob": 0.1}
+
+
+def test_vllm_suffix_method_is_lossless(runs):
+    if importlib.util.find_spec("arctic_inference") is None:
+        (pytest.fail if os.environ.get("TOKEN_RECYCLING_REQUIRE_SUFFIX") == "1" else pytest.skip)(
+            "arctic-inference is not installed in this venv (docs/vllm.md has the command)")
+    suffix = _engine(_model_dir(), SUFFIX_CONFIG)
+    try:
+        got = _greedy(suffix, runs["prompts"])
+        accepted = _counter(suffix, "vllm:spec_decode_num_accepted_tokens")
+    finally:
+        _shutdown(suffix)
+    assert got == runs["plain"]
+    assert accepted > 0  # the second pass over the prompts (batch4) repeats the first: the cache drafts it

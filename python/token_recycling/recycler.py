@@ -66,19 +66,33 @@ class TokenRecycler:
             then costs about what torch's one-token forward does, instead of 1.7-2x), up to a row count
             measured per layer shape on this machine and cached (calibration.py). None (default): on
             where it applies and this CPU has its AVX2/FMA path. The model is restored after each call.
+        drafter: a :class:`Drafter` (or subclass) to draft with instead of the one ``tree``, ``topk`` and
+            the n-gram arguments would build (those are then ignored); verification, the cache and the
+            kernels stay this recycler's. For other drafting methods side by side with the default, such
+            as the benchmark's ``suffix`` baseline (token_recycling.tools.suffix). Its vocabulary must be
+            the model's.
     """
 
     def __init__(self, model, tree: TreeSpec = "auto", topk: int = 8, *, seed_from_prompt: bool = False,
                  ngram: bool = True, max_ngram: int = 4, ngram_tokens: int = 10,
                  ngram_history: int = DEFAULT_MEMORY_TOKENS,
                  tree_attention: bool | None = None, cuda_graphs: bool = False,
-                 skinny_linear: bool | None = None):
+                 skinny_linear: bool | None = None, drafter: Drafter | None = None):
         hf_model.check_supported(model, extra_implementations=("token_recycling",))
         self.model = model
         self.device = hf_model.model_device(model)
-        self.drafter = Drafter(hf_model.vocab_size(model), self.device, tree, topk, ngram=ngram,
-                               max_ngram=max_ngram, ngram_tokens=ngram_tokens, ngram_history=ngram_history)
-        self.topk = topk
+        if drafter is None:
+            drafter = Drafter(hf_model.vocab_size(model), self.device, tree, topk, ngram=ngram,
+                              max_ngram=max_ngram, ngram_tokens=ngram_tokens, ngram_history=ngram_history)
+        elif not isinstance(drafter, Drafter):
+            raise TypeError(f"drafter must be a token_recycling.draft.Drafter, got {type(drafter).__name__}")
+        elif drafter.matrix.vocab_size != hf_model.vocab_size(model):
+            raise ValueError(f"drafter has a vocabulary of {drafter.matrix.vocab_size} tokens, the model "
+                             f"{hf_model.vocab_size(model)}")
+        elif torch.device(drafter.device) != self.device:
+            raise ValueError(f"drafter sends its drafts to {drafter.device}, the model is on {self.device}")
+        self.drafter = drafter
+        self.topk = drafter.topk
         self.seed_from_prompt = seed_from_prompt
         self.stats = GenerationStats()
         self._cache_kwarg = hf_model.cache_kwarg(model)

@@ -22,15 +22,18 @@ from .. import __version__
 from .datasets import Prompt
 from .models import hardware
 
-METHODS = ("greedy", "pld", "greedy-skinny", "pld-skinny", "paper", "torch-linear", "no-history", "ours")
+METHODS = ("greedy", "pld", "greedy-skinny", "pld-skinny", "paper", "torch-linear", "no-history", "suffix",
+           "suffix-tree", "ours")
 # "paper": the paper's method (its 80-node tree, no n-gram drafts); "torch-linear": the default with
 # torch's linear layers (skinny_linear=False), which measures what skinny.py gives on the CPU;
 # "no-history": the default with ngram_history=0 (n-grams from the current context only);
 # "greedy-skinny" / "pld-skinny": HF's greedy / prompt lookup with every forward of 1..12 tokens through
 # skinny_linear (skinny.routed, as the decode loop routes them): the same kernel as ours, so ours
 # against them is what drafting gives, and greedy-skinny against greedy what the kernel gives.
+# "suffix" / "suffix-tree": SuffixDecoding's drafts (arctic-inference; a chain as vLLM drafts it, or its
+# tree) verified by a TokenRecycler's own step (tools/suffix.py): only the drafter differs from ours.
 HF_METHODS = ("greedy", "pld", "greedy-skinny", "pld-skinny")
-RECYCLERS = ("paper", "torch-linear", "no-history", "ours")
+RECYCLERS = ("paper", "torch-linear", "no-history", "suffix", "suffix-tree", "ours")
 PRESET_PREFIX = "tr:"  # "tr:<tree>": Token Recycling with a fixed tree (+ the n-gram chain), e.g. tr:paper-8
 PRESET_ALIASES = {"chain": [[0]]}  # tr:chain: one matrix node + the n-gram chain
 
@@ -188,7 +191,7 @@ def run(model, tokenizer, rec, prompts: list[Prompt], cfg: BenchConfig, progress
                                                              cfg.sampling)
             mismatch = {m: first_mismatch(tokens["greedy"], tokens[m]) for m in tokens if m != "greedy"} \
                 if "greedy" in tokens and not cfg.sampling else {}  # samples differ by design
-            samples.append({"id": p.id, "category": p.category, "turn": turn,
+            samples.append({"id": p.id, "category": p.category_of(turn), "turn": turn,
                             "prompt_tokens": int(inputs["input_ids"].shape[1]), "order": order,
                             "methods": records, "mismatch": mismatch})
             # Later turns see the greedy answer (every method's, when they agree).

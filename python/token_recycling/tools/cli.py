@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import models
-from .datasets import BUILTIN, DatasetError
+from .datasets import BUILTIN, DERIVED, MULTI_TURN, DatasetError
 from .usage import UsageError, read_prompt
 
 DEFAULT_OUT = Path("bench") / "out"
@@ -55,7 +55,8 @@ def parse_baselines(text: str) -> tuple[str, ...]:
     from .bench import PRESET_PREFIX, preset_tree
 
     names = tuple(n.strip() for n in _split_baselines(text) if n.strip())
-    known = ("greedy", "pld", "greedy-skinny", "pld-skinny", "paper", "torch-linear", "no-history")
+    known = ("greedy", "pld", "greedy-skinny", "pld-skinny", "paper", "torch-linear", "no-history", "suffix",
+             "suffix-tree")
     unknown = [n for n in names if n not in known and not n.startswith(PRESET_PREFIX)]
     if unknown:
         raise UsageError(f"--baselines: unknown {', '.join(unknown)}; choose from {','.join(known)},tr:<tree> "
@@ -154,14 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="compare greedy, prompt lookup and Token Recycling on a data set")
     _common(b, 256)
     b.add_argument("--dataset", default="mt-bench",
-                   help=f"{' or '.join(BUILTIN)}, or a JSONL file (Spec-Bench or HumanEval format)")
+                   help=f"{', '.join([*BUILTIN, *DERIVED])}, or a JSONL file (Spec-Bench or HumanEval format); "
+                        "mt-bench-multiturn: both turns, the second after the model's own first answer; "
+                        "humaneval-family: each problem asked three times as separate requests (docs/benchmarking.md)")
     b.add_argument("--limit", type=_positive, default=None, help="use only the first N prompts")
     b.add_argument("--baselines", default="greedy,pld",
                    help="comma list from greedy,pld,greedy-skinny,pld-skinny,paper,torch-linear,no-history,"
-                        "tr:<tree> (greedy-skinny, pld-skinny: HF's greedy and prompt lookup with every forward's "
-                        "linears through skinny_linear, the kernel ours uses; paper: the paper's tree "
-                        "without n-gram drafts; torch-linear: the default with --skinny-linear off; no-history: "
-                        "the default with --ngram-history 0; tr:paper-8, tr:chain "
+                        "suffix,suffix-tree,tr:<tree> (greedy-skinny, pld-skinny: HF's greedy and prompt lookup "
+                        "with every forward's linears through skinny_linear, the kernel ours uses; paper: the "
+                        "paper's tree without n-gram drafts; torch-linear: the default with --skinny-linear off; "
+                        "no-history: the default with --ngram-history 0; suffix, suffix-tree: SuffixDecoding's "
+                        "drafts (arctic-inference; vLLM's chain, or its tree) through our verification; "
+                        "tr:paper-8, tr:chain "
                         "(one node + n-gram chain), tr:[[0],[1]]: fixed trees with the n-gram chain, for the "
                         "default's regret); default greedy,pld")
     b.add_argument("--out", default=None, help="output folder (default bench/out/<timestamp>)")
@@ -243,6 +248,26 @@ def _recycler(model, args, tree):
         raise UsageError(f"--tree {args.tree!r}: {exc}") from exc  # e.g. "auto" where it is not available
 
 
+def suffix_methods() -> tuple[str, ...]:
+    from .suffix import METHODS
+    return tuple(METHODS)
+
+
+def _suffix_recycler(model, args, method: str):
+    """(a TokenRecycler drafting with SuffixDecoding, None) for a ``suffix`` baseline, with every setting
+    but the drafter as ours has it; (None, why) where arctic-inference cannot be imported."""
+    from . import suffix
+    from .. import hf_model
+    from ..recycler import TokenRecycler
+
+    why = suffix.unavailable_reason()
+    if why is not None:
+        return None, why
+    device = hf_model.model_device(model)
+    drafter = suffix.make(method, hf_model.vocab_size(model), device, topk=args.topk)
+    return TokenRecycler(model, skinny_linear=SKINNY_LINEAR[args.skinny_linear], drafter=drafter), None
+
+
 # ----------------------------------------------------------------------------------- generate
 
 
@@ -306,20 +331,33 @@ def cmd_bench(args) -> int:
         from ..recycler import TokenRecycler
         recs["no-history"] = TokenRecycler(loaded.model, tree=tree, topk=args.topk, ngram=args.ngram,
                                            ngram_history=0, skinny_linear=SKINNY_LINEAR[args.skinny_linear])
+    skipped = {}
+    for name in [b for b in baselines if b in suffix_methods()]:  # SuffixDecoding's drafts, our verification
+        suffix_rec, why = _suffix_recycler(loaded.model, args, name)
+        if suffix_rec is not None:
+            recs[name] = suffix_rec
+        else:  # the run goes on without it; report.md says why its column is missing
+            skipped[name] = why
+            models.stderr_log(f"[token-recycling] --baselines {name}: not run, {why}")
+    baselines = tuple(b for b in baselines if b not in skipped)
     for name in baselines:  # tr:<tree>: fixed trees (+ the n-gram chain), to measure the default's regret
         if name.startswith(bench.PRESET_PREFIX):
             from ..recycler import TokenRecycler
             recs[name] = TokenRecycler(loaded.model, tree=bench.preset_tree(name), topk=args.topk, ngram=args.ngram,
                                        ngram_history=args.ngram_history)
     cfg = bench.BenchConfig(max_new_tokens=args.max_new_tokens, methods=(*baselines, "ours"),
-                            multi_turn=args.multi_turn, chat_template=args.chat_template, sampling=_sampling(args))
+                            multi_turn=args.multi_turn or args.dataset in MULTI_TURN, chat_template=args.chat_template,
+                            sampling=_sampling(args))
     config = {
         "model": args.model, "model_folder": str(loaded.folder), "model_note": loaded.note,
         "dtype": models.dtype_name(dtype), "tree": tree, "tree_description": rec.describe(), "topk": args.topk,
         "ngram": args.ngram, "dataset": args.dataset, "dataset_file": str(data_path), "limit": args.limit,
-        "max_new_tokens": args.max_new_tokens, "methods": list(cfg.methods), "multi_turn": args.multi_turn,
+        "max_new_tokens": args.max_new_tokens, "methods": list(cfg.methods), "multi_turn": cfg.multi_turn,
         "chat_template": args.chat_template, "pld_tokens": bench.PLD_TOKENS, "sampling": cfg.sampling,
+        "skipped": skipped,  # methods asked for that could not run: name -> why
     }
+    for name in (n for n in baselines if n in recs and n in suffix_methods()):
+        config[f"{name}_description"] = recs[name].describe()
     env = bench.environment(loaded.model.device, loaded.model)  # (its timestamp is the start of the run)
     out.mkdir(parents=True, exist_ok=True)
 

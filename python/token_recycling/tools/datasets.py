@@ -2,6 +2,18 @@
 
 Two line formats are read: Spec-Bench / MT-Bench (``question_id``, ``category``, ``turns``) and
 HumanEval (``task_id``, ``prompt``; category "coding"). ``.jsonl.gz`` files are read too.
+
+Two workloads where a request repeats what the model wrote before (``DERIVED``), built from the same
+packages:
+
+- ``mt-bench-multiturn``: MT-Bench's two turns, the second asked after the model's own answer to the
+  first (so it re-reads its earlier output in its context); the bench runs it multi-turn
+  (``MULTI_TURN``) and reports the turns as the categories "turn 1" and "turn 2".
+- ``humaneval-family``: every HumanEval problem asked three times, one separate request each, in a
+  row: the plain completion prompt ("he-first"), the same function asked for again in other words
+  ("he-again") and asked for with its tests ("he-tests"). The later requests do not hold the earlier
+  answers: only a memory kept across requests (the matrix, earlier outputs, a suffix cache) can draft
+  from them. ``--limit N``: the first N problems (3N requests).
 """
 
 from __future__ import annotations
@@ -20,6 +32,12 @@ BUILTIN = {
 }
 
 
+AGAIN = "Write this Python function again, in full, in one code block:\n\n{prompt}"
+WITH_TESTS = ("Write this Python function in full, in one code block, so that it passes the tests below.\n\n"
+              "{prompt}\n\nTests:\n{test}\ncheck({entry_point})")
+MULTI_TURN = {"mt-bench-multiturn"}  # data sets the bench runs with every turn (--multi-turn implied)
+
+
 class DatasetError(Exception):
     """A data set that cannot be found or parsed; the command line prints it without a traceback."""
 
@@ -29,6 +47,10 @@ class Prompt:
     id: str
     category: str
     turns: tuple[str, ...]  # user turns in order; a single-turn prompt has one
+    turn_categories: tuple[str, ...] | None = None  # the report's category of each turn (None: ``category``)
+
+    def category_of(self, turn: int) -> str:
+        return self.turn_categories[turn] if self.turn_categories else self.category
 
 
 def builtin_path(name: str) -> Path:
@@ -82,18 +104,50 @@ def read_jsonl(path: Path) -> list[Prompt]:
     return prompts
 
 
+def mt_bench_multiturn(path: Path) -> list[Prompt]:
+    """MT-Bench's questions with both turns, each turn its own report category."""
+    return [Prompt(p.id, p.category, p.turns, tuple(f"turn {t + 1}" for t in range(len(p.turns))))
+            for p in read_jsonl(path)]
+
+
+def humaneval_family(path: Path) -> list[list[Prompt]]:
+    """Per HumanEval problem, its three requests (module doc), in order."""
+    families = []
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"cannot read {path}: {exc}") from exc
+    for n, r in enumerate(records, 1):
+        if not all(isinstance(r.get(k), str) for k in ("task_id", "prompt", "test", "entry_point")):
+            raise DatasetError(f"{path}:{n}: a HumanEval record needs task_id, prompt, test and entry_point")
+        families.append([Prompt(f"{r['task_id']}#first", "he-first", (r["prompt"],)),
+                         Prompt(f"{r['task_id']}#again", "he-again", (AGAIN.format(**r),)),
+                         Prompt(f"{r['task_id']}#tests", "he-tests", (WITH_TESTS.format(**r),))])
+    return families
+
+
+DERIVED = {"mt-bench-multiturn": "mt-bench", "humaneval-family": "humaneval"}  # name -> the data set read
+
+
 def load(name_or_path: str, limit: int | None = None) -> tuple[list[Prompt], Path]:
-    """The prompts of a built-in data set or a JSONL file (first ``limit`` of them) and the file read."""
+    """The prompts of a built-in data set or a JSONL file (first ``limit`` of them; of humaneval-family
+    the first ``limit`` problems' requests) and the file read."""
+    if limit is not None and limit < 1:
+        raise DatasetError(f"--limit must be at least 1, got {limit}")
+    if name_or_path in DERIVED:
+        path = builtin_path(DERIVED[name_or_path])
+        if name_or_path == "humaneval-family":
+            return [p for family in humaneval_family(path)[:limit] for p in family], path
+        return mt_bench_multiturn(path)[:limit], path
     if name_or_path in BUILTIN:
         path = builtin_path(name_or_path)
     else:
         path = Path(name_or_path).expanduser()
         if not path.is_file():
-            raise DatasetError(f"--dataset {name_or_path!r} is neither {' nor '.join(BUILTIN)} nor an existing "
-                               "JSONL file")
+            raise DatasetError(f"--dataset {name_or_path!r} is neither {' nor '.join([*BUILTIN, *DERIVED])} nor "
+                               "an existing JSONL file")
     prompts = read_jsonl(path)
     if limit is not None:
-        if limit < 1:
-            raise DatasetError(f"--limit must be at least 1, got {limit}")
         prompts = prompts[:limit]
     return prompts, path

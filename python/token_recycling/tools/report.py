@@ -45,9 +45,10 @@ def summarize(results: dict) -> dict[str, dict]:
         if "ours" in methods:
             steps = sum(s["methods"]["ours"]["steps"] for s in samples)
             row["mat"] = row["tokens"]["ours"] / steps if steps else None
-        if "paper" in methods:
-            steps = sum(s["methods"]["paper"]["steps"] for s in samples)
-            row["mat_paper"] = row["tokens"]["paper"] / steps if steps else None
+        for m in ("paper", *SUFFIX):
+            if m in methods:
+                steps = sum(s["methods"][m]["steps"] for s in samples)
+                row[f"mat_{m}"] = row["tokens"][m] / steps if steps else None
         row["speedup"] = {}
         for a, b in PAIRS:
             if a in methods and b in methods and row["tok_s"][a] and row["tok_s"][b]:
@@ -56,9 +57,11 @@ def summarize(results: dict) -> dict[str, dict]:
     return table
 
 
+SUFFIX = ("suffix", "suffix-tree")  # SuffixDecoding's drafts through our verification (tools/suffix.py)
 PAIRS = (("ours", "greedy"), ("ours", "pld"), ("ours", "greedy-skinny"), ("ours", "pld-skinny"), ("ours", "paper"),
-         ("ours", "torch-linear"), ("ours", "no-history"), ("greedy-skinny", "greedy"),
-         ("pld", "greedy"), ("paper", "greedy"))
+         ("ours", "torch-linear"), ("ours", "no-history"), ("ours", "suffix"), ("ours", "suffix-tree"),
+         ("greedy-skinny", "greedy"), ("pld", "greedy"), ("paper", "greedy"), ("suffix", "greedy"),
+         ("suffix-tree", "greedy"))
 PAIR_NAMES = tuple(f"{a}/{b}" for a, b in PAIRS)
 
 
@@ -147,20 +150,25 @@ def markdown(results: dict, table: dict, counts: Counter, plots: bool = True) ->
     ]
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in facts] + [""]
 
+    mats = [m for m in ("paper", *SUFFIX) if m in methods]
     head = ["category", "turns"] + (["MAT"] if "ours" in methods else []) + \
-        (["MAT paper"] if "paper" in methods else []) + [f"{m} tok/s" for m in methods]
+        [f"MAT {m}" for m in mats] + [f"{m} tok/s" for m in methods]
     pairs = [p for p in PAIR_NAMES if all(x in methods for x in p.split("/"))]
     head += [f"speedup {p}" for p in pairs]
     lines += ["Rates are total new tokens / total seconds (prompt processing included). "
               "MAT: mean tokens accepted per Token Recycling step (bonus included); \"paper\" is the "
               "paper's method (its 80-node tree, no n-gram drafts), with its own hot matrix.", ""]
+    for m in (m for m in SUFFIX if m in methods):
+        lines += [f"{m}: {cfg.get(f'{m}_description') or 'SuffixDecoding'}, its drafts verified by this "
+                  "project's step (only the drafter differs from ours).", ""]
+    for m, why in (cfg.get("skipped") or {}).items():
+        lines += [f"**{m} not run** (no column): {why}", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cat, row in table.items():
         cells = [f"**{cat}**" if cat == ALL else cat, str(row["samples"])]
         if "ours" in methods:
             cells.append(_fmt(row.get("mat"), ".2f"))
-        if "paper" in methods:
-            cells.append(_fmt(row.get("mat_paper"), ".2f"))
+        cells += [_fmt(row.get(f"mat_{m}"), ".2f") for m in mats]
         cells += [_fmt(row["tok_s"][m]) for m in methods]
         cells += [_fmt(row["speedup"].get(p), ".2f") + "x" if p in row["speedup"] else "-" for p in pairs]
         lines.append("| " + " | ".join(cells) + " |")
