@@ -127,10 +127,11 @@ class SuffixDrafter(Drafter):
         self._active[state.req_id] = state
         return state
 
-    def finish(self, generated: torch.Tensor) -> None:
+    def finish(self, generated: torch.Tensor, prompt: torch.Tensor | None = None) -> None:
         """A request ended with ``generated`` (its new tokens): the tokens of its last step join its
         response, and the request stops (its response stays in the global tree). Rows finish in the
-        order they started; a request left by a call that raised is stopped here too."""
+        order they started; a request left by a call that raised is stopped here too. ``prompt`` is
+        not needed: the cache was given it when the request started."""
         tokens = generated.view(-1).cpu().numpy().astype(np.int32)
         while self._active:
             req_id, state = self._active.popitem(last=False)
