@@ -127,10 +127,10 @@ def test_seeded_sampling_completes(runs):
 def test_drafts_are_accepted_and_our_accounting_matches_vllms(runs):
     stats, metrics = runs["stats"], runs["metrics"]
     assert metrics["num_accepted_tokens"] > 0, metrics
-    assert stats["from_ngram"] + stats["from_matrix"] > 0, stats
+    assert stats["from_ngram"] + stats["from_matrix"] + stats["from_memory"] > 0, stats
     # Every draft whose outcome the proposer saw was scheduled and verified by vLLM, and vice versa.
     assert stats["proposed_verified"] == metrics["num_draft_tokens"], (stats, metrics)
-    assert stats["from_ngram"] + stats["from_matrix"] == metrics["num_accepted_tokens"], (stats, metrics)
+    assert stats["from_ngram"] + stats["from_matrix"] + stats["from_memory"] == metrics["num_accepted_tokens"], (stats, metrics)
     # The top-k hook on compute_logits saw every step's logits rows and matched them to tokens.
     assert stats["recycled_topk"] > 0 and stats["unmapped_steps"] == 0, stats
     assert stats["live_states"] <= 4
