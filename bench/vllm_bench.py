@@ -10,7 +10,10 @@ rotating from prompt to prompt, so a slow phase of a shared machine hits every m
 Concurrency 1: one request at a time. Concurrency N: a category's prompts submitted together with
 ``max_num_seqs=N`` (continuous batching keeps N in flight). Rates are generated tokens / wall time
 (prefill included). Each engine first answers one warm-up prompt that is not counted; the
-Token Recycling matrix then stays hot across prompts, as in a server. Outputs are compared token
+Token Recycling matrix then stays hot across prompts, as in a server. The engines live through
+every concurrency level, so from the second level on, methods that remember earlier requests
+(suffix, ours) have seen each prompt and its answer: run one level per process to measure first
+sight at each. Outputs are compared token
 for token with no speculation (bf16: a near-tie can flip a token; fp32 must match).
 
 Methods: ``none``, ``ngram`` (vLLM's prompt lookup: ``prompt_lookup_max=4``, so min = max = 4, as in
