@@ -31,7 +31,9 @@ IDLE_LIMIT = 60.0  # seconds: the child never outlives a test that forgot it
 
 
 def say(*words) -> None:
-    print(*words, flush=True)
+    # One write(2), not print(): a signal handler that raises inside print's buffered flush can leave
+    # the child stuck on its next print; os.write has no buffer and no lock to leave behind.
+    os.write(1, (" ".join(str(w) for w in words) + "\n").encode())
 
 
 def sha(proposer) -> str:
@@ -91,7 +93,7 @@ def main(mode: str) -> None:
     say("learned", sha(proposer))
     deadline = time.monotonic() + IDLE_LIMIT
     try:
-        # Inside the try: the test signals as soon as it reads "ready", which can be before print returns.
+        # Inside the try: the test signals as soon as it reads "ready", before say() may have returned.
         say("ready")
         while not got and time.monotonic() < deadline:
             time.sleep(0.05)
