@@ -124,11 +124,9 @@ class SuffixMemory:
         self._seg_ids.append(seg_id)
         self.remembered += n
         if n >= 3:
-            t64 = t.astype(np.int64)
-            keys = (t64[:-2] << 32) | t64[1:-1]
+            keys, pos = _bigram_index(t, start)
             order = np.argsort(keys, kind="stable")
-            keys = keys[order]
-            pos = (start + 2 + order).astype(np.int32)
+            keys, pos = keys[order], pos[order]
             at = np.searchsorted(self.keys, keys, side="right")  # after equal keys: ascending positions
             self.keys = np.insert(self.keys, at, keys)
             self.starts = np.insert(self.starts, at, pos)
@@ -162,9 +160,9 @@ class SuffixMemory:
             self.store[start: start + n] = t
             self.segments[seg_id] = (start, n)
             if n >= 3:
-                t64 = t.astype(np.int64)
-                all_keys.append((t64[:-2] << 32) | t64[1:-1])
-                all_pos.append(np.arange(start + 2, start + n, dtype=np.int32))
+                keys, pos = _bigram_index(t, start)
+                all_keys.append(keys)
+                all_pos.append(pos)
         self._seg_starts = starts.astype(np.int64)
         self._seg_ids = [seg_id for seg_id, _ in survivors]
         self.remembered = int(lengths.sum())
@@ -244,6 +242,13 @@ class SuffixMemory:
         if kept:
             self._rebuild([(i, t.astype(np.int32)) for i, t in enumerate(kept)])
             self._next_id = len(kept)
+
+
+def _bigram_index(t: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+    """For a sequence ``t`` (n >= 3 tokens) stored from ``start``: the key of every position with two
+    tokens of the sequence before it (the bigram before it, packed as in ``keys``) and that position."""
+    t64 = t.astype(np.int64)
+    return (t64[:-2] << 32) | t64[1:-1], np.arange(start + 2, start + t.size, dtype=np.int32)
 
 
 def _frequent_path(rows: np.ndarray) -> tuple[list[int], int, int]:
