@@ -10,7 +10,8 @@ from models import tiny_model
 
 from token_recycling import TokenRecycler
 from token_recycling.auto_tree import CostModel
-from token_recycling.policy import ChainStats, Plan, Policy, StepCost
+from token_recycling.ngram import NgramIndex
+from token_recycling.policy import ChainStats, Plan, Policy, StepCost, agreement
 
 
 def test_chain_stats_count_positions_until_the_first_miss():
@@ -26,8 +27,58 @@ def test_chain_stats_count_positions_until_the_first_miss():
 
 def test_chain_buckets_are_distinct():
     stats = ChainStats(max_ngram=4, length=4)
-    keys = {stats.bucket(r, n, run) for r in range(2) for n in range(1, 5) for run in (0, 1, 3, 4, 9)}
-    assert len(keys) == 2 * 4 * 3  # rank x matched length x run bucket (0, 1-3, 4+)
+    agreements = [(1, 1), (2, 2), (2, 3), (1, 3)]  # (support, occurrences): one of each class
+    keys = {stats.bucket(r, n, run, support=s, occurrences=o) for r in range(2) for n in range(1, 5)
+            for run in (0, 1, 3, 4, 9) for s, o in agreements}
+    assert len(keys) == 2 * 4 * 4 * 3  # rank x matched length x agreement x run bucket (0, 1-3, 4+)
+    assert stats.bucket(0, 2, 0) == stats.bucket(0, 2, 0, support=1, occurrences=1)
+    assert max(keys) < stats.memory_start
+
+
+def test_agreement_classes():
+    assert [agreement(s, o) for s, o in [(0, 0), (1, 1), (3, 3), (2, 4), (1, 4), (0, 2)]] == [0, 0, 1, 2, 3, 3]
+
+
+def test_ngram_agreement_counts_earlier_occurrences_and_their_next_tokens():
+    """NgramIndex.agreement against a count over the plain list."""
+    rng = random.Random(0)
+    for _ in range(200):
+        seq = [rng.randrange(4) for _ in range(rng.randrange(1, 40))]
+        index = NgramIndex(1, 64, 4)
+        index.extend(torch.tensor([seq]))
+        n, token = rng.randrange(1, 5), rng.randrange(4)
+        tail = seq[len(seq) - n:]
+        starts = [s for s in range(len(seq) - n) if seq[s:s + n] == tail] if n < len(seq) else []
+        want = (len(starts), sum(seq[s + n] == token for s in starts))
+        assert index.agreement(n, token) == want, (seq, n, token)
+
+
+def test_the_continuation_most_occurrences_agree_on_goes_first():
+    """After ...5, where 5 went on as 1, 1, 1, then 2: the way most went on is drafted first (from
+    its most recent occurrence), the most recent way second, each with its agreement."""
+    from token_recycling.draft import Drafter, DraftState
+    drafter = Drafter(16, torch.device("cpu"), max_ngram=3, ngram_tokens=8)
+    state = DraftState(torch.tensor([[5, 1, 5, 1, 5, 1, 5, 2, 9, 5]]), 64, 3)
+    (majority, n0, mem0, support0, occ0), (recent, n1, mem1, support1, occ1) = drafter._candidates(state)[:2]
+    assert (n0, n1, mem0, mem1) == (1, 1, False, False)
+    assert majority == [1, 5, 2, 9, 5, 1, 5, 2] and (support0, occ0) == (3, 4)  # from position 5, periodic
+    assert recent == [2, 9, 5, 2, 9, 5, 2, 9] and (support1, occ1) == (1, 4)
+    unanimous = DraftState(torch.tensor([[5, 1, 5, 1, 7, 5]]), 64, 3)
+    cands = drafter._candidates(unanimous)
+    assert cands[0][0][0] == 1 and cands[0][3:] == (2, 2)
+
+
+def test_chain_statistics_without_agreement_load_into_every_agreement_class():
+    stats = ChainStats(max_ngram=4, length=6)
+    old_context = 2 * 4 * 3  # rank x matched length x run
+    memory_rows = stats.num.shape[0] - stats.memory_start
+    num = np.arange((old_context + memory_rows) * 7, dtype=float).reshape(-1, 7)
+    stats.load_state({"num": num.tolist(), "den": (num + 1).tolist()})
+    assert np.array_equal(stats.num[stats.memory_start:], num[old_context:])
+    old = num[:old_context].reshape(2, 4, 3, 7)  # (rank, n, run)
+    for s, o in [(1, 1), (2, 2), (2, 3), (1, 3)]:
+        b = stats.bucket(1, 3, 4, support=s, occurrences=o)
+        assert np.array_equal(stats.num[b], old[1, 2, 2]) and np.array_equal(stats.den[b], old[1, 2, 2] + 1)
 
 
 def test_step_cost_ignores_one_outlier_and_follows_a_drift():

@@ -148,8 +148,10 @@ def test_saved_with_the_matrix_and_old_files_still_load(tmp_path):
 def test_chain_statistics_of_the_older_layout_load_their_context_part():
     from token_recycling.policy import ChainStats
     stats = ChainStats(max_ngram=4, length=10)
-    old_rows = 2 * stats.memory_start  # a context part and an earlier-outputs part of the same shape
+    old_context = 2 * 4 * 3  # rank x matched length x run (no agreement classes yet)
+    old_rows = 2 * old_context  # a context part and an earlier-outputs part of the same shape
     num = np.arange(old_rows * 11, dtype=float).reshape(old_rows, 11)
     stats.load_state({"num": num.tolist(), "den": (num + 1).tolist()})
-    assert np.array_equal(stats.num[: stats.memory_start], num[: stats.memory_start])
+    assert np.array_equal(stats.num[stats.bucket(0, 2, 1)], num[1 * 3 + 1])  # rank 0, n = 2, run 1-3
+    assert np.array_equal(stats.num[stats.bucket(1, 4, 5, support=1, occurrences=5)], num[12 + 3 * 3 + 2])
     assert not stats.num[stats.memory_start:].any() and not stats.den[stats.memory_start:].any()

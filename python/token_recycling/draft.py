@@ -314,8 +314,13 @@ class Drafter:
         return (found.tokens, found.match, True, found.support) if found is not None else None
 
     def _candidates(self, state: DraftState) -> list[tuple]:
-        """[(continuation, matched suffix length, from the suffix memory, support)]: the context's
-        n-gram candidates best first, then the suffix memory's (policy.Policy orders them)."""
+        """[(continuation, matched suffix length, from the suffix memory, support, occurrences)]: the
+        context's n-gram candidates best first, each with how often its matched suffix occurred in
+        the context and how often its first token followed (its agreement), then the suffix
+        memory's (policy.Policy orders them). Where the most recent occurrence of the match went on
+        as fewer than half of them did and another way was more frequent, the first candidate is
+        instead the most recent occurrence of the most frequent way, and the most recent one comes
+        second."""
         if state.index is None or not self.policy.max_chain:
             return []
         index = state.index
@@ -323,21 +328,50 @@ class Drafter:
                                                            index.max_ngram, self.ngram_tokens, CANDIDATES)
         counts, ngrams, starts = count[0].tolist(), ngram[0].tolist(), start[0].tolist()
         length = int(index.lengths[0])
+        history = index.history[0].numpy()
         found = []
         for j in range(CANDIDATES):
             if not counts[j]:
                 continue
-            cont = tokens[0, j, : counts[j]].tolist()
-            if starts[j] + counts[j] == length and counts[j] < self.ngram_tokens:
-                # The match ends counts[j] tokens before the context does, so copying from it goes on
-                # into the tokens it predicts: the continuation repeats with that period (a loop, a
-                # list, a table). Cut at the context's end, it would draft less than a copy can give.
-                cont = [cont[i % counts[j]] for i in range(self.ngram_tokens)]
-            found.append((cont, ngrams[j], False, 1))
+            n = ngrams[j]
+            occurrences = index.occurrences(n)
+            after = history[occurrences + n]  # the token after each occurrence
+            first = int(tokens[0, j, 0])
+            support = int((after == first).sum())
+            if j == 0 and 2 * support < after.size:
+                majority = self._majority(history, occurrences, after, n, support, length)
+                if majority is not None:  # it goes first, the most recent occurrence's way second
+                    found += [majority, (self._continuation(history, starts[0], counts[0], length), n, False,
+                                         support, int(after.size))]
+                    break
+            found.append((self._continuation(history, starts[j], counts[j], length), n, False, support,
+                          int(after.size)))
         memory = self._memory_candidate(state)
         if memory is not None:
             found.append(memory)
         return found
+
+    def _majority(self, history: np.ndarray, occurrences: np.ndarray, after: np.ndarray, n: int, support: int,
+                  length: int) -> tuple | None:
+        """The candidate of the way the most occurrences of the match went on, when more did than
+        went on as the most recent one (``support``): from its most recent occurrence (among equally
+        frequent ways, the one seen last). None: no way was more frequent."""
+        values, freq = np.unique(after, return_counts=True)
+        if freq.max() <= support:
+            return None
+        begin = max(int(occurrences[after == v][-1]) for v in values[freq == freq.max()]) + n
+        cont = self._continuation(history, begin, min(self.ngram_tokens, length - begin), length)
+        return cont, n, False, int(freq.max()), int(after.size)
+
+    def _continuation(self, history: np.ndarray, begin: int, count: int, length: int) -> list[int]:
+        """The ``count`` tokens of ``history`` from ``begin`` (an n-gram match's continuation)."""
+        cont = history[begin: begin + count].tolist()
+        if begin + count == length and count < self.ngram_tokens:
+            # The match ends count tokens before the context does, so copying from it goes on into
+            # the tokens it predicts: the continuation repeats with that period (a loop, a list, a
+            # table). Cut at the context's end, it would draft less than a copy can give.
+            cont = [cont[i % count] for i in range(self.ngram_tokens)]
+        return cont
 
     def _tree_of(self, paths: list[list[int]]) -> DraftTree:
         key = tuple(map(tuple, paths))

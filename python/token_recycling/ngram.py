@@ -10,6 +10,7 @@ Earlier requests are not here: the Drafter's suffix memory (memory.py) holds the
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import ops
@@ -73,6 +74,26 @@ class NgramIndex:
         tokens, count = ops.ngram_lookup(self.table, self.history, self.lengths,
                                          self.max_ngram if max_ngram is None else max_ngram, max_tokens)
         return tokens.to(self.device), count.to(self.device)
+
+    def occurrences(self, n: int, row: int = 0) -> np.ndarray:
+        """The starts s (ascending) of the earlier occurrences of the last ``n`` tokens of ``row``,
+        each with a token after it: ``history[row, s:s + n]`` is that suffix and ``s + n < length``."""
+        length = int(self.lengths[row])
+        if n < 1 or n >= length:
+            return np.zeros(0, dtype=np.int64)
+        h = self.history[row, :length].numpy()
+        hit = h[: length - n] == h[length - n]
+        for i in range(1, n):
+            hit &= h[i: length - n + i] == h[length - n + i]
+        return np.flatnonzero(hit)
+
+    def agreement(self, n: int, token: int, row: int = 0) -> tuple[int, int]:
+        """``(occurrences, support)``: how many times the last ``n`` tokens of ``row`` occurred earlier
+        in it with a token after them, and how many of those were followed by ``token``."""
+        starts = self.occurrences(n, row)
+        if not starts.size:
+            return 0, 0
+        return int(starts.size), int((self.history[row].numpy()[starts + n] == token).sum())
 
     def reset(self) -> None:
         """Forget every row's history (keeps the memory)."""

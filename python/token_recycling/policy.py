@@ -21,16 +21,22 @@ different steps, and the matrix tree pays on the steps where neither is.
 Chain statistics (:class:`ChainStats`). Like SuffixDecoding, which grows its speculation length
 with the match length and with how often a continuation was seen, the trust in a candidate depends
 on a *bucket*: its source and rank (this request's context: first or second candidate; the suffix
-memory), its matched suffix length n (the memory's in ranges: 2-3, 4-7, 8-15, 16+ tokens), for the
+memory), its matched suffix length n (the memory's in ranges: 2-3, 4-7, 8-15, 16+ tokens), its
+agreement (a context candidate's: the matched suffix occurred once before; 2+ times, every time
+followed by the candidate's first token; at least half the times; fewer: :func:`agreement`), for the
 memory its support (1, 2-3, 4+ earlier occurrences agreed on its first token), and the last step's
-run (0, 1-3 or 4+ of the last candidate's tokens were what the model produced). For every
+run (0, 1-3 or 4+ of the last candidate's tokens were what the model produced). Agreement is what
+separates a context candidate worth drafting from one that is not where the match is short: a
+one-token match followed by the candidate's token at most at half its earlier occurrences is right
+about a quarter of the time, one followed by it every time about 60%. For every
 bucket and chain position j we count how often position j was correct given 1..j-1 were. Every
 candidate is scored against the accepted tokens whether or not it was drafted, and as far as the
 accepted tokens (bonus included) reach, so no exploration is needed: a chain not drafted is still
 measured at position 1. A bucket's rates shrink towards its source and rank's pooled rates, which
 shrink towards a prior, so a rare bucket borrows strength and a common one speaks for itself.
-Statistics saved with the older layout (a context part and an earlier-outputs part of the same
-shape) load their context part.
+Statistics saved by earlier versions load: the layouts without agreement give each agreement class
+of a context bucket that bucket's counts (and the oldest layout, a context part and an
+earlier-outputs part of the same shape, only its context part).
 
 Cost (:class:`StepCost`). t(m) is measured once (``measure_cost``) at the first context, and then
 followed: every step's forward time is divided by the curve's prediction, and the median of the
@@ -62,6 +68,18 @@ RUNS = (0, 1, 4)  # last step's run buckets: 0, 1-3, 4+ tokens of the continuati
 CANDIDATES = 2  # candidates drafted per step (and context n-gram candidates looked up)
 MEMORY_MATCH = (2, 4, 8, 16)  # suffix-memory match length buckets: 2-3, 4-7, 8-15, 16+
 MEMORY_SUPPORT = (1, 2, 4)  # suffix-memory support buckets: 1, 2-3, 4+ occurrences
+AGREEMENT = ("single", "unanimous", "majority", "minority")  # context candidates' agreement classes
+
+
+def agreement(support: int, occurrences: int) -> int:
+    """A context candidate's agreement class (an index into AGREEMENT): its matched suffix occurred
+    ``occurrences`` times before, ``support`` of them followed by the candidate's first token.
+    0: once (or never counted); 1: 2+ times, always followed by it; 2: at least half the times; 3: fewer."""
+    if occurrences <= 1:
+        return 0
+    if support >= occurrences:
+        return 1
+    return 2 if 2 * support >= occurrences else 3
 
 
 def run_bucket(run: int) -> int:
@@ -93,7 +111,7 @@ class ChainStats:
 
     def __init__(self, max_ngram: int, length: int, pseudo_count: float = 4.0):
         self.max_ngram, self.length, self.a = max_ngram, length, pseudo_count
-        self.per_rank = max_ngram * len(RUNS)  # a context rank's buckets: matched length x run
+        self.per_rank = max_ngram * len(AGREEMENT) * len(RUNS)  # a context rank's: length x agreement x run
         self.memory_start = CANDIDATES * self.per_rank  # then the memory's: match x support x run
         buckets = self.memory_start + len(MEMORY_MATCH) * len(MEMORY_SUPPORT) * len(RUNS)
         self.num = np.zeros((buckets, length + 1))  # [b, j]: position j right (given 1..j-1 were)
@@ -102,14 +120,19 @@ class ChainStats:
         # (a continuation that started right tends to go on).
         self.prior = np.array([0.0, 0.35] + [0.7] * (length - 1))
 
-    def bucket(self, rank: int, ngram: int, run: int, memory: bool = False, support: int = 1) -> int:
+    def bucket(self, rank: int, ngram: int, run: int, memory: bool = False, support: int = 1,
+               occurrences: int | None = None) -> int:
         """``memory``: the candidate came from the suffix memory (earlier requests), with ``support``
-        earlier occurrences agreeing on its first token; else it is the context's candidate ``rank``."""
+        earlier occurrences agreeing on its first token; else it is the context's candidate ``rank``,
+        its matched suffix seen ``occurrences`` times before (default: ``support``), ``support`` of
+        them followed by its first token (:func:`agreement`)."""
         if memory:
             match = max(sum(ngram >= m for m in MEMORY_MATCH) - 1, 0)
             sup = max(sum(support >= m for m in MEMORY_SUPPORT) - 1, 0)
             return self.memory_start + (match * len(MEMORY_SUPPORT) + sup) * len(RUNS) + run_bucket(run)
-        return rank * self.per_rank + (min(ngram, self.max_ngram) - 1) * len(RUNS) + run_bucket(run)
+        agree = agreement(support, support if occurrences is None else occurrences)
+        return (rank * self.per_rank + ((min(ngram, self.max_ngram) - 1) * len(AGREEMENT) + agree) * len(RUNS)
+                + run_bucket(run))
 
     def group(self, bucket: int) -> tuple[int, int]:
         """The buckets [lo, hi) pooled with ``bucket``: its context rank's, or the memory's."""
@@ -146,9 +169,21 @@ class ChainStats:
         num, den = np.array(state.get("num", [])), np.array(state.get("den", []))
         if num.shape == self.num.shape and den.shape == self.den.shape:
             self.num, self.den = num, den
-        elif num.shape == den.shape == (2 * self.memory_start, self.length + 1):  # the older layout
-            self.num[: self.memory_start] = num[: self.memory_start]
-            self.den[: self.memory_start] = den[: self.memory_start]
+            return
+        if num.shape != den.shape or num.ndim != 2 or num.shape[1] != self.length + 1:
+            return
+        # Earlier layouts had no agreement: a context rank's buckets were (length, run).
+        old_context = CANDIDATES * self.max_ngram * len(RUNS)
+        memory_rows = self.num.shape[0] - self.memory_start
+        if num.shape[0] == old_context + memory_rows:  # context, then the suffix memory's buckets
+            self.num[self.memory_start:], self.den[self.memory_start:] = num[old_context:], den[old_context:]
+        elif num.shape[0] != 2 * old_context:  # the oldest: a context part, an earlier-outputs part
+            return
+        shape = (CANDIDATES, self.max_ngram, 1, len(RUNS), self.length + 1)
+        spread = (CANDIDATES, self.max_ngram, len(AGREEMENT), len(RUNS), self.length + 1)
+        for mine, old in ((self.num, num), (self.den, den)):
+            mine[: self.memory_start] = np.broadcast_to(old[:old_context].reshape(shape), spread).reshape(
+                self.memory_start, self.length + 1)
 
 
 class StepCost:
@@ -234,8 +269,9 @@ class Policy:
 
     # ------------------------------------------------------------------ the decision
     def decide(self, candidates: list[tuple], run: int, cost: StepCost | None = None) -> Plan:
-        """candidates: [(tokens, matched n)], [(tokens, matched n, from the suffix memory)] or
-        [(tokens, matched n, from the suffix memory, support)]: the context's best first (at most
+        """candidates: [(tokens, matched n)], [(tokens, matched n, from the suffix memory)],
+        [(tokens, matched n, from the suffix memory, support)] or [(..., support, occurrences)] (a
+        context candidate's agreement, ChainStats.bucket): the context's best first (at most
         CANDIDATES of them), the memory's anywhere; run: how many tokens of the last step's first candidate the
         model produced; cost: the step-cost curve to weigh against (default: this policy's own, one
         row's)."""
@@ -316,8 +352,9 @@ class Policy:
                     continue
                 context += 1
             support = int(c[3]) if len(c) > 3 else 1
+            occurrences = int(c[4]) if len(c) > 4 else support
             cands.append((c[0], c[1], memory, support))
-            buckets.append(self.chain.bucket(context - 1, c[1], run, memory, support))
+            buckets.append(self.chain.bucket(context - 1, c[1], run, memory, support, occurrences))
         curves = [self.chain.expected(b) for b in buckets]
         if context == len(cands):
             return cands, buckets, curves
