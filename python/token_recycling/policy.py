@@ -25,10 +25,10 @@ memory), its matched suffix length n (the memory's in ranges: 2-3, 4-7, 8-15, 16
 agreement (a context candidate's: the matched suffix occurred once before; 2+ times, every time
 followed by the candidate's first token; at least half the times; fewer: :func:`agreement`), for the
 memory its support (1, 2-3, 4+ earlier occurrences agreed on its first token), and the last step's
-run (0, 1-3 or 4+ of the last candidate's tokens were what the model produced). Agreement is what
-separates a context candidate worth drafting from one that is not where the match is short: a
-one-token match followed by the candidate's token at most at half its earlier occurrences is right
-about a quarter of the time, one followed by it every time about 60%. For every
+run (0, 1-3 or 4+ of the last candidate's tokens were what the model produced). Agreement tells
+short matches apart: on MT-Bench and HumanEval prompts, a one-token match whose candidate token
+followed at most half of its earlier occurrences was right about a quarter of the time, one
+followed by it every time about 60%. For every
 bucket and chain position j we count how often position j was correct given 1..j-1 were. Every
 candidate is scored against the accepted tokens whether or not it was drafted, and as far as the
 accepted tokens (bonus included) reach, so no exploration is needed: a chain not drafted is still
