@@ -87,14 +87,6 @@ class NgramIndex:
             hit &= h[i: length - n + i] == h[length - n + i]
         return np.flatnonzero(hit)
 
-    def agreement(self, n: int, token: int, row: int = 0) -> tuple[int, int]:
-        """``(occurrences, support)``: how many times the last ``n`` tokens of ``row`` occurred earlier
-        in it with a token after them, and how many of those were followed by ``token``."""
-        starts = self.occurrences(n, row)
-        if not starts.size:
-            return 0, 0
-        return int(starts.size), int((self.history[row].numpy()[starts + n] == token).sum())
-
     def reset(self) -> None:
         """Forget every row's history (keeps the memory)."""
         self.table.zero_()
