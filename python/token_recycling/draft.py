@@ -30,7 +30,7 @@ import torch
 from . import distributed, ops
 from .adjacency import AdjacencyMatrix
 from .auto_tree import COST_SIZES, REMEASURE_SIZES, measure_cost, remeasure_cost
-from .memory import MAX_MATCH, SuffixMemory
+from .memory import MAX_MATCH, SuffixMemory, most_frequent
 from .ngram import NgramIndex
 from .policy import CANDIDATES, DEFAULT_CHAIN_PRICE, Plan, Policy, StepCost
 from .tree import DraftTree, TreeSpec, make_tree
@@ -356,12 +356,12 @@ class Drafter:
         """The candidate of the way the most occurrences of the match went on, when more did than
         went on as the most recent one (``support``): from its most recent occurrence (among equally
         frequent ways, the one seen last). None: no way was more frequent."""
-        values, freq = np.unique(after, return_counts=True)
-        if freq.max() <= support:
+        token, count = most_frequent(after)
+        if count <= support:
             return None
-        begin = max(int(occurrences[after == v][-1]) for v in values[freq == freq.max()]) + n
+        begin = int(occurrences[after == token][-1]) + n
         cont = self._continuation(history, begin, min(self.ngram_tokens, length - begin), length)
-        return cont, n, False, int(freq.max()), int(after.size)
+        return cont, n, False, count, int(after.size)
 
     def _continuation(self, history: np.ndarray, begin: int, count: int, length: int) -> list[int]:
         """The ``count`` tokens of ``history`` from ``begin`` (an n-gram match's continuation)."""

@@ -251,6 +251,14 @@ def _bigram_index(t: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
     return (t64[:-2] << 32) | t64[1:-1], np.arange(start + 2, start + t.size, dtype=np.int32)
 
 
+def most_frequent(values: np.ndarray) -> tuple[int, int]:
+    """(the value that occurs most often in ``values``, oldest first; among equals the latest one;
+    how often it occurs). ``values`` must not be empty."""
+    found, first_seen, counts = np.unique(values[::-1], return_index=True, return_counts=True)
+    best = np.lexsort((first_seen, -counts))[0]  # most often; then the first seen in reverse order
+    return int(found[best]), int(counts[best])
+
+
 def _frequent_path(rows: np.ndarray) -> tuple[list[int], int, int]:
     """(the path most rows follow, token by token; how many rows agreed on its first token; the
     index of the latest row on that path). Rows: continuations, -1 where one ends."""
@@ -266,9 +274,7 @@ def _frequent_path(rows: np.ndarray) -> tuple[list[int], int, int]:
             valid = col[col >= 0]
             if not valid.size:
                 break
-            values, first_seen, counts = np.unique(valid[::-1], return_index=True, return_counts=True)
-            # most rows; among equals the latest row (the first seen in reverse order)
-            tok = int(values[np.lexsort((first_seen, -counts))[0]])
+            tok, _ = most_frequent(valid)
             agree = active[col == tok]
         if tok < 0:
             break
