@@ -12,11 +12,11 @@ against HF, which shows it is calibrated).
 """
 
 import copy
-import math
 from collections import Counter
 
 import pytest
 import torch
+from homogeneity import chi2_quantile, homogeneity, tv
 from models import tiny_model
 
 from token_recycling import TokenRecycler, ops
@@ -35,42 +35,14 @@ SETTINGS = {"temperature 1.0": dict(temperature=1.0), "temperature 0.7": dict(te
             "top-k 4": dict(temperature=1.0, top_k=4), "top-p 0.8": dict(temperature=0.7, top_p=0.8)}
 
 
-def _chi2_quantile(df: int, alpha: float) -> float:
-    """Upper alpha quantile of chi-square(df), Wilson-Hilferty (within ~1% for df >= 3)."""
-    z = {1e-3: 3.0902, 1e-4: 3.7190}[alpha]
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-
-
-def _homogeneity(a: Counter, b: Counter, min_count: int = 10) -> tuple[float, int]:
-    """Two-sample chi-square statistic and degrees of freedom; outcomes seen fewer than min_count
-    times in both samples together share one bin."""
-    na, nb = sum(a.values()), sum(b.values())
-    bins, rest = [], [0, 0]
-    for key in set(a) | set(b):
-        if a[key] + b[key] >= min_count:
-            bins.append((a[key], b[key]))
-        else:
-            rest[0] += a[key]
-            rest[1] += b[key]
-    if sum(rest) > 0:
-        bins.append(tuple(rest))
-    ka, kb = math.sqrt(nb / na), math.sqrt(na / nb)
-    return sum((x * ka - y * kb) ** 2 / (x + y) for x, y in bins), len(bins) - 1
-
-
-def _tv(a: Counter, b: Counter) -> float:
-    na, nb = sum(a.values()), sum(b.values())
-    return 0.5 * sum(abs(a[k] / na - b[k] / nb) for k in set(a) | set(b))
-
-
 def _check(name: str, ours: Counter, hf: Counter, hf2: Counter) -> None:
-    stat, df = _homogeneity(ours, hf)
-    noise, df_hh = _homogeneity(hf2, hf)
-    limit = _chi2_quantile(max(df, 1), ALPHA)
+    stat, df = homogeneity(ours, hf)
+    noise, df_hh = homogeneity(hf2, hf)
+    limit = chi2_quantile(max(df, 1), ALPHA)
     print(f"{name}: chi2 {stat:.1f} (df {df}, limit {limit:.1f}); HF vs HF {noise:.1f} (df {df_hh}); "
-          f"TV ours-HF {_tv(ours, hf):.3f}, HF-HF {_tv(hf2, hf):.3f}")
+          f"TV ours-HF {tv(ours, hf):.3f}, HF-HF {tv(hf2, hf):.3f}")
     assert df >= 5, "too few distinct outcomes for the test to mean anything"
-    assert noise < _chi2_quantile(df_hh, ALPHA), "HF against HF fails: the test is miscalibrated"
+    assert noise < chi2_quantile(df_hh, ALPHA), "HF against HF fails: the test is miscalibrated"
     assert stat < limit, f"{name}: our tokens are not distributed as HF's"
 
 

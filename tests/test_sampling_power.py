@@ -4,19 +4,19 @@ Each setting draws RUNS rows of the same prompt in one batched call (rows are sa
 each has its own walk and its own uniforms) through the batch path, either ``rec.generate(ids [B, S])``
 or ``model.generate(custom_generate=rec, num_return_sequences=RUNS)``, with a hot matrix so drafts
 are accepted. Their first NEW tokens are compared with HF_RUNS rows of HF's ``do_sample=True`` by the
-two-sample chi-square tests of test_sampling.py, on the whole outcomes and on the token at each
+two-sample chi-square tests of homogeneity.py, on the whole outcomes and on the token at each
 position (``_statistic``); outcomes are pooled until the smaller sample expects POOL of each, and each
 threshold is the chi-square quantile for its bins' degrees of freedom (ALPHA split over the four).
 The test is calibrated (a second HF sample of RUNS rows passes it) and shown to have power: a sampler
 whose output is off by a total variation of exactly 0.05 (computed, not estimated) fails it.
 """
 
-import math
 from collections import Counter
 
 import pytest
 import torch
-from test_sampling import EOS, NEW, PROMPT, _chi2_quantile, _cut, _homogeneity, _tv
+from homogeneity import tv, worst_test
+from test_sampling import EOS, NEW, PROMPT, _cut
 from test_sampling import model  # noqa: F401  (the sharper tiny model, a module-scoped fixture)
 
 from token_recycling import TokenRecycler, sample
@@ -68,28 +68,11 @@ def _ours(model, rec, kwargs, route: str, seed: int) -> tuple[Counter, float]:
 
 
 def _statistic(a: Counter, b: Counter) -> tuple[float, int, float]:
-    """The largest of four two-sample chi-square tests, each against its threshold at ALPHA / 4:
-    the whole 3-token outcomes, and the token at each position (None after an EOS). Outcomes are
-    pooled until the smaller sample expects POOL of each. A position's own test has few bins, so a
-    bias that lands on outcomes HF rarely or never produces (pooled away in the whole-outcome test) is
-    seen there; the whole outcomes see a bias in how tokens follow each other. Returns (statistic,
-    degrees of freedom, threshold) of the test nearest to rejecting."""
-    tests = [(a, b)] + [(_position(a, i), _position(b, i)) for i in range(NEW)]
-    worst = None
-    for x, y in tests:
-        nx, ny = sum(x.values()), sum(y.values())
-        stat, df = _homogeneity(x, y, min_count=math.ceil(POOL * (nx + ny) / min(nx, ny)))
-        limit = _chi2_quantile(max(df, 1), ALPHA / len(tests))
-        if worst is None or stat / limit > worst[0] / worst[2]:
-            worst = (stat, df, limit)
-    return worst
-
-
-def _position(outcomes: Counter, i: int) -> Counter:
-    out = Counter()
-    for seq, n in outcomes.items():
-        out[seq[i] if i < len(seq) else None] += n
-    return out
+    """The largest of four two-sample chi-square tests, each against its threshold at ALPHA / 4: the
+    whole 3-token outcomes, and the token at each position (None after an EOS)
+    (``homogeneity.worst_test``). Returns (statistic, degrees of freedom, threshold) of the test
+    nearest to rejecting."""
+    return worst_test(a, b, NEW, ALPHA, POOL)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +89,7 @@ def test_batched_sampling_follows_hf(model, rec, hf_samples, name):
     stat, df, limit = _statistic(ours, hf)
     noise, df_hh, limit_hh = _statistic(hf_small, hf)
     print(f"{name} ({route}): chi2 {stat:.1f} (df {df}, limit {limit:.1f}); HF vs HF {noise:.1f} (df {df_hh}); "
-          f"TV ours-HF {_tv(ours, hf):.3f}, HF-HF {_tv(hf_small, hf):.3f}; {per_step:.2f} tokens/step")
+          f"TV ours-HF {tv(ours, hf):.3f}, HF-HF {tv(hf_small, hf):.3f}; {per_step:.2f} tokens/step")
     assert len(ours) >= 10, "too few distinct outcomes for the test to mean anything"
     assert noise < limit_hh, "HF against HF fails: the test is miscalibrated"
     assert stat < limit, f"{name}: our tokens are not distributed as HF's"
@@ -146,5 +129,5 @@ def test_a_sampler_off_by_tv_005_fails(model, rec, hf_samples, monkeypatch):
     hf = hf_samples[BIASED][0]
     stat, df, limit = _statistic(ours, hf)
     print(f"mix {mix:.4f} (exact TV {BIAS_TV}): chi2 {stat:.1f} (df {df}, limit {limit:.1f}); "
-          f"TV biased-HF {_tv(ours, hf):.3f}")
+          f"TV biased-HF {tv(ours, hf):.3f}")
     assert stat > limit, "a sampler off by a total variation of 0.05 passes the test: it has too little power"
