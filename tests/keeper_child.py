@@ -9,7 +9,8 @@ MODE: ``vllm`` (a Python SIGTERM/SIGINT handler installed before the proposer, l
 process: it only records the signal), ``default`` (Python's own handlers: SIGINT raises
 KeyboardInterrupt, SIGTERM kills), ``hang`` (as ``vllm``, but writing the file never finishes),
 ``torn`` (learn, save, learn more, then a save that writes half its temporary file and stops there),
-``loop`` (save again and again, each time after learning more).
+``loop`` (save again and again, each time after learning more), ``drop`` (learn, then drop the
+proposer and leave, with no signal: what vLLM's worker does when its engine ends it in order).
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ def main(mode: str) -> None:
             say("saved", sha(proposer))
         return
     say("learned", sha(proposer))
+    if mode == "drop":
+        del proposer, model  # the last references: the proposer goes now, not at a later collection
+        say("dropped")
+        return
     deadline = time.monotonic() + IDLE_LIMIT
     try:
         # Inside the try: the test signals as soon as it reads "ready", before say() may have returned.

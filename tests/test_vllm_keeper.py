@@ -130,6 +130,28 @@ def test_an_idle_server_saves_periodically_and_only_when_something_changed(tmp_p
     assert "saves 1" in child.text, child.text
 
 
+def test_a_proposer_dropped_without_a_signal_saves_the_matrix(tmp_path, children):
+    # vLLM's worker, ended in order by its engine (a SIGTERM to the API server alone), drops its model
+    # runner and leaves with os._exit: no signal reaches it and no atexit hook runs.
+    path = tmp_path / "m.safetensors"
+    child = children("drop", path)
+    learned = child.wait_for("learned")[1]
+    child.wait_for("dropped")
+    assert child.finish() == 0, child.text
+    assert file_sha(path) == learned, child.text
+    _, extra = AdjacencyMatrix.read(path, VOCAB, TOPK)
+    assert extra["reason"] == "exit"
+
+
+def test_a_closed_proposer_is_not_saved_when_dropped(tmp_path):
+    path = tmp_path / "m.safetensors"
+    proposer = TokenRecyclingProposer(fake_config(4, 512, VOCAB), ProposerOptions(matrix_path=str(path), save_every=0))
+    proposer._version += 1  # as if it had learned something
+    proposer.close()
+    del proposer
+    assert not path.exists()
+
+
 def test_a_save_that_hangs_does_not_hold_up_shutdown(tmp_path, children):
     path = tmp_path / "m.safetensors"
     child = children("hang", path)

@@ -2,8 +2,8 @@
 
 vLLM builds the proposer in its engine process and stops that process with SIGTERM (the front end
 sends it on its own SIGINT or SIGTERM; Ctrl-C reaches every process of the group as SIGINT), and it
-leaves worker processes with ``os._exit`` (the fork start method), so ``atexit`` hooks never run
-there. A :class:`MatrixKeeper` therefore saves
+leaves worker processes with ``os._exit`` (``multiprocessing``'s children end so), so ``atexit`` hooks
+never run there. A :class:`MatrixKeeper` therefore saves
 
 * from a background thread every ``every`` seconds when the matrix changed since the last save, so an
   idle server saves too (nothing is written while nothing is learned);
@@ -11,13 +11,15 @@ there. A :class:`MatrixKeeper` therefore saves
   starts its own orderly shutdown, or Python's default): vLLM's behaviour is kept, never replaced.
   The save in the handler is bounded (``SIGNAL_SAVE_SECONDS``; vLLM kills an engine process 5 s after
   its SIGTERM), so it can never hang a shutdown;
-* at interpreter exit where that runs (an engine in the caller's process).
+* at interpreter exit where that runs (an engine in the caller's process);
+* when its owner is dropped (``save(..., owner=...)`` from the owner's ``__del__``).
 
 The proposer lives in vLLM's worker process. A signal to the server's whole process group (Ctrl-C in
 a terminal, systemd's default KillMode) reaches it, and its handler saves. A SIGTERM to the API
-server alone does not: vLLM then ends the engine and its worker without signalling the worker (with
-its default ``--shutdown-timeout 0`` it SIGKILLs them at once), so the last periodic save is what
-survives.
+server alone (``docker stop``) does not reach the worker: the API server sends SIGTERM to the engine
+process, which closes its pipe to the worker; the worker leaves its loop and drops its model runner,
+and the proposer saves as it goes. That needs vLLM's ``--shutdown-timeout`` of 1 s or more: with 0
+the API server SIGKILLs the engine and the worker at once, and the last periodic save survives.
 
 Every save is atomic (``adjacency.write_atomic``): a process killed mid-save (``kill -9``) leaves the
 old file or the new one. Temporary files of such a save are ignored by the loader and removed when
@@ -113,10 +115,12 @@ class MatrixKeeper:
             keeper.save("periodic")
             del keeper  # hold no reference while waiting
 
-    def save(self, reason: str, timeout: float | None = None) -> bool:
+    def save(self, reason: str, timeout: float | None = None, owner=None) -> bool:
         """Save now if something changed. With ``timeout``, the write runs in a thread that is waited
-        for at most that long (a stuck disk cannot hold up the caller). True when a file was written."""
-        owner = self._owner()
+        for at most that long (a stuck disk cannot hold up the caller). True when a file was written.
+        ``owner``: the owner itself, from its ``__del__`` (where the keeper's weak reference may
+        already be dead)."""
+        owner = owner if owner is not None else self._owner()
         if owner is None or self._stop.is_set():
             return False
         try:

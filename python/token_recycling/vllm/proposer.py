@@ -45,7 +45,7 @@ from ..adjacency import AdjacencyMatrix, CorruptMatrixFile
 from ..draft import DraftState, Drafter, state_key
 from ..policy import BatchStepCost
 from ..stats import GenerationStats
-from .keeper import MatrixKeeper, logger, remove_stale_temp_files
+from .keeper import SIGNAL_SAVE_SECONDS, MatrixKeeper, logger, remove_stale_temp_files
 from .options import ProposerOptions
 from .recycle import TopkCapture
 
@@ -326,6 +326,19 @@ class TokenRecyclingProposer:
         """No more saves by this proposer: its periodic thread ends, signals and exit no longer save it."""
         if self.keeper is not None:
             self.keeper.stop()
+
+    def __del__(self) -> None:
+        # vLLM's worker process drops its model runner, and this proposer with it, when it ends in
+        # order (how it ends after a SIGTERM to the API server alone), then leaves with os._exit: no
+        # atexit. What changed since the last save is saved here (bounded, as on a signal).
+        keeper = getattr(self, "keeper", None)
+        if keeper is None:
+            return
+        try:
+            keeper.save("exit", timeout=SIGNAL_SAVE_SECONDS, owner=self)
+            keeper.stop()
+        except Exception:  # interpreter teardown: nothing left to save with
+            pass
 
     def reset(self) -> None:
         """Forget the matrix, the policy's statistics and every request's state."""
