@@ -197,6 +197,59 @@ def test_routed_bf16_model_matches_torch_within_rounding(monkeypatch):
     assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item() + 1e-2
 
 
+needs_packing = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
+                                         and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                                    reason="oneDNN has no native bf16 path on this CPU: routing does not pack")
+
+
+@needs_packing
+def test_bf16_rows_above_the_limit_take_the_packed_weight_and_match_torch(monkeypatch):
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    calls = []
+    real = skinny._packed_op()
+    monkeypatch.setattr(skinny, "_packed_op", lambda: lambda x, w, *a: calls.append((x.shape, w)) or real(x, w, *a))
+    monkeypatch.delenv(skinny.PACK_ENV, raising=False)
+    assert skinny.packs(model)
+    ids = torch.randint(3, 300, (1, 20))
+    with torch.no_grad():
+        want = {n: model(ids[:, :n]).logits for n in (3, 20)}
+        with skinny.routed(model, max_rows=4):
+            got = {n: model(ids[:, :n]).logits for n in (3, 20)}  # 3 rows: skinny_linear; 20: packed
+    assert len(calls) == len(linears) and all(shape[-2] == 20 for shape, _ in calls)
+    assert all(w.is_mkldnn for _, w in calls)
+    torch.testing.assert_close(got[20], want[20], rtol=0, atol=0)  # the same oneDNN product, packed once
+    assert (got[3].float() - want[3].float()).abs().max().item() <= 0.05 * want[3].float().abs().max().item() + 1e-2
+    assert all("forward" not in m.__dict__ for m in linears)  # the model is as it was
+
+
+@needs_packing
+def test_a_packed_weight_is_made_once_and_again_after_an_in_place_change(monkeypatch):
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    layer = next(m for m in model.modules() if type(m) is torch.nn.Linear)
+    first = skinny.packed_weight(layer.weight)
+    assert skinny.packed_weight(layer.weight) is first
+    x = torch.randn(9, layer.weight.shape[1], dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.mul_(2)
+    second = skinny.packed_weight(layer.weight)
+    assert second is not first
+    got = skinny._packed_op()(x, second, None, "none", [], "")
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.weight), rtol=0, atol=0)
+
+
+def test_packing_is_off_when_asked_for_float32_and_when_memory_is_short(monkeypatch):
+    bf16 = tiny_model("llama", dtype=torch.bfloat16)
+    monkeypatch.setenv(skinny.PACK_ENV, "off")
+    assert not skinny.packs(bf16)
+    monkeypatch.delenv(skinny.PACK_ENV)
+    assert not skinny.packs(tiny_model("llama"))  # float32 weights: torch's product, as before
+    monkeypatch.setattr(skinny, "_memory_available", lambda: 1000)
+    assert not skinny.packs(bf16)
+    monkeypatch.setattr(skinny, "_memory_available", lambda: None)
+    assert not skinny.packs(bf16)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
 @pytest.mark.parametrize("tree", ["auto", "paper-16", "chain-4"])
 def test_lossless_with_skinny_linear(arch, tree, monkeypatch):

@@ -26,12 +26,23 @@ to 4 rows and for a [1536, 576] one up to 10 (docs/cpu.md). So each
 distinct weight shape gets its own row limit, measured on the machine (:func:`calibrate`: every layer
 of that shape timed both ways at 1..16 rows, the weights streamed as a forward streams them) and kept
 in the calibration cache (calibration.py). Without a calibration every shape takes ``MAX_ROWS``.
+
+Above a shape's limit, bf16 layers take oneDNN's product with the weight packed once into its
+blocked layout (``torch.ops.mkldnn._reorder_linear_weight``), where oneDNN has a native bf16 path:
+torch's own product repacks the weight at every call, which a verification forward of 8 tokens pays
+in every layer (a SmolLM2 forward of 8 tokens: about 12% less time packed; bench/RESULTS.md). The
+packed copies are this module's, not the model's: made at the first routed call, kept while the
+weight lives and made again when it is changed in place, and made only while they take at most a
+quarter of the memory available (``PACK_MEMORY_SHARE``). ``TOKEN_RECYCLING_PACKED_WEIGHTS=off``
+keeps torch's product. The calibration then times ``skinny_linear`` against the packed product.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+import weakref
 from typing import Callable
 
 import torch
@@ -42,6 +53,13 @@ MAX_ROWS = 12  # without a calibration: past this BLAS's packed product is as fa
 MIN_ROWS = 1
 CALIBRATION_ROWS = (1, 2, 3, 4, 6, 8, 10, 12, 16)  # the row counts calibrate() times
 DTYPES = (torch.float32, torch.bfloat16)  # the weight dtypes the op takes (x and bias match the weight)
+
+
+PACK_ENV = "TOKEN_RECYCLING_PACKED_WEIGHTS"  # "off": bf16 layers above the row limit take torch's product
+PACK_HINT = 8  # the row count oneDNN's packed layout is chosen for (any row count works with it)
+PACK_MEMORY_SHARE = 0.25  # pack only while the copies take at most this share of MemAvailable
+
+_packed: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}  # id(weight) -> (weight, _version, packed)
 
 
 def available() -> bool:
@@ -77,16 +95,64 @@ def shape_key(weight: torch.Tensor) -> str:
     return f"{str(weight.dtype).replace('torch.', '')} {weight.shape[0]}x{weight.shape[1]}"
 
 
-def _routed_forward(module: torch.nn.Linear, original, max_rows: int, min_rows: int):
+def _memory_available() -> int | None:
+    """MemAvailable in bytes (Linux), None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def packs(model) -> bool:
+    """Whether routing packs ``model``'s bf16 linears for oneDNN (module doc): oneDNN with a native bf16
+    path, not turned off, and the copies within PACK_MEMORY_SHARE of the memory available."""
+    if os.environ.get(PACK_ENV, "").lower() in ("off", "0", "false", "no"):
+        return False
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    need = sum(m.weight.numel() * 2 for m in _linears(model) if m.weight.dtype is torch.bfloat16)
+    if need == 0:
+        return False
+    free = _memory_available()
+    return free is not None and need <= PACK_MEMORY_SHARE * free
+
+
+def packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` ([out, in], bf16) in oneDNN's packed layout, made once and again after an in-place change."""
+    entry = _packed.get(id(weight))
+    if entry is not None and entry[0]() is weight and entry[1] == weight._version:
+        return entry[2]
+    for key in [k for k, e in _packed.items() if e[0]() is None]:  # weights that are gone
+        del _packed[key]
+    with torch.no_grad():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_HINT)
+    _packed[id(weight)] = (weakref.ref(weight), weight._version, packed)
+    return packed
+
+
+def _packed_op():
+    return torch.ops.mkldnn._linear_pointwise.default
+
+
+def _routed_forward(module: torch.nn.Linear, original, max_rows: int, min_rows: int,
+                    packed: torch.Tensor | None = None):
     # Called ~200 times per forward: kept to a few attribute reads (the op takes x [..., in] itself).
     op, weight, bias = _op(), module.weight, module.bias
     dtype = weight.dtype
     grad_enabled = torch.is_grad_enabled
+    packed_op = _packed_op() if packed is not None else None
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         last = x.shape[-1] if x.dim() else 0
-        if last and min_rows <= x.numel() // last <= max_rows and x.dtype is dtype and not grad_enabled():
-            return op(x, weight, bias, True)
+        if last and x.dtype is dtype and not grad_enabled():
+            if min_rows <= x.numel() // last <= max_rows:
+                return op(x, weight, bias, True)
+            if packed_op is not None:
+                return packed_op(x.contiguous(), packed, bias, "none", [], "")
         return original(x)
     return forward
 
@@ -101,11 +167,13 @@ def routed(model, enabled: bool = True, max_rows: int = MAX_ROWS, min_rows: int 
     ours against those baselines is what drafting gives."""
     patched = []
     if enabled:
+        pack = packs(model)
         for module in _linears(model):
             limit = max_rows if table is None else int(table.get(shape_key(module.weight), max_rows))
             had_own = "forward" in module.__dict__
             original = module.forward
-            module.forward = _routed_forward(module, original, limit, min_rows)
+            packed = packed_weight(module.weight) if pack and module.weight.dtype is torch.bfloat16 else None
+            module.forward = _routed_forward(module, original, limit, min_rows, packed)
             patched.append((module, had_own, original))
     try:
         yield len(patched)
@@ -117,16 +185,24 @@ def routed(model, enabled: bool = True, max_rows: int = MAX_ROWS, min_rows: int 
                 del module.forward
 
 
-def _time_both(weights: list[torch.Tensor], rows: int, repeats: int) -> tuple[float, float]:
-    """Best-of-``repeats`` seconds of x @ w.T over all ``weights`` through skinny_linear and torch."""
+def _time_both(weights: list[torch.Tensor], rows: int, repeats: int, packed: list[torch.Tensor] | None = None
+               ) -> tuple[float, float]:
+    """Best-of-``repeats`` seconds of x @ w.T over all ``weights`` through skinny_linear and torch
+    (oneDNN's product of the ``packed`` weights where given, as routing runs it)."""
     op, linear = _op(), torch.nn.functional.linear
     x = torch.randn(rows, weights[0].shape[1], dtype=weights[0].dtype)
+    other = [(lambda p=p: _packed_op()(x, p, None, "none", [], "")) for p in packed] if packed else \
+        [(lambda w=w: linear(x, w)) for w in weights]
     best = [float("inf"), float("inf")]
     for _ in range(repeats):
         for i in (0, 1):  # interleaved: a burst of load elsewhere hits both alike
             start = time.perf_counter()
-            for w in weights:
-                op(x, w, None, True) if i == 0 else linear(x, w)
+            if i == 0:
+                for w in weights:
+                    op(x, w, None, True)
+            else:
+                for call in other:
+                    call()
             best[i] = min(best[i], time.perf_counter() - start)
     return best[0], best[1]
 
@@ -140,16 +216,21 @@ def calibrate(model, rows: tuple[int, ...] = CALIBRATION_ROWS, repeats: int = 3,
     won at every size (0 where torch wins at one row); row counts between two measured sizes take the
     routing of the smaller one. ``timer(weights, rows, repeats) -> (skinny seconds, torch seconds)``
     replaces the clock in tests."""
+    pack = timer is None and packs(model)
     timer = timer or _time_both
     groups: dict[str, list[torch.Tensor]] = {}
+    packed: dict[str, list[torch.Tensor]] = {}
     for module in _linears(model):
         groups.setdefault(shape_key(module.weight), []).append(module.weight.detach())
+        if pack and module.weight.dtype is torch.bfloat16:
+            packed.setdefault(shape_key(module.weight), []).append(packed_weight(module.weight))
     table = {}
     with torch.no_grad():
         for shape, weights in groups.items():
             limit = 0
             for n in sorted(rows):
-                ours, theirs = timer(weights, n, repeats)
+                ours, theirs = timer(weights, n, repeats, packed[shape]) if shape in packed else \
+                    timer(weights, n, repeats)
                 if ours >= theirs:
                     break
                 limit = n
@@ -163,7 +244,8 @@ def routing_table(model, device: torch.device | None = None) -> dict[str, int] |
     None where calibration is off (``TOKEN_RECYCLING_CALIBRATION=off``): every shape takes MAX_ROWS."""
     if calibration.mode() == "off" or not _linears(model):
         return None
-    entry = calibration.key(model, device or torch.device("cpu"), "skinny_linear routing")
+    setting = "skinny_linear routing" + ("; above it oneDNN packed" if packs(model) else "")
+    entry = calibration.key(model, device or torch.device("cpu"), setting)
     stored = calibration.load(entry)
     if stored is not None and isinstance(stored.get("rows"), dict):
         return {k: int(v) for k, v in stored["rows"].items()}

@@ -26,7 +26,7 @@ import time
 import torch
 
 from . import cache as kv
-from . import calibration, distributed, hf_model, window
+from . import calibration, distributed, hf_model, skinny, window
 from .auto_tree import CostModel, sync
 from .draft import Draft
 from .emit import Emitter
@@ -198,6 +198,7 @@ class Decoder:
             return None
         table = rec._routing_table()
         routing = ",".join(f"{k}:{v}" for k, v in sorted(table.items())) if table else str(rec.skinny_linear)
+        routing += "; packed" if rec.skinny_linear and skinny.packs(rec.model) else ""
         setting = (f"cost curve; rows={batch}; attention={rec.attention}; skinny_linear={routing}; "
                    f"graphs={rec.graph is not None}")
         return calibration.key(rec.model, rec.device, setting)
