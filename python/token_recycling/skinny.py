@@ -191,7 +191,8 @@ def _time_both(weights: list[torch.Tensor], rows: int, repeats: int, packed: lis
     (oneDNN's product of the ``packed`` weights where given, as routing runs it)."""
     op, linear = _op(), torch.nn.functional.linear
     x = torch.randn(rows, weights[0].shape[1], dtype=weights[0].dtype)
-    other = [(lambda p=p: _packed_op()(x, p, None, "none", [], "")) for p in packed] if packed else \
+    packed_op = _packed_op()  # looked up once, as a routed layer does, not inside the timed loop
+    other = [(lambda p=p: packed_op(x, p, None, "none", [], "")) for p in packed] if packed else \
         [(lambda w=w: linear(x, w)) for w in weights]
     best = [float("inf"), float("inf")]
     for _ in range(repeats):
