@@ -59,9 +59,9 @@ def _prompts() -> list[str]:
         return FALLBACK_PROMPTS
 
 
-def _engine(model: str, spec: dict | None):
+def _engine(model: str, spec: dict | None, max_num_seqs: int = 4):
     extra = {"worker_extension_cls": WORKER_EXTENSION} if spec and spec["method"] == "custom_class" else {}
-    return vllm.LLM(model=model, dtype="float32", seed=0, max_model_len=1024, max_num_seqs=4,
+    return vllm.LLM(model=model, dtype="float32", seed=0, max_model_len=1024, max_num_seqs=max_num_seqs,
                     kv_cache_memory_bytes=256 << 20, enforce_eager=True, disable_log_stats=False,
                     speculative_config=spec, **extra)
 
@@ -173,10 +173,7 @@ EXPAND_FIX = Path(__file__).resolve().parent.parent / "bench" / "vllm_cpu_expand
 
 
 def _sampled(model: str, spec: dict | None) -> tuple[Counter, dict]:
-    extra = {"worker_extension_cls": WORKER_EXTENSION} if spec else {}
-    llm = vllm.LLM(model=model, dtype="float32", seed=0, max_model_len=512, max_num_seqs=128,
-                   kv_cache_memory_bytes=256 << 20, enforce_eager=True, disable_log_stats=False,
-                   speculative_config=spec, **extra)
+    llm = _engine(model, spec, max_num_seqs=128)
     try:
         params = [vllm.SamplingParams(seed=i, max_tokens=SAMPLED_NEW, **SAMPLED_PARAMS) for i in range(SAMPLED_RUNS)]
         outs = llm.generate([SAMPLED_PROMPT] * SAMPLED_RUNS, params, use_tqdm=False)
