@@ -346,17 +346,41 @@ def test_expected_gains_follow_what_drafted_steps_produced():
     policy = Policy(8, max_chain=10, max_ngram=4)
     trusted = [(list(range(20, 30)), 4)]
     before = policy.decide(trusted, run=4)
-    assert policy.calibration == 1.0 and before.expected > 1.0
+    assert policy.calibration["chains"] == 1.0 and before.expected > 1.0 and before.chains
+    chain = [Plan(0, [[5, 6, 7]], chain_gain=2.0)]  # two extra tokens expected of a chain ...
     for _ in range(31):
-        policy.record_outcome(Plan(3, [], expected=3.0), produced=2)  # one extra token where two were expected
-    assert policy.calibration == 1.0  # not before 32 drafted plans
-    policy.record_outcome(Plan(0, [], expected=1.0), produced=1)  # the root alone teaches nothing
-    assert len(policy.outcomes) == 31
-    policy.record_outcome(Plan(3, [], expected=3.0), produced=2)
-    assert policy.calibration == pytest.approx(0.5)
+        policy.record_outcome(chain[0], [5, 9])  # ... one produced (then the bonus)
+    assert policy.calibration["chains"] == 1.0  # not before 32 drafted plans
+    policy.record_outcome(Plan(0, [], expected=1.0), [4])  # the root alone teaches nothing
+    assert len(policy.outcomes["chains"]) == 31
+    policy.record_outcome(chain[0], [5, 9])
+    assert policy.calibration["chains"] == pytest.approx(0.5)
+    assert policy.calibration["tree"] == policy.calibration["lone tree"] == 1.0  # the tree was not drafted
     after = policy.decide(trusted, run=4)
     assert after.expected - 1.0 == pytest.approx(0.5 * (before.expected - 1.0), rel=1e-6) or \
         after.expected < before.expected  # the same plan's gain halves, or a smaller plan is chosen
-    for _ in range(300):  # plans drafted with the scaled estimate: the raw estimate is what is compared
-        policy.record_outcome(Plan(3, [], expected=1.0 + policy.calibration * 2.0), produced=3)
-    assert policy.calibration == pytest.approx(1.0)
+    for _ in range(300):  # the raw gain (before calibration) is what is compared
+        policy.record_outcome(Plan(0, [[5, 6, 7]], chain_gain=2.0), [5, 6, 9])
+    assert policy.calibration["chains"] == pytest.approx(1.0)
+
+
+def test_each_source_is_calibrated_apart():
+    """A matrix tree drafted alone that produces half its estimate is trusted half as much; beside
+    a chain, the tree's and the chain's own records decide theirs."""
+    policy = Policy(8, max_chain=10, max_ngram=4)
+    for _ in range(40):
+        policy.record_outcome(Plan(4, [], tree_gain=1.0), [3, 4])  # the tree alone: 1 extra token of 1.0
+        policy.record_outcome(Plan(4, [], tree_gain=1.0), [3])     # then 0 of 1.0
+        # beside a chain: the chain's two tokens right (2 of 2.0), and the tree gave one more (1 of 0.5)
+        policy.record_outcome(Plan(4, [[1, 2]], chain_gain=2.0, tree_gain=0.5), [1, 2, 8, 9])
+    assert policy.calibration["lone tree"] == pytest.approx(0.5)
+    assert policy.calibration["chains"] == pytest.approx(1.0)
+    assert policy.calibration["tree"] == pytest.approx(1.5)  # 1 of 0.5 each time: clipped
+    # The lone tree's calibration scales only grid cells without a chain.
+    policy.refresh()
+    g = policy._grid([(list(range(20, 30)), 4)], run=4)
+    raw = g["chains"] + g["tree"]
+    lone = policy.calibration["lone tree"] * g["tree"][:, 0, 0]
+    assert np.allclose(g["expected"][:, 0, 0], 1.0 + lone)
+    assert np.allclose(g["expected"][:, 1:, :], 1.0 + g["chains"][:, 1:, :] + 1.5 * g["tree"][:, 1:, :])
+    assert raw.shape == g["expected"].shape

@@ -394,7 +394,7 @@ class Drafter:
         self.policy.auto.score_nodes(rows.numpy(), actual.numpy())
         if draft.plan is not None:
             state.run = self.policy.score_plan(draft.plan, actual.tolist())
-            self.policy.record_outcome(draft.plan, actual.numel())
+            self.policy.record_outcome(draft.plan, actual.tolist())
 
     def recycle(self, tokens: torch.Tensor, candidates: torch.Tensor) -> None:
         """Every forwarded token's row := the model's top-k after it (host tensors; device ones are
