@@ -8,7 +8,7 @@ import inspect
 import torch
 
 from . import cache as kv
-from . import window
+from . import lean_forward, window
 
 # Attention implementations that take a custom 4-D additive mask as given.
 MASK_4D_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -79,7 +79,7 @@ def model_dtype(model) -> torch.dtype:
 
 
 def forward_tree(model, tokens: torch.Tensor, depths: torch.Tensor, tree: torch.Tensor, prefix, cache,
-                 tree_attention: bool, cache_kwarg: str, start: int | None = None) -> torch.Tensor:
+                 tree_attention: bool, cache_kwarg: str, start: int | None = None, lean: bool = False) -> torch.Tensor:
     """One forward of every row's draft tree: tokens/depths ``[B, N]``, tree ``[B, N, N]`` bool (node i
     sees node j). Row b's node i sits at position ``prefix[b] + depth(i)``, seeing row b's prefix and
     its ancestors. Returns logits ``[B, N, V]``; the cache gains N slots.
@@ -91,7 +91,7 @@ def forward_tree(model, tokens: torch.Tensor, depths: torch.Tensor, tree: torch.
     With ``tree_attention`` the mask is the bare tree block and the prefix length (and ``start``) go
     along as keyword arguments (the protocol of hf_attention.py; the window is taken from the layer);
     otherwise a dense additive mask over the keys, or one per layer type with sliding-window layers
-    (window.py)."""
+    (window.py). ``lean``: through lean_forward.forward (the same logits; see :func:`lean_usable`)."""
     batch, n = tokens.shape
     extra = {}
     if tree_attention:
@@ -106,6 +106,18 @@ def forward_tree(model, tokens: torch.Tensor, depths: torch.Tensor, tree: torch.
     else:
         mask = kv.rows_mask(tree, prefix, start, model_dtype(model), kv.static_capacity(cache))
     offset = prefix.to(tokens.device).view(-1, 1) if isinstance(prefix, torch.Tensor) else prefix
+    if lean:
+        return lean_forward.forward(model, tokens, mask, depths + offset, cache, **extra)
     out = model(input_ids=tokens, attention_mask=mask, position_ids=depths + offset, use_cache=True,
                 **{cache_kwarg: cache}, **extra)
     return out.logits
+
+
+def lean_usable(model, tree_attention: bool, cache_kwarg: str) -> bool:
+    """Whether :func:`forward_tree` may take ``lean=True`` for ``model`` now: lean_forward.usable, whose
+    once-per-model check forwards a small tree both ways (as the decode loop would) and compares."""
+    def both(lean):
+        return lambda tokens, depths, tree, prefix, cache: forward_tree(
+            model, tokens, depths, tree, prefix, cache, tree_attention, cache_kwarg, lean=lean)
+
+    return lean_forward.usable(model, lambda: lean_forward.agrees(model, both(False), both(True), vocab_size(model)))

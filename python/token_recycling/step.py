@@ -56,6 +56,7 @@ class Decoder:
         self.rec = rec
         self.costs: dict[int, StepCost] = {}
         self.fixed: CostModel | None = None  # a curve given instead of measured (TokenRecycler.use_cost_curve)
+        self.lean = False  # this call's verification forwards go through lean_forward (decode)
 
     def cost(self, batch: int) -> StepCost | None:
         policy = self.rec.drafter.policy
@@ -75,6 +76,9 @@ class Decoder:
         """input_ids [B, S] (left-padded by ``pads`` [B]); returns [B, S + new] as generate() does."""
         rec = self.rec
         start = time.perf_counter()
+        # Verification forwards without transformers' per-module Python where that gives the same
+        # logits (lean_forward.py); decided per call: hooks or a mode may have changed since the last.
+        self.lean = hf_model.lean_usable(rec.model, rec.tree_attention, rec._cache_kwarg)
         rows = self._prefill(input_ids, pads, cache, verifier, stopping, streamer, capacity)
         steps = self._loop(rows, cache)
         if rec.graph is not None:
@@ -225,7 +229,7 @@ class Decoder:
         else:
             prefix, start = torch.tensor([r.cached for r in rows], dtype=torch.long), length
         return hf_model.forward_tree(rec.model, tokens, depths, tree, prefix, cache, rec.tree_attention,
-                                     rec._cache_kwarg, start=start)
+                                     rec._cache_kwarg, start=start, lean=self.lean)
 
     def _compact(self, cache, rows: list[Row], drafts: list[Draft], verdicts, length: int, forwarded: int,
                  prefix_len: torch.Tensor) -> int:

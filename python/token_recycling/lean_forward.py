@@ -1,0 +1,151 @@
+"""The verification forward of a Llama-family decoder without transformers' per-module Python.
+
+transformers' modeling code runs every layer through ``nn.Module`` calls, keyword-deprecation
+wrappers, the attention-interface lookup and output dataclasses. A verification forward of a few
+tokens on a small CPU does little arithmetic per layer, so that Python is a large share of it:
+SmolLM2-135M in bf16 at 2 threads forwards one token in about 26.6 ms through the model's own
+forward and in about 21.3 ms here (bench/RESULTS.md).
+
+:func:`forward` runs the same tensor operations in the same order as transformers' Llama and Qwen2
+code, calling the model's own parts: the embedding, the rotary embedding, the linear layers (so the
+``skinny_linear`` routing applies), the norms' weights, the activation, the cache's ``update``, the
+mask function and the attention function transformers would pick. Its logits are therefore the same
+bit for bit. That is not taken on trust: :func:`usable` checks it once per model, against the model's
+own forward on a small tree, before the decode loop uses it, and a model that differs (another
+transformers version, a remote-code variant) keeps its own forward. Models of other classes, with
+sliding-window layers, with hooks (accelerate's offloading, user hooks), in training mode, on a
+device other than the CPU, or under tensor parallel always keep their own forward.
+``TOKEN_RECYCLING_LEAN_FORWARD=off`` turns it off.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import weakref
+
+import torch
+
+# Causal LM classes whose forward this module repeats (their modeling code was read for it).
+CLASSES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+ENV = "TOKEN_RECYCLING_LEAN_FORWARD"
+
+_verdicts: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def eligible(model) -> bool:
+    """Whether ``model`` is of a class this module repeats, in a setting it covers (no check run)."""
+    if os.environ.get(ENV, "").lower() in ("off", "0", "false", "no"):
+        return False
+    config = model.config
+    if CLASSES.get(type(model).__name__) != getattr(config, "model_type", None) or model.training:
+        return False
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+        return False
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        return False
+    from . import distributed
+    if distributed.active():
+        return False
+    params = list(model.parameters())
+    if not params or any(p.device.type != "cpu" for p in params):
+        return False
+    from torch.nn.modules import module as torch_module
+    if any(getattr(torch_module, name, None) for name in
+           ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called")):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in model.modules())
+
+
+def usable(model, check) -> bool:
+    """Whether the decode loop may forward ``model`` with :func:`forward`: it is :func:`eligible`, and
+    ``check()`` (run once per model and attention implementation, then remembered) found the logits
+    of both forwards equal."""
+    if not eligible(model):
+        return False
+    key = (model.config._attn_implementation, next(model.parameters()).dtype)
+    verdicts = _verdicts.setdefault(model, {})
+    if key not in verdicts:
+        verdicts[key] = bool(check())
+    return verdicts[key]
+
+
+def _modeling(model):
+    return sys.modules[type(model.model).__module__]
+
+
+def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    # LlamaRMSNorm.forward / Qwen2RMSNorm.forward
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + norm.variance_epsilon)
+    return norm.weight * h.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def forward(model, input_ids: torch.Tensor, attention_mask, position_ids: torch.Tensor, cache,
+            **kwargs) -> torch.Tensor:
+    """Logits ``[B, N, V]`` of ``model(input_ids=..., attention_mask=..., position_ids=...,
+    use_cache=True, cache=cache, **kwargs)``, computed as that call computes them (see the module
+    docstring); ``kwargs`` reach the attention function as they would there."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    modeling = _modeling(model)
+    base = model.model
+    config = base.config
+    embeds = base.embed_tokens.forward(input_ids)
+    mask = modeling.create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=attention_mask,
+                                       cache=cache, position_ids=position_ids)
+    cos, sin = base.rotary_emb(embeds, position_ids=position_ids)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, modeling.eager_attention_forward)
+    layer_kwargs = {"position_ids": position_ids, "use_cache": True, **kwargs}
+    hidden = embeds
+    for layer in base.layers[: config.num_hidden_layers]:
+        attn, mlp = layer.self_attn, layer.mlp
+        # LlamaDecoderLayer.forward, LlamaAttention.forward, LlamaMLP.forward (Qwen2's differ only in
+        # the attention's sliding_window keyword)
+        residual = hidden
+        x = _rms_norm(layer.input_layernorm, hidden)
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        q = attn.q_proj.forward(x).view(shape).transpose(1, 2)
+        k = attn.k_proj.forward(x).view(shape).transpose(1, 2)
+        v = attn.v_proj.forward(x).view(shape).transpose(1, 2)
+        q = (q * cos) + (_rotate_half(q) * sin)
+        k = (k * cos) + (_rotate_half(k) * sin)
+        k, v = cache.update(k, v, attn.layer_idx, kwargs=layer_kwargs)
+        extra = {"sliding_window": attn.sliding_window} if hasattr(attn, "sliding_window") else {}
+        out, _ = attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, **extra, **layer_kwargs)
+        out = attn.o_proj.forward(out.reshape(*x.shape[:-1], -1).contiguous())
+        hidden = residual + out
+        residual = hidden
+        x = _rms_norm(layer.post_attention_layernorm, hidden)
+        hidden = residual + mlp.down_proj.forward(mlp.act_fn(mlp.gate_proj.forward(x)) * mlp.up_proj.forward(x))
+    hidden = _rms_norm(base.norm, hidden)
+    return model.lm_head.forward(hidden)
+
+
+@torch.no_grad()
+def agrees(model, forward_stock, forward_lean, vocab: int) -> bool:
+    """The check :func:`usable` runs: a 6-token prompt prefilled by the model's own forward, then a
+    3-node tree (a chain of two and a sibling) forwarded both ways on copies of that cache;
+    ``forward_stock(tokens, depths, tree, prefix, cache)`` and ``forward_lean(...)`` return logits."""
+    from . import cache as kv
+    from . import hf_model
+
+    device = next(model.parameters()).device
+    cache = kv.new_cache(model)
+    prompt = (torch.arange(6, device=device) * 7 + 3).remainder(vocab).view(1, -1)
+    model(input_ids=prompt, use_cache=True, **{hf_model.cache_kwarg(model): cache})
+    tokens = (torch.tensor([[11, 13, 17]], device=device)).remainder(vocab)
+    depths = torch.tensor([[0, 1, 1]], device=device)
+    tree = torch.tensor([[[True, False, False], [True, True, False], [True, False, True]]], device=device)
+    stock = forward_stock(tokens, depths, tree, 6, copy.deepcopy(cache))
+    lean = forward_lean(tokens, depths, tree, 6, copy.deepcopy(cache))
+    return stock.shape == lean.shape and bool(torch.equal(stock, lean))
