@@ -98,3 +98,15 @@ def test_a_model_whose_logits_differ_is_not_used(monkeypatch):
     assert not hf_model.lean_usable(model, False, hf_model.cache_kwarg(model))  # remembered for this model
     lean_forward._verdicts.pop(model)
     assert hf_model.lean_usable(model, False, hf_model.cache_kwarg(model))
+
+
+def test_the_benchs_forward_count_leaves_it_on():
+    from token_recycling.tools.bench import count_forwards
+
+    model = tiny_model("llama")
+    rec = TokenRecycler(model, tree="paper")  # a fixed tree: no cost curve is measured
+    lean_forward._verdicts.pop(model, None)  # the check runs in this call
+    with count_forwards(model) as forwards:
+        rec.generate(torch.tensor([[5, 9, 17, 5, 9]]), max_new_tokens=12)
+    assert rec._decoder.lean and forwards[0] == rec.stats.steps + 1 + 3  # prefill, steps, the check's three
+    assert "forward" not in model.get_input_embeddings().__dict__  # the model is as it was

@@ -96,13 +96,27 @@ def first_mismatch(reference: list[int], other: list[int]) -> int | None:
 
 @contextmanager
 def count_forwards(model):
-    """Counts model forwards by the input embedding's calls (one per forward, whatever the method)."""
+    """Counts model forwards by the input embedding's calls (one per forward, whatever the method).
+    The count wraps the embedding's ``forward`` rather than adding a hook: a hooked model keeps
+    transformers' own forward in the decode loop (lean_forward.py), so a hook would change what is
+    measured."""
     counter = [0]
-    handle = model.get_input_embeddings().register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+    embedding = model.get_input_embeddings()
+    had_own = "forward" in embedding.__dict__
+    original = embedding.forward
+
+    def counted(*args, **kwargs):
+        counter[0] += 1
+        return original(*args, **kwargs)
+
+    embedding.forward = counted
     try:
         yield counter
     finally:
-        handle.remove()
+        if had_own:
+            embedding.forward = original
+        else:
+            del embedding.forward
 
 
 def _sync(device) -> None:
