@@ -384,10 +384,11 @@ class Policy:
         the plans (shrunk statistics, priors, a cold matrix) can be optimistic or pessimistic, and not
         alike for every source: measured on MT-Bench and HumanEval, the matrix tree's gain was
         overestimated about twofold where it was drafted alone, rightly estimated beside a chain, and
-        the chains' underestimated by about a tenth. So each source (SOURCES) has its own calibration: the ratio of the extra tokens it produced to those expected of it, over
-        its last 256 drafted plans (once 32 are in, clipped to [0.25, 1.5]), scales its gains. The
-        chains' share of a step is the longest right prefix of a drafted chain; the tree's is the rest
-        of the accepted tokens."""
+        the chains' underestimated by about a tenth. So each source (SOURCES) has its own
+        calibration: the ratio of the extra tokens it produced to those expected of it, over its last
+        256 drafted plans (once 32 are in, clipped to [0.25, 1.5]), scales its gains. The chains'
+        share of a step is the longest right prefix of a drafted chain; the tree's is the rest of the
+        accepted tokens."""
         if plan.tree_nodes == 0 and not plan.chain_tokens:
             return  # the root alone: nothing to learn about the estimates
         from_chains = 0
