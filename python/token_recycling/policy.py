@@ -397,9 +397,8 @@ class Policy:
             while right < min(len(chain), len(actual)) and chain[right] == actual[right]:
                 right += 1
             from_chains = max(from_chains, right)
-        got = {"chains": from_chains, "tree": max(len(actual) - 1 - from_chains, 0)}
         tree = "tree" if plan.chain_tokens else "lone tree"
-        got[tree] = got.pop("tree")
+        got = {"chains": from_chains, tree: max(len(actual) - 1 - from_chains, 0)}
         for source, gain, drafted in (("chains", plan.chain_gain, plan.chain_tokens > 0),
                                       (tree, plan.tree_gain, plan.tree_nodes > 0)):
             if not drafted:
