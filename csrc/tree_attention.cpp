@@ -55,15 +55,20 @@ template <typename T>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, const int64_t* prefix,
          const uint8_t* mask, int64_t mask_stride_b, float scale, float* lse, int64_t tree_start, const char* op) {
   const kernels::TreeAttentionShape shape{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
+  // The threads split the (row, kv head) pairs, each cut into node ranges where the pairs alone
+  // would leave a thread idle (kernels::tree_attention_node_chunks; the same bits either way).
+  const int64_t chunks =
+      kernels::tree_attention_node_chunks(shape.batch * shape.kv_heads, shape.num_nodes, at::get_num_threads());
   const auto call = [&](int64_t begin, int64_t end) {
     return kernels::tree_attention<T>(view<const T>(q), view<const T>(k), view<const T>(v), view<T>(out), shape,
-                                      prefix, mask, scale, lse, tree_start, mask_stride_b, begin, end);
+                                      prefix, mask, scale, lse, tree_start, mask_stride_b, begin, end,
+                                      /*vectorized=*/true, chunks);
   };
-  // The sizes are checked once (an empty range), then the threads split the (row, kv head) pairs.
+  // The sizes are checked once (an empty range), then the threads split the work units.
   throw_if_error(call(0, 0), op);
-  at::parallel_for(0, shape.batch * shape.kv_heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, shape.batch * shape.kv_heads * chunks, 1, [&](int64_t begin, int64_t end) {
     const auto s = call(begin, end);
-    TORCH_INTERNAL_ASSERT(s.ok, s.message);  // checked above: the ranges are inside [0, batch * kv_heads)
+    TORCH_INTERNAL_ASSERT(s.ok, s.message);  // checked above: the ranges are inside [0, units)
   });
 }
 

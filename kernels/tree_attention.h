@@ -7,8 +7,12 @@
 // are contiguous along head_dim take a vectorized path instead (tree_attention_detail): four keys'
 // dot products at a time, the exponentials eight at a time (simd::exp8_nonpositive, ~2 ulp), the
 // weighted sum of values with head_dim in registers. It sums in a different order, so it matches the
-// reference to float rounding, not bit for bit. Each call covers the (row, kv-head) pairs
-// [pair_begin, pair_end) of batch * kv_heads, so a caller can split the work between threads.
+// reference to float rounding, not bit for bit. Each call covers the work units [pair_begin, pair_end)
+// of batch * kv_heads * node_chunks, so a caller can split the work between threads: unit u is the
+// (row, kv-head) pair p = u / node_chunks (p = b * kv_heads + hk) over the nodes of its node range
+// u % node_chunks (node_chunks = 1, the default: the units are the pairs). A node's output does not
+// depend on the range it is computed in, so any split gives the same bits; splitting the nodes lets
+// more threads than batch * kv_heads work (a small GQA model has 3 kv heads).
 //
 // Where the tree block sits: by default right after each row's prefix, at [prefix_len[b],
 // prefix_len[b] + N). With tree_start >= 0 it sits at [tree_start, tree_start + N) in every row and
@@ -85,12 +89,12 @@ inline int64_t tree_slots(const uint8_t* mask, int64_t n, int64_t i, int64_t tre
 template <typename T>
 void pair_scalar(const Strided4D<const T>& q, const Strided4D<const T>& k, const Strided4D<const T>& v,
                  const Strided4D<T>& out, const TreeAttentionShape& s, int64_t b, int64_t hk, int64_t prefix,
-                 int64_t tree_at, const uint8_t* mask, float scale, float* lse) {
+                 int64_t tree_at, const uint8_t* mask, float scale, float* lse, int64_t i0, int64_t i1) {
   const int64_t group = s.q_heads / s.kv_heads;
   std::vector<float> qf(s.head_dim), acc(s.head_dim), scores(static_cast<size_t>(prefix + s.num_nodes));
   std::vector<int64_t> slots(s.num_nodes);
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-    for (int64_t i = 0; i < s.num_nodes; ++i) {
+    for (int64_t i = i0; i < i1; ++i) {
       for (int64_t d = 0; d < s.head_dim; ++d) qf[d] = to_float(q.at(b, h, i, d));
       const int64_t visible_tree = tree_slots(mask, s.num_nodes, i, tree_at, slots.data());
       auto key_at = [&](int64_t c) { return c < prefix ? c : slots[c - prefix]; };
@@ -200,24 +204,25 @@ __attribute__((target("avx2,fma"))) void pair_avx2(const Strided4D<const T>& q, 
                                                    const Strided4D<const T>& v, const Strided4D<T>& out,
                                                    const TreeAttentionShape& s, int64_t b, int64_t hk,
                                                    int64_t prefix, int64_t tree_at, const uint8_t* mask,
-                                                   float scale, float* lse) {
-  const int64_t group = s.q_heads / s.kv_heads, D = s.head_dim, n = s.num_nodes, R = group * n;
+                                                   float scale, float* lse, int64_t i0, int64_t i1) {
+  // rows r = (i - i0) * group + (h - hk * group): the query heads of kv head hk at nodes [i0, i1)
+  const int64_t group = s.q_heads / s.kv_heads, D = s.head_dim, n = s.num_nodes, R = group * (i1 - i0);
   const int64_t ld = (prefix + n + 7) / 8 * 8;  // each row's scores, padded to whole vectors
   std::vector<float> qf(R * D), acc(R * D, 0.f), scores(R * ld, -INFINITY), denoms(R);
-  std::vector<int64_t> slots(n * n), visible(n);
-  for (int64_t i = 0; i < n; ++i) visible[i] = tree_slots(mask, n, i, tree_at, slots.data() + i * n);
+  std::vector<int64_t> slots((i1 - i0) * n), visible(n);  // node i's visible tree slots at (i - i0) * n
+  for (int64_t i = i0; i < i1; ++i) visible[i] = tree_slots(mask, n, i, tree_at, slots.data() + (i - i0) * n);
   for (int64_t r = 0; r < R; ++r)
-    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_float(q.at(b, hk * group + r % group, r / group, d));
+    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_float(q.at(b, hk * group + r % group, i0 + r / group, d));
   const T* kb = &k.at(b, hk, 0, 0);
   const T* vb = &v.at(b, hk, 0, 0);
   int64_t r = 0;
   for (; r + 3 <= R; r += 3) prefix_scores_avx2<3, T>(qf.data() + r * D, D, kb, k.stride_s, prefix, scale, scores.data() + r * ld, ld);
   for (; r < R; ++r) prefix_scores_avx2<1, T>(qf.data() + r * D, D, kb, k.stride_s, prefix, scale, scores.data() + r * ld, ld);
   for (r = 0; r < R; ++r) {  // tree keys, then the softmax weights of the row
-    const int64_t i = r / group;
+    const int64_t i = i0 + r / group;
     float* row = scores.data() + r * ld;
     for (int64_t j = 0; j < visible[i]; ++j)
-      row[prefix + j] = dot_avx2(qf.data() + r * D, kb + slots[i * n + j] * k.stride_s, D) * scale;
+      row[prefix + j] = dot_avx2(qf.data() + r * D, kb + slots[(i - i0) * n + j] * k.stride_s, D) * scale;
     __m256 mx = _mm256_set1_ps(-INFINITY);
     for (int64_t c = 0; c < ld; c += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(row + c));
     const float max_score = simd::hmax(mx);
@@ -242,11 +247,11 @@ __attribute__((target("avx2,fma"))) void pair_avx2(const Strided4D<const T>& q, 
   for (r = 0; r + 3 <= R; r += 3) prefix_values_rows<3, T>(scores.data() + r * ld, ld, vb, v.stride_s, prefix, acc.data() + r * D, D);
   for (; r < R; ++r) prefix_values_rows<1, T>(scores.data() + r * ld, ld, vb, v.stride_s, prefix, acc.data() + r * D, D);
   for (r = 0; r < R; ++r) {
-    const int64_t i = r / group, h = hk * group + r % group;
+    const int64_t i = i0 + r / group, h = hk * group + r % group;
     float* a = acc.data() + r * D;
     const float* w = scores.data() + r * ld + prefix;
     for (int64_t j = 0; j < visible[i]; ++j) {
-      const T* vj = vb + slots[i * n + j] * v.stride_s;
+      const T* vj = vb + slots[(i - i0) * n + j] * v.stride_s;
       const __m256 wj = _mm256_set1_ps(w[j]);
       for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(a + d, _mm256_fmadd_ps(wj, simd::load8(vj + d), _mm256_loadu_ps(a + d)));
     }
@@ -284,29 +289,49 @@ bool tree_attention_vectorized(const Strided4D<const T>& q, const Strided4D<cons
   return tree_attention_detail::takes_avx2(q, k, v, s);
 }
 
+// How many node ranges to split each (row, kv head) pair into for `threads` threads: the fewest (at
+// most num_nodes) that make the work units a multiple of the threads or at least four per thread, so
+// no thread idles while another finishes a pair (3 kv heads on 2 threads would leave one thread a
+// third of the work idle).
+inline int64_t tree_attention_node_chunks(int64_t pairs, int64_t num_nodes, int64_t threads) {
+  if (threads <= 1 || pairs <= 0 || num_nodes <= 1) return 1;
+  int64_t c = 1;
+  for (; c < num_nodes; ++c)
+    if ((pairs * c) % threads == 0 || pairs * c >= 4 * threads) break;
+  return c;
+}
+
 // tree_mask: [num_nodes, num_nodes] row-major bytes (non-zero = visible), row b's at
 // tree_mask + b * mask_stride_b. out: [batch, q_heads, num_nodes, head_dim]
 // view. A node that sees no key at all gets a zero output. lse (optional): [batch, q_heads, num_nodes]
 // contiguous, the natural log of each row's softmax denominator of the scaled scores (-inf: no key),
 // what merge_attention_states.h needs to combine this with attention over other keys.
-// pair_begin, pair_end: the (row b, kv head hk) pairs p = b * kv_heads + hk computed by this call
-// (default: all); vectorized = false forces the portable reference loop.
+// pair_begin, pair_end: the work units computed by this call (default: all): with node_chunks = 1
+// the (row b, kv head hk) pairs p = b * kv_heads + hk; with node_chunks = C > 1, unit u is pair
+// u / C over nodes [c * N / C, (c + 1) * N / C), c = u % C (the top comment). node_chunks must be
+// 1..N. vectorized = false forces the portable reference loop.
 template <typename T>
 Status tree_attention(const Strided4D<const T>& q, const Strided4D<const T>& k, const Strided4D<const T>& v,
                       const Strided4D<T>& out, const TreeAttentionShape& s, const int64_t* prefix_len,
                       const uint8_t* tree_mask, float scale, float* lse = nullptr, int64_t tree_start = -1,
                       int64_t mask_stride_b = 0, int64_t pair_begin = 0, int64_t pair_end = -1,
-                      bool vectorized = true) {
+                      bool vectorized = true, int64_t node_chunks = 1) {
   Status st = CheckTreeAttentionShape(s, prefix_len, tree_start);
   if (!st.ok) return st;
-  const int64_t pairs = s.batch * s.kv_heads;
-  if (pair_end < 0) pair_end = pairs;
-  if (pair_begin < 0 || pair_begin > pair_end || pair_end > pairs) {
+  if (node_chunks < 1 || (node_chunks > 1 && node_chunks > s.num_nodes)) {
+    return Status::Error("node_chunks = " + std::to_string(node_chunks) + " must be 1, or in [1, num_nodes = " +
+                         std::to_string(s.num_nodes) + "]");
+  }
+  const int64_t units = s.batch * s.kv_heads * node_chunks;
+  if (pair_end < 0) pair_end = units;
+  if (pair_begin < 0 || pair_begin > pair_end || pair_end > units) {
     return Status::Error("pair range [" + std::to_string(pair_begin) + ", " + std::to_string(pair_end) +
-                         ") is not inside [0, batch * kv_heads = " + std::to_string(pairs) + ")");
+                         ") is not inside [0, batch * kv_heads * node_chunks = " + std::to_string(units) + ")");
   }
   const bool fast = vectorized && tree_attention_detail::takes_avx2(q, k, v, s);
-  for (int64_t p = pair_begin; p < pair_end; ++p) {
+  for (int64_t u = pair_begin; u < pair_end; ++u) {
+    const int64_t p = u / node_chunks, c = u % node_chunks;
+    const int64_t i0 = c * s.num_nodes / node_chunks, i1 = (c + 1) * s.num_nodes / node_chunks;
     const int64_t b = p / s.kv_heads, hk = p % s.kv_heads;
     const int64_t prefix = prefix_len[b];
     const int64_t tree_at = tree_start >= 0 ? tree_start : prefix;  // slot of tree node 0
@@ -314,13 +339,13 @@ Status tree_attention(const Strided4D<const T>& q, const Strided4D<const T>& k, 
 #ifdef TOKEN_RECYCLING_AVX2
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bfloat16>) {
       if (fast) {
-        tree_attention_detail::pair_avx2<T>(q, k, v, out, s, b, hk, prefix, tree_at, mask, scale, lse);
+        tree_attention_detail::pair_avx2<T>(q, k, v, out, s, b, hk, prefix, tree_at, mask, scale, lse, i0, i1);
         continue;
       }
     }
 #endif
     (void)fast;
-    tree_attention_detail::pair_scalar<T>(q, k, v, out, s, b, hk, prefix, tree_at, mask, scale, lse);
+    tree_attention_detail::pair_scalar<T>(q, k, v, out, s, b, hk, prefix, tree_at, mask, scale, lse, i0, i1);
   }
   return Status::Ok();
 }

@@ -153,6 +153,27 @@ def test_tree_attention_error_bound(gen, dtype, batch, hq, hkv, n, prefix_max, d
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,hq,hkv,n,d", [(1, 9, 3, 8, 64), (1, 9, 3, 2, 64), (2, 4, 1, 7, 12)])
+def test_tree_attention_same_bits_at_any_thread_count(gen, dtype, batch, hq, hkv, n, d):
+    """The CPU adapter cuts each (row, kv head) pair into node ranges when the pairs alone would leave
+    threads idle (3 kv heads on 2 threads); a node's output and lse do not depend on the cut."""
+    q64, k64, v64, prefix, mask = _attention_inputs(gen, dtype, batch, hq, hkv, n, 60, d)
+    q, k, v = (t.to(dtype) for t in (q64, k64, v64))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for t in (1, 2, 3, 5):
+            torch.set_num_threads(t)
+            results.append(ops.tree_attention_lse(q, k, v, prefix, mask, d ** -0.5))
+    finally:
+        torch.set_num_threads(threads)
+    for out, lse in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+    exact = reference.tree_attention(q.double(), k.double(), v.double(), prefix, mask, d ** -0.5)
+    assert (results[0][0].double() - exact).abs().max().item() < (1e-4 if dtype == torch.float32 else 0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tree_attention_strided_inputs(gen, dtype):
     """q, k, v not contiguous along head_dim (the portable path) or along other dims only (the
     vectorized one): both as the fp64 reference."""

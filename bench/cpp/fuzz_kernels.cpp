@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <string>
@@ -400,8 +401,12 @@ void fuzz_tree_attention(int64_t iters, const char* type) {
     if (B > 0 && chance(0.2)) prefix[randint(0, B)] = outside(0, prefix_end + 1);
     if (B > 0 && tree_start >= 0 && tree_start <= last_start && chance(0.1)) prefix[randint(0, B)] = tree_start + randint(1, 3);  // just past it
     const float scale = static_cast<float>(randint(1, 11)) / 10.f;
+    // Each pair cut into node_chunks node ranges (threads splitting the nodes), now and then out of range.
+    int64_t chunks = chance(0.4) ? randint(1, std::max<int64_t>(n, 1) + 1) : 1;
+    if (chance(0.03)) chunks = chance(0.5) ? randint(-2, 1) : std::max<int64_t>(n, 1) + randint(1, 3);
 
     bool valid = batch >= 0 && q_heads >= 0 && kv_heads > 0 && n >= 0 && seq >= 0 && dim >= 0 && q_heads % kv_heads == 0;
+    valid = valid && (chunks == 1 || (chunks >= 1 && chunks <= n));
     valid = valid && tree_start >= -1 && (tree_start == -1 || tree_start <= seq - n);
     for (int64_t b = 0; valid && b < batch; ++b) {
       valid = prefix[b] >= 0 && prefix[b] <= seq - n && (tree_start == -1 || prefix[b] <= tree_start);
@@ -410,10 +415,26 @@ void fuzz_tree_attention(int64_t iters, const char* type) {
     std::vector<T> out(B * Hq * N * D, poison);
     const bool with_lse = chance(0.5);  // tree_attention_lse: each row's log-sum-exp as well
     std::vector<float> lse(with_lse ? B * Hq * N : 0, NAN);
-    const Status s = k::tree_attention<T>(view(q, Hq, N), view(kk, Hkv, S), view(vv, Hkv, S),
-                                          k::Strided4D<T>{out.data(), Hq * N * D, N * D, D, 1}, shape, prefix.data(),
-                                          mask.data(), scale, with_lse ? lse.data() : nullptr, tree_start,
-                                          mask_stride_b);
+    // With node ranges, the units are computed in two calls split at a random unit, as threads would.
+    const int64_t units = chunks > 1 && valid ? batch * kv_heads * chunks : -1;
+    const int64_t cut = units > 0 ? randint(0, units + 1) : 0;
+    auto run = [&](std::vector<T>& o, std::vector<float>& l, int64_t c, int64_t begin, int64_t end) {
+      return k::tree_attention<T>(view(q, Hq, N), view(kk, Hkv, S), view(vv, Hkv, S),
+                                  k::Strided4D<T>{o.data(), Hq * N * D, N * D, D, 1}, shape, prefix.data(),
+                                  mask.data(), scale, with_lse ? l.data() : nullptr, tree_start, mask_stride_b,
+                                  begin, end, /*vectorized=*/true, c);
+    };
+    Status s = run(out, lse, chunks, 0, units > 0 ? cut : -1);
+    if (s.ok && units > 0) s = run(out, lse, chunks, cut, units);
+    if (s.ok && units > 0) {  // the same bits as one range per pair
+      std::vector<T> whole(out.size(), poison);
+      std::vector<float> whole_lse(lse.size(), NAN);
+      t.check(run(whole, whole_lse, 1, 0, -1).ok, "call " + std::to_string(it) + ": node_chunks = 1 failed");
+      const bool same = (out.empty() || std::memcmp(whole.data(), out.data(), out.size() * sizeof(T)) == 0) &&
+                        (lse.empty() || std::memcmp(whole_lse.data(), lse.data(), lse.size() * sizeof(float)) == 0);
+      t.check(same, "call " + std::to_string(it) + ": node_chunks = " + std::to_string(chunks) +
+                        " differs from one range per pair");
+    }
     if (!t.verdict(s, valid, it)) {
       bool untouched = true;  // checked before anything is written
       for (const T& x : out) untouched = untouched && std::isnan(k::to_float(x));
