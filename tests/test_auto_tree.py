@@ -1,6 +1,7 @@
 """tree='auto': counterfactual node statistics, the per-step cost trade-off, and losslessness."""
 
 import numpy as np
+import pytest
 import torch
 from models import tiny_model
 
@@ -112,3 +113,8 @@ def test_auto_tree_is_lossless_and_reports_its_choice(tmp_path):
     assert back.auto is not None and np.array_equal(back.auto.num, rec.auto.num)
     assert np.array_equal(back.drafter.policy.chain.num, rec.drafter.policy.chain.num)
     assert back.tree.paths == rec.tree.paths
+    # the per-source calibration comes back with the outcomes behind it
+    policy, loaded = rec.drafter.policy, back.drafter.policy
+    assert any(policy.outcomes.values())
+    assert {s: list(o) for s, o in loaded.outcomes.items()} == {s: list(o) for s, o in policy.outcomes.items()}
+    assert loaded.calibration == pytest.approx(policy.calibration)

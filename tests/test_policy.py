@@ -1,6 +1,7 @@
 """The per-step draft policy (policy.py): chain statistics, the context-following cost, several
 n-gram candidates in one draft, and losslessness on every decision path."""
 
+import json
 import random
 
 import numpy as np
@@ -362,6 +363,24 @@ def test_expected_gains_follow_what_drafted_steps_produced():
     for _ in range(300):  # the raw gain (before calibration) is what is compared
         policy.record_outcome(Plan(0, [[5, 6, 7]], chain_gain=2.0), [5, 6, 9])
     assert policy.calibration["chains"] == pytest.approx(1.0)
+
+
+def test_calibration_is_kept_in_the_state():
+    policy = Policy(8, max_chain=10, max_ngram=4)
+    for _ in range(40):
+        policy.record_outcome(Plan(4, [], tree_gain=1.0), [3])  # the lone tree: 0 of 1.0
+        policy.record_outcome(Plan(0, [[1, 2]], chain_gain=1.0), [1, 2, 9])  # the chain: 2 of 1.0
+    state = json.loads(json.dumps(policy.state()))  # as save() writes it
+    back = Policy(8, max_chain=10, max_ngram=4)
+    back.load_state(state)
+    assert back.calibration == pytest.approx({"chains": 1.5, "tree": 1.0, "lone tree": 0.25})
+    assert [list(o) for o in back.outcomes.values()] == [list(o) for o in policy.outcomes.values()]
+    older = {k: v for k, v in state.items() if k != "outcomes"}  # a state saved before outcomes were kept
+    fresh = Policy(8, max_chain=10, max_ngram=4)
+    fresh.load_state(older)
+    assert fresh.calibration == {"chains": 1.0, "tree": 1.0, "lone tree": 1.0}
+    with pytest.raises(ValueError, match="outcomes"):
+        fresh.load_state({**state, "outcomes": {"chains": [[1.0]], "tree": [], "lone tree": []}})
 
 
 def test_each_source_is_calibrated_apart():

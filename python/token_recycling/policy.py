@@ -403,12 +403,15 @@ class Policy:
                                       (tree, plan.tree_gain, plan.tree_nodes > 0)):
             if not drafted:
                 continue
-            outcomes = self.outcomes[source]
-            outcomes.append((gain, got[source]))
-            if len(outcomes) >= 32:
-                expected = sum(e for e, _ in outcomes)
-                produced = sum(a for _, a in outcomes)
-                self.calibration[source] = float(np.clip(produced / expected, 0.25, 1.5)) if expected > 0 else 1.0
+            self.outcomes[source].append((gain, got[source]))
+            self._calibrate(source)
+
+    def _calibrate(self, source: str) -> None:
+        outcomes = self.outcomes[source]
+        if len(outcomes) >= 32:
+            expected = sum(e for e, _ in outcomes)
+            produced = sum(a for _, a in outcomes)
+            self.calibration[source] = float(np.clip(produced / expected, 0.25, 1.5)) if expected > 0 else 1.0
 
     def score_plan(self, plan: Plan, actual: list[int]) -> int:
         """Scores the plan's candidates against the produced tokens; returns the first one's run."""
@@ -421,12 +424,25 @@ class Policy:
         return self.last_value * float(self.cost(1))
 
     def state(self) -> dict:
-        return {"auto": self.auto.state(), "chain": self.chain.state(), "cost": self.cost.state()}
+        return {"auto": self.auto.state(), "chain": self.chain.state(), "cost": self.cost.state(),
+                "outcomes": {s: [[float(e), int(a)] for e, a in self.outcomes[s]] for s in SOURCES}}
 
     def load_state(self, state: dict) -> None:
+        """What :meth:`state` gave (a saved recycler). The per-source outcomes, and so the
+        calibration, come back too; a state saved before they were kept leaves them as they are."""
         self.auto.load_state(state.get("auto", {}))
         self.chain.load_state(state.get("chain", {}))
         self.cost.load_state(state.get("cost", {}))
+        outcomes = state.get("outcomes")
+        if isinstance(outcomes, dict):
+            for source in SOURCES:
+                pairs = outcomes.get(source)
+                if not isinstance(pairs, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+                    raise ValueError(f"saved policy state: outcomes[{source!r}] must be a list of "
+                                     f"[expected, produced] pairs")
+                self.outcomes[source] = deque(((float(e), int(a)) for e, a in pairs), maxlen=256)
+                self.calibration[source] = 1.0
+                self._calibrate(source)
         self.steps_since = self.retune_every
 
     # ------------------------------------------------------------------ one chain per step (vLLM)
