@@ -74,6 +74,14 @@ AGREEMENT = ("single", "unanimous", "majority", "minority")  # context candidate
 SOURCES = ("chains", "tree", "lone tree")
 
 
+def right_prefix(draft: list[int], actual: list[int]) -> int:
+    """How many leading tokens of ``draft`` equal the tokens the model produced (``actual``)."""
+    right, n = 0, min(len(draft), len(actual))
+    while right < n and draft[right] == actual[right]:
+        right += 1
+    return right
+
+
 def agreement(support: int, occurrences: int) -> int:
     """A context candidate's agreement class (an index into AGREEMENT): its matched suffix occurred
     ``occurrences`` times before, ``support`` of them followed by the candidate's first token.
@@ -147,14 +155,12 @@ class ChainStats:
         return rank * self.per_rank, (rank + 1) * self.per_rank
 
     def score(self, bucket: int, candidate: list[int], actual: list[int]) -> int:
-        """Scores a candidate against the tokens the model produced; returns its correct prefix length."""
-        right = 0
-        for j in range(min(len(candidate), len(actual), self.length)):
-            self.den[bucket, j + 1] += 1
-            if candidate[j] != actual[j]:
-                break
-            self.num[bucket, j + 1] += 1
-            right += 1
+        """Scores a candidate against the tokens the model produced; returns its correct prefix length
+        (up to ``length``). Every position up to the first wrong one was tried; those before it were right."""
+        n = min(len(candidate), len(actual), self.length)
+        right = right_prefix(candidate[:n], actual)
+        self.den[bucket, 1:min(right + 1, n) + 1] += 1
+        self.num[bucket, 1:right + 1] += 1
         return right
 
     def expected(self, bucket: int) -> np.ndarray:
@@ -391,12 +397,7 @@ class Policy:
         accepted tokens."""
         if plan.tree_nodes == 0 and not plan.chain_tokens:
             return  # the root alone: nothing to learn about the estimates
-        from_chains = 0
-        for chain in plan.chains:
-            right = 0
-            while right < min(len(chain), len(actual)) and chain[right] == actual[right]:
-                right += 1
-            from_chains = max(from_chains, right)
+        from_chains = max((right_prefix(chain, actual) for chain in plan.chains), default=0)
         tree = "tree" if plan.chain_tokens else "lone tree"
         got = {"chains": from_chains, tree: max(len(actual) - 1 - from_chains, 0)}
         for source, gain, drafted in (("chains", plan.chain_gain, plan.chain_tokens > 0),
