@@ -319,8 +319,8 @@ Status tree_attention(const Strided4D<const T>& q, const Strided4D<const T>& k, 
   Status st = CheckTreeAttentionShape(s, prefix_len, tree_start);
   if (!st.ok) return st;
   if (node_chunks < 1 || (node_chunks > 1 && node_chunks > s.num_nodes)) {
-    return Status::Error("node_chunks = " + std::to_string(node_chunks) + " must be 1, or in [1, num_nodes = " +
-                         std::to_string(s.num_nodes) + "]");
+    return Status::Error("node_chunks = " + std::to_string(node_chunks) + " is not in [1, max(num_nodes, 1) = " +
+                         std::to_string(s.num_nodes > 1 ? s.num_nodes : 1) + "]");
   }
   const int64_t units = s.batch * s.kv_heads * node_chunks;
   if (pair_end < 0) pair_end = units;
