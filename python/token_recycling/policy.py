@@ -72,6 +72,7 @@ AGREEMENT = ("single", "unanimous", "majority", "minority")  # context candidate
 # What a plan's expected gain is made of, each calibrated apart: the chains, the matrix tree beside a
 # chain, the matrix tree alone (drafted where no candidate is: it was right less often there).
 SOURCES = ("chains", "tree", "lone tree")
+OUTCOMES_KEPT = 256  # per source, the last drafted plans its calibration is measured over
 
 
 def right_prefix(draft: list[int], actual: list[int]) -> int:
@@ -261,7 +262,7 @@ class Policy:
         self.last_value = 1.0
         # Per source, (expected, produced) extra tokens of the last plans that drafted from it: how far
         # to trust each source's estimates (record_outcome).
-        self.outcomes: dict[str, deque[tuple[float, int]]] = {s: deque(maxlen=256) for s in SOURCES}
+        self.outcomes: dict[str, deque[tuple[float, int]]] = {s: deque(maxlen=OUTCOMES_KEPT) for s in SOURCES}
         self.calibration: dict[str, float] = {s: 1.0 for s in SOURCES}
 
     # ------------------------------------------------------------------ matrix tree gains
@@ -436,12 +437,13 @@ class Policy:
         self.cost.load_state(state.get("cost", {}))
         outcomes = state.get("outcomes")
         if isinstance(outcomes, dict):
-            for source in SOURCES:
+            for source in SOURCES:  # all checked before any is taken
                 pairs = outcomes.get(source)
                 if not isinstance(pairs, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
                     raise ValueError(f"saved policy state: outcomes[{source!r}] must be a list of "
                                      f"[expected, produced] pairs")
-                self.outcomes[source] = deque(((float(e), int(a)) for e, a in pairs), maxlen=256)
+            for source in SOURCES:
+                self.outcomes[source] = deque(((float(e), int(a)) for e, a in outcomes[source]), maxlen=OUTCOMES_KEPT)
                 self.calibration[source] = 1.0
                 self._calibrate(source)
         self.steps_since = self.retune_every
