@@ -15,6 +15,7 @@ proposer and leave, with no signal: what vLLM's worker does when its engine ends
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import os
 import signal
@@ -53,6 +54,8 @@ def learn(proposer, model, seed: int) -> None:
 
 
 def main(mode: str) -> None:
+    # A test that waited in vain sends SIGUSR2: every thread's stack goes to stdout for its message.
+    faulthandler.register(signal.SIGUSR2, file=sys.stdout, all_threads=True)
     got = []
     if mode in ("vllm", "hang"):
         def previous(signum, frame):  # what vLLM's engine process does: note it, stop the loop later

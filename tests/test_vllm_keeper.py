@@ -50,17 +50,28 @@ class Child:
             self.lines.append(line.rstrip("\n"))
             if line.startswith(word):
                 return line.split()
-        self.kill()
-        raise AssertionError(f"the child never printed {word!r}:\n" + "\n".join(self.lines))
+        raise AssertionError(f"the child never printed {word!r}:\n" + "\n".join(self.lines) + self.stacks())
 
     def finish(self) -> int:
         try:
             out, _ = self.proc.communicate(timeout=WAIT)
         except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError("the child did not exit:\n" + "\n".join(self.lines))
+            raise AssertionError("the child did not exit:\n" + "\n".join(self.lines) + self.stacks())
         self.lines.extend(out.splitlines())
         return self.proc.returncode
+
+    def stacks(self) -> str:
+        """Where a child that did not exit is stuck: its threads' stacks (keeper_child.py dumps them on
+        SIGUSR2), then it is killed."""
+        dump = ""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR2)
+            try:
+                dump, _ = self.proc.communicate(timeout=5)
+            except subprocess.TimeoutExpired as exc:
+                dump = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        self.kill()
+        return "\nits threads (faulthandler, on SIGUSR2):\n" + (dump or "(nothing)")
 
     def kill(self) -> None:
         if self.proc.poll() is None:
