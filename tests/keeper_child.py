@@ -57,6 +57,10 @@ def main(mode: str) -> None:
     # A test that waited in vain sends SIGUSR2: every thread's stack goes to stdout for its message.
     faulthandler.register(signal.SIGUSR2, file=sys.stdout, all_threads=True)
     got = []
+    # The handlers each mode names, whatever this process inherited: a shell starts background jobs
+    # with SIGINT ignored, and Python then leaves it ignored instead of raising KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if mode in ("vllm", "hang"):
         def previous(signum, frame):  # what vLLM's engine process does: note it, stop the loop later
             say("previous handler", signal.Signals(signum).name)
