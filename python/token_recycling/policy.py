@@ -409,11 +409,12 @@ class Policy:
             self._calibrate(source)
 
     def _calibrate(self, source: str) -> None:
+        """The source's calibration from its kept outcomes alone (1.0 until 32 are in)."""
         outcomes = self.outcomes[source]
-        if len(outcomes) >= 32:
-            expected = sum(e for e, _ in outcomes)
-            produced = sum(a for _, a in outcomes)
-            self.calibration[source] = float(np.clip(produced / expected, 0.25, 1.5)) if expected > 0 else 1.0
+        expected = sum(e for e, _ in outcomes)
+        produced = sum(a for _, a in outcomes)
+        trusted = len(outcomes) >= 32 and expected > 0
+        self.calibration[source] = float(np.clip(produced / expected, 0.25, 1.5)) if trusted else 1.0
 
     def score_plan(self, plan: Plan, actual: list[int]) -> int:
         """Scores the plan's candidates against the produced tokens; returns the first one's run."""
@@ -444,7 +445,6 @@ class Policy:
                                      f"[expected, produced] pairs")
             for source in SOURCES:
                 self.outcomes[source] = deque(((float(e), int(a)) for e, a in outcomes[source]), maxlen=OUTCOMES_KEPT)
-                self.calibration[source] = 1.0
                 self._calibrate(source)
         self.steps_since = self.retune_every
 
