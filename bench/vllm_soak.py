@@ -15,10 +15,12 @@ Checks (any failure: exit status 1, with the reason):
 - every request that was not aborted finished (a finish reason) before its deadline: none lost or hung,
   and afterwards the server reports no request running or waiting;
 - every finished greedy request gives the same tokens with and without speculation (fp32);
-- the server's RSS (the process and its children) grows over the run by at most ``--rss-slack-mb``
-  more than the server without speculation's does (vLLM keeps ~130 MB after its first load), and the
-  proposer's per-request states never outnumber the batch and are gone (one
-  left, for the last request) after a final request;
+- the server's RSS (the process and its children) grows over the run by at most ``--rss-spec-margin``
+  (a fraction) more than the server without speculation's does, plus ``--rss-slack-mb``: vLLM's own
+  worker grows with every request, with speculation or without, and faster where it verifies drafts
+  (its own ngram proposer too), so RSS catches only a gross leak. The proposer's own memory is checked
+  by its accounting: its per-request states never outnumber the batch and are gone (one left, for the
+  last request) after a final request, and its suffix memory holds no more tokens than its cap;
 - the matrix is saved however the server stops, and each restart loads it warm (the log's filled rows
   equal the file's) and gives the same greedy outputs again: SIGTERM to the API server alone
   (``docker stop``; saved as the worker ends), then SIGTERM to the process group (systemd's default),
@@ -66,8 +68,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants, in MB (from /proc)."""
+def tree_rss(pid: int) -> dict[str, float]:
+    """Resident memory of a process and each of its descendants, in MB (from /proc), keyed by
+    ``name:pid`` (the name from /proc/<pid>/comm, which vLLM sets for its engine process)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -78,18 +81,25 @@ def tree_rss_mb(pid: int) -> float:
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [pid]
+    out, todo = {}, [pid]
     while todo:
         p = todo.pop()
         todo.extend(children.get(p, []))
         try:
+            with open(f"/proc/{p}/comm") as f:
+                name = f.read().strip()
             with open(f"/proc/{p}/status") as f:
                 for line in f:
                     if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
+                        out[f"{name}:{p}"] = int(line.split()[1]) / 1024
         except OSError:
             pass
-    return total / 1024
+    return out
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants, in MB."""
+    return sum(tree_rss(pid).values())
 
 
 class Server:
@@ -310,15 +320,22 @@ class Sampler(threading.Thread):
     def __init__(self, server: Server, spec: bool, every: float = 1.0):
         super().__init__(daemon=True)
         self.server, self.spec, self.every = server, spec, every
+        self.finished = 0  # requests finished so far (the load's threads count them)
+        self.lock = threading.Lock()
         self.rss: list[float] = []
+        self.series: list[tuple] = []  # (seconds, requests finished, RSS MB, {process: RSS MB})
         self.states: list[int] = []
         self.state_bytes: list[int] = []
         self.errors: list[str] = []
         self.halt = threading.Event()
 
     def run(self) -> None:
+        t0 = time.monotonic()
         while not self.halt.wait(self.every):
-            self.rss.append(self.server.rss_mb())
+            procs = tree_rss(self.server.proc.pid)
+            self.rss.append(sum(procs.values()))
+            self.series.append((round(time.monotonic() - t0, 1), self.finished, round(self.rss[-1], 1),
+                                {k: round(v, 1) for k, v in procs.items()}))
             if self.spec:
                 try:
                     s = self.server.proposer_stats()
@@ -356,8 +373,14 @@ def run_load(server: Server, reqs: list[dict], args, spec: str | None) -> dict:
     sampler = Sampler(server, spec == "tr")
     sampler.start()
     t0 = time.monotonic()
+    def one(r: dict) -> dict:
+        out = stream(server, r, args.request_timeout)
+        with sampler.lock:
+            sampler.finished += 1
+        return out
+
     with ThreadPoolExecutor(args.concurrency) as pool:
-        results = list(pool.map(lambda r: stream(server, r, args.request_timeout), reqs))
+        results = list(pool.map(one, reqs))
     wall = time.monotonic() - t0
     sampler.halt.set()
     sampler.join(10)
@@ -375,6 +398,7 @@ def run_load(server: Server, reqs: list[dict], args, spec: str | None) -> dict:
             "rss_after": rss_after, "metrics": server.metrics(), "running_after": m.get("vllm:num_requests_running", 0),
             "waiting_after": m.get("vllm:num_requests_waiting", 0), "states_peak": max(sampler.states, default=0),
             "state_bytes_peak": max(sampler.state_bytes, default=0), "sampler_errors": sampler.errors[:5],
+            "rss_series": sampler.series,
             "stats_after": stats, "final_request": after_small}
 
 
@@ -477,23 +501,28 @@ def soak(args) -> dict:
             report[name] = summarize_load(load)
             report[name].update({k: load[k] for k in ("rss_before", "rss_peak", "rss_after", "running_after",
                                                         "waiting_after", "states_peak", "state_bytes_peak",
-                                                        "sampler_errors", "stats_after")})
+                                                        "sampler_errors", "stats_after", "rss_series")})
             report[name]["preemptions"] = load["metrics"].get("vllm:num_preemptions_total", 0.0)
             report[name]["accepted"] = load["metrics"].get("vllm:spec_decode_num_accepted_tokens_total", 0.0)
             report[name]["drafted"] = load["metrics"].get("vllm:spec_decode_num_draft_tokens_total", 0.0)
             report[f"{name}_results"] = load["results"]
             s = report[name]
-            print(f"{name}: {json.dumps({k: v for k, v in s.items() if k != 'stats_after'})}", flush=True)
+            print(f"{name}: {json.dumps({k: v for k, v in s.items() if k not in ('stats_after', 'rss_series')})}", flush=True)
             check(not s["lost"], f"{name}: every request not aborted finished in time (lost: {s['lost'][:5]})")
             check(s["running_after"] == 0 and s["waiting_after"] == 0,
                   f"{name}: nothing left running or waiting afterwards ({s['running_after']}, {s['waiting_after']})")
-            # vLLM itself keeps ~130 MB after a first load (both servers alike): the proposer's server may
-            # keep at most --rss-slack-mb more than the server without speculation does.
-            allowed = args.rss_slack_mb + (report["none"]["rss_after"] - report["none"]["rss_before"] if spec else 1e9)
-            # (vLLM's ngram server grows more than that by itself: its RSS is reported, not checked.)
+            # vLLM's worker grows with every request, with or without speculation (about 1 to 1.4 MB per
+            # request here; with glibc's mmap and trim thresholds fixed it still grows, so it is live memory
+            # and not the allocator's), and faster where it verifies drafts, with its own ngram proposer
+            # too. So the proposer's server may grow by --rss-spec-margin more than the server without
+            # speculation, plus --rss-slack-mb; the proposer's own memory is checked by its accounting below.
+            growth = report["none"]["rss_after"] - report["none"]["rss_before"]
+            allowed = growth * (1 + args.rss_spec_margin) + args.rss_slack_mb if spec else float("inf")
+            # (vLLM's ngram server is the control: its RSS is reported, not checked.)
             check(s["rss_after"] - s["rss_before"] <= allowed or spec == "ngram",
                   f"{name}: RSS after the run: {s['rss_before']:.0f} MB before, {s['rss_peak']:.0f} peak, "
-                  f"{s['rss_after']:.0f} after" + (f" (growth allowed: no speculation's + {args.rss_slack_mb:.0f} MB)"
+                  f"{s['rss_after']:.0f} after" + (f" (growth allowed: no speculation's {growth:.0f} MB x "
+                                                   f"{1 + args.rss_spec_margin:g} + {args.rss_slack_mb:.0f} MB)"
                                                    if spec else " (the reference growth)"))
             if spec:
                 # Either proposer: preempted under the small KV budget, greedy outputs equal no speculation's.
@@ -513,6 +542,10 @@ def soak(args) -> dict:
                       f"ours: per-request states bounded by the batch (peak {s['states_peak']} <= {args.concurrency})")
                 check(s["stats_after"]["live_states"] <= 1,
                       f"ours: per-request states gone after the run ({s['stats_after']['live_states']} <= 1 left)")
+                st = s["stats_after"]
+                check(st["memory_tokens"] <= st["memory_capacity"],
+                      f"ours: the suffix memory within its cap ({st['memory_tokens']} tokens of {st['memory_capacity']}, "
+                      f"{st['memory_bytes'] / 1e6:.1f} MB)")
                 # `docker stop`: SIGTERM to the API server's process alone. No signal reaches the worker that
                 # holds the proposer; the engine ends it in order, and the proposer saves as it is dropped.
                 report["stops"] = [stop_and_check(server, signal.SIGTERM, False, "exit", matrix, model, check)]
@@ -591,6 +624,8 @@ def table(report: dict) -> str:
             ("accepted / drafted tokens", "-", f"{o['accepted']:.0f} / {o['drafted']:.0f}"),
             ("RSS before / peak / after (MB)", f"{n['rss_before']:.0f} / {n['rss_peak']:.0f} / {n['rss_after']:.0f}",
              f"{o['rss_before']:.0f} / {o['rss_peak']:.0f} / {o['rss_after']:.0f}"),
+            ("RSS growth per request (MB)", f"{(n['rss_after'] - n['rss_before']) / n['sent']:.2f}",
+             f"{(o['rss_after'] - o['rss_before']) / o['sent']:.2f}"),
             ("proposer states: peak / after", "-", f"{o['states_peak']} ({o['state_bytes_peak'] / 1e6:.1f} MB) / "
              f"{o['stats_after']['live_states']}" if o.get("stats_after") else "-")]
     label = "Token Recycling" if sname == "ours" else "vLLM ngram"
@@ -640,6 +675,8 @@ def main(argv=None) -> int:
     ap.add_argument("--greedy-only", action="store_true", help="every request greedy")
     ap.add_argument("--save-every", type=int, default=300, help="TOKEN_RECYCLING_SAVE_EVERY of the server")
     ap.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may take in all")
+    ap.add_argument("--rss-spec-margin", type=float, default=0.5,
+                    help="RSS growth allowed beyond the server without speculation's, as a fraction of it")
     ap.add_argument("--rss-slack-mb", type=float, default=64.0,
                     help="RSS growth allowed beyond the server without speculation's")
     ap.add_argument("--allow-no-preemption", action="store_true", help="do not fail when nothing was preempted")

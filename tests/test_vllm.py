@@ -129,6 +129,7 @@ def test_drafts_are_accepted_and_our_accounting_matches_vllms(runs):
     # The top-k hook on compute_logits saw every step's logits rows and matched them to tokens.
     assert stats["recycled_topk"] > 0 and stats["unmapped_steps"] == 0, stats
     assert stats["live_states"] <= 4
+    assert 0 <= stats["memory_tokens"] <= stats["memory_capacity"] and stats["memory_bytes"] > 0, stats
 
 
 # vLLM's own suffix method (SuffixDecoding, arctic-inference), as bench/vllm_bench.py runs it: its

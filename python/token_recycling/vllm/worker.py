@@ -21,9 +21,11 @@ class TokenRecyclingWorkerExtension:
 
     def token_recycling_stats(self) -> dict:
         proposer = self._token_recycling_proposer()
+        memory = proposer.drafter.memory
         return dict(proposer.stats.as_dict(), live_states=len(proposer._states), state_bytes=proposer.state_bytes,
                     matrix_rows_filled=int((proposer.matrix.table != 0).any(-1).sum()), step_cost=proposer.cost.state(),
-                    price=proposer.cost.price())
+                    price=proposer.cost.price(), memory_tokens=len(memory), memory_capacity=memory.capacity,
+                    memory_bytes=memory.nbytes)
 
     def token_recycling_save(self, path: str) -> bool:
         proposer = self._token_recycling_proposer()
