@@ -26,6 +26,25 @@ def test_chain_stats_count_positions_until_the_first_miss():
     assert e[0] == 0 and np.all(np.diff(e) >= 0) and e[1] <= 1.0
 
 
+def test_memoized_curves_equal_fresh_ones_and_refuse_scoring():
+    stats = ChainStats(max_ngram=4, length=6)
+    rng = np.random.default_rng(0)
+    stats.num[:] = rng.integers(0, 5, stats.num.shape)
+    stats.den[:] = stats.num + rng.integers(0, 3, stats.num.shape)
+    buckets = [stats.bucket(r, n, run) for r in range(2) for n in (1, 4) for run in (0, 3)]
+    fresh = [stats.expected(b).copy() for b in buckets]
+    with stats.memoized():
+        first = [stats.expected(b) for b in buckets]
+        assert all(stats.expected(b) is c for b, c in zip(buckets, first))  # computed once per bucket
+        assert all(np.array_equal(c, f) for c, f in zip(first, fresh))
+        with pytest.raises(ValueError):
+            first[0][1] = 0.0  # shared: read-only
+        with pytest.raises(RuntimeError, match="memoized"):
+            stats.score(buckets[0], [1, 2], [1, 2])
+    stats.score(buckets[0], [1, 2], [1, 3])  # outside the block: scored, and the next curve is fresh
+    assert not np.array_equal(stats.expected(buckets[0]), fresh[0])
+
+
 def test_chain_buckets_are_distinct():
     stats = ChainStats(max_ngram=4, length=4)
     agreements = [(1, 1), (2, 2), (2, 3), (1, 3)]  # (support, occurrences): one of each class

@@ -514,6 +514,13 @@ class Drafter:
         policy (a fixed tree): the whole first candidate, then the matrix path. All paths come from
         one ``build_draft_tree`` call. Each state keeps its draft for :meth:`observe_chain`."""
         price = DEFAULT_CHAIN_PRICE if price is None else float(price)
+        if self.policy is None:
+            return self._draft_chains(states, roots, budgets, price)
+        with self.policy.chain.memoized():  # the batch's decisions share the chain statistics' curves
+            return self._draft_chains(states, roots, budgets, price)
+
+    def _draft_chains(self, states: list[DraftState], roots: list[int], budgets: list[int],
+                      price: float) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in states]
         pending: list[tuple[int, list[int], int, int]] = []  # (i, n-gram tokens, matrix tokens, path root)
         for i, (state, root, budget) in enumerate(zip(states, roots, budgets)):

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -133,6 +134,17 @@ class ChainStats:
         # Before any data: the first position is right a third of the time, later ones more often
         # (a continuation that started right tends to go on).
         self.prior = np.array([0.0, 0.35] + [0.7] * (length - 1))
+        self._memo: dict[int, np.ndarray] | None = None  # expected() by bucket, inside memoized() only
+
+    @contextmanager
+    def memoized(self):
+        """Within the block, ``expected`` computes each bucket once (read-only arrays): for a batch's
+        decisions, between which nothing is scored. Scoring inside the block is an error."""
+        self._memo = {}
+        try:
+            yield self
+        finally:
+            self._memo = None
 
     def bucket(self, rank: int, ngram: int, run: int, memory: bool = False, support: int = 1,
                occurrences: int | None = None) -> int:
@@ -158,6 +170,8 @@ class ChainStats:
     def score(self, bucket: int, candidate: list[int], actual: list[int]) -> int:
         """Scores a candidate against the tokens the model produced; returns its correct prefix length
         (up to ``length``). Every position up to the first wrong one was tried; those before it were right."""
+        if self._memo is not None:
+            raise RuntimeError("ChainStats.score inside memoized(): the memoized curves would be stale")
         n = min(len(candidate), len(actual), self.length)
         right = right_prefix(candidate[:n], actual)
         self.den[bucket, 1:min(right + 1, n) + 1] += 1
@@ -166,6 +180,15 @@ class ChainStats:
 
     def expected(self, bucket: int) -> np.ndarray:
         """[length + 1]: expected correct tokens of the candidate cut to 0..length tokens."""
+        if self._memo is not None:
+            curve = self._memo.get(bucket)
+            if curve is None:
+                curve = self._memo[bucket] = self._expected(bucket)
+                curve.flags.writeable = False
+            return curve
+        return self._expected(bucket)
+
+    def _expected(self, bucket: int) -> np.ndarray:
         lo, hi = self.group(bucket)
         pooled = (self.num[lo:hi].sum(0) + self.a * self.prior) / (self.den[lo:hi].sum(0) + self.a)
         q = (self.num[bucket] + self.a * pooled) / (self.den[bucket] + self.a)
