@@ -373,6 +373,7 @@ def run_load(server: Server, reqs: list[dict], args, spec: str | None) -> dict:
     sampler = Sampler(server, spec == "tr")
     sampler.start()
     t0 = time.monotonic()
+
     def one(r: dict) -> dict:
         out = stream(server, r, args.request_timeout)
         with sampler.lock:
@@ -512,9 +513,9 @@ def soak(args) -> dict:
             check(s["running_after"] == 0 and s["waiting_after"] == 0,
                   f"{name}: nothing left running or waiting afterwards ({s['running_after']}, {s['waiting_after']})")
             # vLLM's worker grows with every request, with or without speculation (about 1 to 1.4 MB per
-            # request here; with glibc's mmap and trim thresholds fixed it still grows, so it is live memory
-            # and not the allocator's), and faster where it verifies drafts, with its own ngram proposer
-            # too. So the proposer's server may grow by --rss-spec-margin more than the server without
+            # request on a 2-CPU EPYC; with glibc's mmap and trim thresholds fixed it still grows, so it is
+            # memory vLLM keeps, not the allocator's), and faster where it verifies drafts, with its own
+            # ngram proposer too. So the proposer's server may grow by --rss-spec-margin more than the server without
             # speculation, plus --rss-slack-mb; the proposer's own memory is checked by its accounting below.
             growth = report["none"]["rss_after"] - report["none"]["rss_before"]
             allowed = growth * (1 + args.rss_spec_margin) + args.rss_slack_mb if spec else float("inf")
@@ -678,7 +679,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rss-spec-margin", type=float, default=0.5,
                     help="RSS growth allowed beyond the server without speculation's, as a fraction of it")
     ap.add_argument("--rss-slack-mb", type=float, default=64.0,
-                    help="RSS growth allowed beyond the server without speculation's")
+                    help="MB of RSS growth allowed on top of --rss-spec-margin's")
     ap.add_argument("--allow-no-preemption", action="store_true", help="do not fail when nothing was preempted")
     ap.add_argument("--out", default="build/vllm-soak", help="folder for the server log, the matrix and soak.json")
     args = ap.parse_args(argv)
