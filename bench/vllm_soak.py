@@ -322,7 +322,6 @@ class Sampler(threading.Thread):
         self.server, self.spec, self.every = server, spec, every
         self.finished = 0  # requests finished so far (the load's threads count them)
         self.lock = threading.Lock()
-        self.rss: list[float] = []
         self.series: list[tuple] = []  # (seconds, requests finished, RSS MB, {process: RSS MB})
         self.states: list[int] = []
         self.state_bytes: list[int] = []
@@ -333,8 +332,7 @@ class Sampler(threading.Thread):
         t0 = time.monotonic()
         while not self.halt.wait(self.every):
             procs = tree_rss(self.server.proc.pid)
-            self.rss.append(sum(procs.values()))
-            self.series.append((round(time.monotonic() - t0, 1), self.finished, round(self.rss[-1], 1),
+            self.series.append((round(time.monotonic() - t0, 1), self.finished, round(sum(procs.values()), 1),
                                 {k: round(v, 1) for k, v in procs.items()}))
             if self.spec:
                 try:
@@ -395,7 +393,7 @@ def run_load(server: Server, reqs: list[dict], args, spec: str | None) -> dict:
     time.sleep(2.0)
     rss_after = server.rss_mb()
     stats = server.proposer_stats() if spec == "tr" else None
-    return {"results": results, "wall": wall, "rss_before": rss_before, "rss_peak": max(sampler.rss + [rss_before]),
+    return {"results": results, "wall": wall, "rss_before": rss_before, "rss_peak": max([rss for _, _, rss, _ in sampler.series] + [rss_before]),
             "rss_after": rss_after, "metrics": server.metrics(), "running_after": m.get("vllm:num_requests_running", 0),
             "waiting_after": m.get("vllm:num_requests_waiting", 0), "states_peak": max(sampler.states, default=0),
             "state_bytes_peak": max(sampler.state_bytes, default=0), "sampler_errors": sampler.errors[:5],
