@@ -21,7 +21,9 @@ vLLM's docs), ``suffix`` (vLLM's SuffixDecoding proposer with vLLM's defaults, w
 ``SUFFIX``: trees of depth 24, up to 24 draft tokens, spec factor 1.0, min token prob 0.1, the 10000
 latest responses kept; it needs ``arctic_inference.suffix_decoding`` importable in this venv, and
 where it is not, the report says so in a line and has no suffix column), ``ours``; ``METHOD:K=6``
-sets num_speculative_tokens for one engine, ``suffix:MAX_TREE_DEPTH=32,MIN_TOKEN_PROB=0.2`` (any
+sets num_speculative_tokens for one engine, ``METHOD:ASYNC=0`` (or 1) turns vLLM's async
+scheduling off (on) for one (vLLM turns it off itself for ngram, suffix and ours, so
+``none:ASYNC=0`` separates that cost), ``suffix:MAX_TREE_DEPTH=32,MIN_TOKEN_PROB=0.2`` (any
 ``suffix_decoding_*`` field) vLLM's suffix settings, ``ours:KEY=VALUE,...`` the proposer's
 environment options (e.g. ``ours:RECYCLE=accepted,NGRAM_WINDOW=1024``; see
 token_recycling/vllm/options.py).
@@ -50,6 +52,10 @@ SUFFIX_INSTALL = ("in this venv: pip install nanobind==2.9.2 grpcio-tools \"prot
                   "arctic-inference==0.3.0 (docs/vllm.md)")
 
 
+ASYNC_KEY = "async_scheduling"  # in a method's environment: the engine's argument (a bool), not a variable
+ASYNC_VALUES = {"0": False, "off": False, "false": False, "1": True, "on": True, "true": True}
+
+
 def parse_method(spec: str, k: int) -> tuple[str, dict | None, dict]:
     """(name, speculative_config, environment) for a --methods entry."""
     name, _, opts = spec.partition(":")
@@ -58,6 +64,10 @@ def parse_method(spec: str, k: int) -> tuple[str, dict | None, dict]:
         key, _, value = item.partition("=")
         if key.strip().upper() == "K":
             k, k_given = int(value), True
+        elif key.strip().upper() == "ASYNC":  # vLLM's async scheduling on or off (an engine argument)
+            if value.strip().lower() not in ASYNC_VALUES:
+                raise SystemExit(f"{spec!r}: ASYNC must be 0 or 1, got {value.strip()!r}")
+            env[ASYNC_KEY] = ASYNC_VALUES[value.strip().lower()]
         elif name == "suffix":
             field = "suffix_decoding_" + key.strip().lower()
             if field not in SUFFIX:
@@ -114,10 +124,11 @@ def spec_counters(llm) -> dict:
 
 
 def make_engine(vllm, model: str, dtype: str, spec: dict | None, env: dict, max_seqs: int, eager: bool):
+    env = dict(env)
+    extra = {"async_scheduling": env.pop(ASYNC_KEY)} if ASYNC_KEY in env else {}
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # the engine's worker process reads the proposer options at start
     try:
-        extra = {}
         if spec and spec.get("method") == "custom_class":
             from token_recycling.vllm import WORKER_EXTENSION
             extra["worker_extension_cls"] = WORKER_EXTENSION

@@ -210,6 +210,10 @@ def test_vllm_bench_suffix_config_is_vllms_defaults_written_out():
     assert vb.parse_method("suffix:K=6", 4)[1]["num_speculative_tokens"] == 6
     with pytest.raises(SystemExit, match="not a suffix setting"):
         vb.parse_method("suffix:DEPTH=3", 4)
+    assert vb.parse_method("none:ASYNC=0", 4) == ("none:ASYNC=0", None, {vb.ASYNC_KEY: False})
+    assert vb.parse_method("suffix:ASYNC=on", 4)[2] == {vb.ASYNC_KEY: True}
+    with pytest.raises(SystemExit, match="ASYNC"):
+        vb.parse_method("none:ASYNC=maybe", 4)
 
 
 def test_vllm_bench_report_says_why_suffix_is_missing():
