@@ -21,6 +21,7 @@ the same matrix, policy and statistics, and DraftStates found again by their tok
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -514,9 +515,8 @@ class Drafter:
         policy (a fixed tree): the whole first candidate, then the matrix path. All paths come from
         one ``build_draft_tree`` call. Each state keeps its draft for :meth:`observe_chain`."""
         price = DEFAULT_CHAIN_PRICE if price is None else float(price)
-        if self.policy is None:
-            return self._draft_chains(states, roots, budgets, price)
-        with self.policy.chain.memoized():  # the batch's decisions share the chain statistics' curves
+        # The batch's decisions share the chain statistics' curves (nothing is scored between them).
+        with self.policy.chain.memoized() if self.policy is not None else nullcontext():
             return self._draft_chains(states, roots, budgets, price)
 
     def _draft_chains(self, states: list[DraftState], roots: list[int], budgets: list[int],
