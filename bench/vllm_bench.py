@@ -57,7 +57,8 @@ ASYNC_VALUES = {"0": False, "off": False, "false": False, "1": True, "on": True,
 
 
 def parse_method(spec: str, k: int) -> tuple[str, dict | None, dict]:
-    """(name, speculative_config, environment) for a --methods entry."""
+    """(name, speculative_config, environment) for a --methods entry; the environment's ASYNC_KEY, where
+    given, is the engine's async_scheduling argument (make_engine takes it out)."""
     name, _, opts = spec.partition(":")
     env, suffix, k_given = {}, {}, False
     for item in filter(None, opts.split(",")):
@@ -65,9 +66,10 @@ def parse_method(spec: str, k: int) -> tuple[str, dict | None, dict]:
         if key.strip().upper() == "K":
             k, k_given = int(value), True
         elif key.strip().upper() == "ASYNC":  # vLLM's async scheduling on or off (an engine argument)
-            if value.strip().lower() not in ASYNC_VALUES:
-                raise SystemExit(f"{spec!r}: ASYNC must be 0 or 1, got {value.strip()!r}")
-            env[ASYNC_KEY] = ASYNC_VALUES[value.strip().lower()]
+            value = value.strip().lower()
+            if value not in ASYNC_VALUES:
+                raise SystemExit(f"{spec!r}: ASYNC must be 0 or 1, got {value!r}")
+            env[ASYNC_KEY] = ASYNC_VALUES[value]
         elif name == "suffix":
             field = "suffix_decoding_" + key.strip().lower()
             if field not in SUFFIX:
