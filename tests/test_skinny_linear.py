@@ -33,12 +33,14 @@ def test_matches_float64_on_random_inputs(n, vectorized):
 
 
 @pytest.mark.parametrize("vectorized", [True, False])
-@pytest.mark.parametrize("n", [2, 3, 5, 12])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 12])
 def test_bf16_matches_float64_on_random_inputs(n, vectorized):
     """bf16 in, bf16 out (rounded once from a float32 sum): against float64 on the same bf16 values,
-    within a small multiple of torch's own bf16 linear's error."""
+    within a small multiple of torch's own bf16 linear's error. The shapes reach every tile width
+    (16, 8 and 4 weight rows, then single rows) with prefetching on and off, and (1030, 96) is split
+    between threads at a multiple of 4 that is not one of 16."""
     g = torch.Generator().manual_seed(100 + n)
-    for out_f, in_f in [(1, 1), (7, 3), (33, 8), (64, 13), (96, 64), (129, 200), (40, 576)]:
+    for out_f, in_f in [(1, 1), (7, 3), (33, 8), (64, 13), (96, 64), (129, 200), (40, 576), (1030, 96)]:
         for with_bias in (False, True):
             x = torch.randn(n, in_f, generator=g).bfloat16()
             w = torch.randn(out_f, in_f, generator=g).bfloat16()

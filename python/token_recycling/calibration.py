@@ -29,7 +29,7 @@ MODE_ENV = "TOKEN_RECYCLING_CALIBRATION"
 MODES = ("on", "off", "refresh")
 FILE = "calibration.json"
 MAX_ENTRIES = 256  # oldest entries dropped past this (each is a few hundred bytes)
-VERSION = 1  # bumped when what an entry means changes; older entries are then ignored
+VERSION = 2  # bumped when what an entry means or measures changes (a faster kernel); older entries are then ignored
 
 
 def cache_dir() -> Path:
