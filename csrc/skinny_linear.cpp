@@ -12,9 +12,9 @@ namespace token_recycling {
 namespace {
 
 // x rows [n, in] (X: float32, or bf16 with bf16 weights; row elements contiguous) times weight [out, in]
-// (W: float or bf16) into y [n, out].
-template <typename W, typename X>
-void run(const at::Tensor& xc, int64_t n, const at::Tensor& wc, const float* bp, float* yp, bool vectorized) {
+// (W: float or bf16) into y [n, out] (Y: float32, or bf16 rounded once from the float32 sums).
+template <typename W, typename X, typename Y>
+void run(const at::Tensor& xc, int64_t n, const at::Tensor& wc, const float* bp, Y* yp, bool vectorized) {
   constexpr const char* op = "skinny_linear";
   const int64_t out = wc.size(0), in = wc.size(1);
   const X* xp = reinterpret_cast<const X*>(xc.data_ptr());
@@ -51,8 +51,8 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     b = bias->to(at::kFloat).contiguous();
   }
   // x [..., in] as rows [n, in]: rows may be strided (not overlapping: an expanded x is copied); the
-  // elements of a row must be contiguous. A bf16 x goes to the kernel as it is; y is computed in
-  // float32 and rounded to bf16 once, as torch's bf16 linear accumulates in float32.
+  // elements of a row must be contiguous. A bf16 x goes to the kernel as it is, and the kernel writes a
+  // bf16 y, each output rounded once from its float32 sum, as torch's bf16 linear accumulates in float32.
   const int64_t out = weight.size(0), in = x.size(-1);
   int64_t n = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) n *= x.size(d);
@@ -61,13 +61,14 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const auto wc = weight.stride(1) == 1 && (out <= 1 || weight.stride(0) >= in) ? weight : weight.contiguous();
   auto out_shape = x.sizes().vec();
   out_shape.back() = out;
-  auto y = at::empty(out_shape, x.options().dtype(at::kFloat));
+  auto y = at::empty(out_shape, x.options());
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   if (bf16) {
-    run<kernels::bfloat16, kernels::bfloat16>(xc, n, wc, bp, y.data_ptr<float>(), vectorized);
-    return y.to(at::kBFloat16);
+    run<kernels::bfloat16, kernels::bfloat16>(xc, n, wc, bp, reinterpret_cast<kernels::bfloat16*>(y.data_ptr()),
+                                              vectorized);
+  } else {
+    run<float, float>(xc, n, wc, bp, y.data_ptr<float>(), vectorized);
   }
-  run<float, float>(xc, n, wc, bp, y.data_ptr<float>(), vectorized);
   return y;
 }
 

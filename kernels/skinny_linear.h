@@ -9,10 +9,11 @@
 //
 // x: [n, in] (row stride x_stride, elements contiguous); w: [out, in] (row stride w_stride); bias:
 // [out] or null; y: [n, out] (row stride y_stride). Only output features [o_begin, o_end) are written,
-// so a caller can split the work between threads. bias and y are float32; the weights are float32 or
+// so a caller can split the work between threads. bias is float32; the weights are float32 or
 // bfloat16 (W), and x is float32, or bfloat16 with bfloat16 weights (X; a bf16 model's activations
-// as they are). Accumulated in float32: within a few ulps of BLAS, summed in a different order. (A
-// bf16 model's caller rounds y to bf16 once, as torch's bf16 linear does.)
+// as they are). Accumulated in float32: within a few ulps of BLAS, summed in a different order. y is
+// float32, or bfloat16 (Y), each output then rounded once from its float32 sum, as torch's bf16
+// linear rounds it (a bf16 model's forward needs no float32 copy and no conversion after).
 //
 // Paths, the widest this CPU has (vectorized = false forces the portable one, avx512 = false stops at
 // AVX2, so tests and benchmarks can reach each path on one machine):
@@ -39,9 +40,9 @@ namespace token_recycling::kernels {
 namespace skinny_detail {
 
 // The portable version (the reference for the vectorized one, and the path on other CPUs).
-template <typename W, typename X>
+template <typename W, typename X, typename Y>
 inline void rows_scalar(const X* x, int64_t n, int64_t x_stride, const W* w, int64_t in,
-                        int64_t w_stride, const float* bias, float* y, int64_t y_stride, int64_t o_begin,
+                        int64_t w_stride, const float* bias, Y* y, int64_t y_stride, int64_t o_begin,
                         int64_t o_end) {
   for (int64_t o = o_begin; o < o_end; ++o) {
     const W* wr = w + o * w_stride;
@@ -49,7 +50,7 @@ inline void rows_scalar(const X* x, int64_t n, int64_t x_stride, const W* w, int
       const X* xr = x + i * x_stride;
       float s = 0.f;
       for (int64_t k = 0; k < in; ++k) s += to_float(wr[k]) * to_float(xr[k]);
-      y[i * y_stride + o] = s + (bias ? bias[o] : 0.f);
+      y[i * y_stride + o] = from_float<Y>(s + (bias ? bias[o] : 0.f));
     }
   }
 }
@@ -66,9 +67,9 @@ using simd::load8;
 // from DRAM took 30-40% less time for 1-4 rows of x (C++ harness, SmolLM2-135M's 210 layers).
 // The prefetches go to L2 (_MM_HINT_T1), not L1: on a Zen 4 with this path forced, one row of x
 // against SmolLM2's [1536, 576] layers streamed at 18.5 GB/s instead of 10.4 (one thread).
-template <int R, int C, typename W, typename X>
+template <int R, int C, typename W, typename X, typename Y>
 __attribute__((target("avx2,fma"))) inline void tile(const W* const* w, const W* next, int64_t w_stride,
-                                                     const X* const* x, int64_t in, const float* bias, float* y,
+                                                     const X* const* x, int64_t in, const float* bias, Y* y,
                                                      int64_t y_stride, int64_t o) {
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r)
@@ -87,7 +88,7 @@ __attribute__((target("avx2,fma"))) inline void tile(const W* const* w, const W*
     for (int c = 0; c < C; ++c) {
       float s = hsum(acc[r][c]);
       for (int64_t kk = k; kk < in; ++kk) s += to_float(w[r][kk]) * to_float(x[c][kk]);
-      y[c * y_stride + o + r] = s + (bias ? bias[o + r] : 0.f);
+      y[c * y_stride + o + r] = from_float<Y>(s + (bias ? bias[o + r] : 0.f));
     }
 }
 
@@ -96,10 +97,10 @@ __attribute__((target("avx2,fma"))) inline void tile(const W* const* w, const W*
 // registers allow: with weights streamed from DRAM (a whole model's), 3 + 1 beat 2 + 2 by 15-20% for
 // 4 rows (the 2 + 2 split had been chosen on a cache-resident benchmark).
 // next_too: rows [o + R, o + 2R) come next (inside the caller's range): prefetch them meanwhile.
-template <int R, typename W, typename X>
+template <int R, typename W, typename X, typename Y>
 __attribute__((target("avx2,fma"))) inline void weight_rows(const X* x, int64_t n, int64_t x_stride,
                                                             const W* w, int64_t in, int64_t w_stride,
-                                                            const float* bias, float* y, int64_t y_stride,
+                                                            const float* bias, Y* y, int64_t y_stride,
                                                             int64_t o, bool next_too) {
   const W* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = w + (o + r) * w_stride;
@@ -109,7 +110,7 @@ __attribute__((target("avx2,fma"))) inline void weight_rows(const X* x, int64_t 
     const int c = left >= 3 ? 3 : static_cast<int>(left);
     const X* xr[3] = {x + i * x_stride, x + (i + (c > 1 ? 1 : 0)) * x_stride,
                           x + (i + (c > 2 ? 2 : 0)) * x_stride};  // unused slots repeat a row in range
-    float* yi = y + i * y_stride;
+    Y* yi = y + i * y_stride;
     if (c == 3) tile<R, 3>(wr, next, w_stride, xr, in, bias, yi, y_stride, o);
     else if (c == 2) tile<R, 2>(wr, next, w_stride, xr, in, bias, yi, y_stride, o);
     else tile<R, 1>(wr, next, w_stride, xr, in, bias, yi, y_stride, o);
@@ -117,10 +118,10 @@ __attribute__((target("avx2,fma"))) inline void weight_rows(const X* x, int64_t 
   }
 }
 
-template <typename W, typename X>
+template <typename W, typename X, typename Y>
 __attribute__((target("avx2,fma"))) inline void rows_avx2(const X* x, int64_t n, int64_t x_stride,
                                                            const W* w, int64_t in, int64_t w_stride,
-                                                           const float* bias, float* y, int64_t y_stride,
+                                                           const float* bias, Y* y, int64_t y_stride,
                                                            int64_t o_begin, int64_t o_end) {
   int64_t o = o_begin;
   for (; o + 4 <= o_end; o += 4) weight_rows<4>(x, n, x_stride, w, in, w_stride, bias, y, y_stride, o, o + 8 <= o_end);
@@ -159,9 +160,9 @@ __attribute__((target(TOKEN_RECYCLING_AVX512_TARGET))) inline __m512 sum16(const
 // the next R: one thread then streamed SmolLM2's weights at 20-31 GB/s for one to four rows of x
 // (a plain sum reads memory at about 30 GB/s), where prefetches into L1 of the next rows gave
 // 10-11 GB/s (C++ harness, 2-vCPU Zen 4).
-template <int R, int C, typename W, typename X>
+template <int R, int C, typename W, typename X, typename Y>
 __attribute__((target(TOKEN_RECYCLING_AVX512_TARGET))) inline void tile512(
-    const W* const* w, const W* next, int64_t w_stride, const X* const* x, int64_t in, const float* bias, float* y,
+    const W* const* w, const W* next, int64_t w_stride, const X* const* x, int64_t in, const float* bias, Y* y,
     int64_t y_stride, int64_t o) {
   constexpr bool pairs = std::is_same_v<W, bfloat16> && std::is_same_v<X, bfloat16>;
   constexpr int64_t step = pairs ? 32 : 16;
@@ -197,12 +198,12 @@ __attribute__((target(TOKEN_RECYCLING_AVX512_TARGET))) inline void tile512(
     _mm512_store_ps(sums, sum16(v));
     TR_UNROLL for (int i = 0; i < R * C; ++i) {
       const int r = i / C, c = i % C;
-      y[c * y_stride + o + r] = sums[4 * (i % 4) + i / 4] + (bias ? bias[o + r] : 0.f);
+      y[c * y_stride + o + r] = from_float<Y>(sums[4 * (i % 4) + i / 4] + (bias ? bias[o + r] : 0.f));
     }
   } else {
     TR_UNROLL for (int r = 0; r < R; ++r)
       TR_UNROLL for (int c = 0; c < C; ++c)
-        y[c * y_stride + o + r] = _mm512_reduce_add_ps(acc[r][c]) + (bias ? bias[o + r] : 0.f);
+        y[c * y_stride + o + r] = from_float<Y>(_mm512_reduce_add_ps(acc[r][c]) + (bias ? bias[o + r] : 0.f));
   }
 }
 
@@ -211,9 +212,9 @@ inline constexpr int64_t PREFETCH_ROWS = 16;  // how far ahead of a tile's first
 // R weight rows (from o) against every row of x in blocks of up to CM rows (R * CM <= 16
 // accumulators), while the R rows sit in L1. next_too: rows [o + PREFETCH_ROWS, o + PREFETCH_ROWS + R)
 // are inside the caller's range: prefetch them meanwhile.
-template <int R, int CM, typename W, typename X>
+template <int R, int CM, typename W, typename X, typename Y>
 __attribute__((target(TOKEN_RECYCLING_AVX512_TARGET))) inline void weight_rows512(
-    const X* x, int64_t n, int64_t x_stride, const W* w, int64_t in, int64_t w_stride, const float* bias, float* y,
+    const X* x, int64_t n, int64_t x_stride, const W* w, int64_t in, int64_t w_stride, const float* bias, Y* y,
     int64_t y_stride, int64_t o, bool next_too) {
   static_assert(CM >= 1 && CM <= 4 && R * CM <= 16, "at most 16 accumulators");
   const W* wr[R];
@@ -223,7 +224,7 @@ __attribute__((target(TOKEN_RECYCLING_AVX512_TARGET))) inline void weight_rows51
     const int c = n - i >= CM ? CM : static_cast<int>(n - i);
     const X* xr[4];
     for (int j = 0; j < 4; ++j) xr[j] = x + (i + (j < c ? j : 0)) * x_stride;  // unused slots repeat a row in range
-    float* yi = y + i * y_stride;
+    Y* yi = y + i * y_stride;
     if constexpr (CM >= 4) {
       if (c == 4) tile512<R, 4>(wr, next, w_stride, xr, in, bias, yi, y_stride, o);
     }
@@ -241,9 +242,9 @@ __attribute__((target(TOKEN_RECYCLING_AVX512_TARGET))) inline void weight_rows51
 // The widest tile the rows of x allow, so that each weight row read from memory feeds 16
 // accumulators: 16 weight rows for one row of x, 8 for two, else 4 in blocks of up to 4 rows of x
 // (a tile of 4 weight rows and 1 row of x left the loads waiting on 4 separate reductions).
-template <typename W, typename X>
+template <typename W, typename X, typename Y>
 __attribute__((target(TOKEN_RECYCLING_AVX512_TARGET))) inline void rows_avx512(
-    const X* x, int64_t n, int64_t x_stride, const W* w, int64_t in, int64_t w_stride, const float* bias, float* y,
+    const X* x, int64_t n, int64_t x_stride, const W* w, int64_t in, int64_t w_stride, const float* bias, Y* y,
     int64_t y_stride, int64_t o_begin, int64_t o_end) {
   int64_t o = o_begin;
   const auto ahead = [&](int64_t r) { return o + PREFETCH_ROWS + r <= o_end; };
@@ -280,14 +281,16 @@ inline const char* skinny_linear_path() {
   return "portable";
 }
 
-// W: float or bfloat16 weights; X: float x, or bfloat16 x with bfloat16 weights.
-template <typename W, typename X>
+// W: float or bfloat16 weights; X: float x, or bfloat16 x with bfloat16 weights; Y: float y, or
+// bfloat16 y (each output rounded once from its float32 sum, bias included, to nearest even).
+template <typename W, typename X, typename Y>
 inline Status skinny_linear(const X* x, int64_t n, int64_t x_stride, const W* w, int64_t out_features,
-                            int64_t in_features, int64_t w_stride, const float* bias, float* y, int64_t y_stride,
+                            int64_t in_features, int64_t w_stride, const float* bias, Y* y, int64_t y_stride,
                             int64_t o_begin, int64_t o_end, bool vectorized = true, bool avx512 = true) {
   static_assert(std::is_same_v<W, float> || std::is_same_v<W, bfloat16>, "weights: float or bfloat16");
   static_assert(std::is_same_v<X, float> || (std::is_same_v<X, bfloat16> && std::is_same_v<W, bfloat16>),
                 "x: float, or bfloat16 with bfloat16 weights");
+  static_assert(std::is_same_v<Y, float> || std::is_same_v<Y, bfloat16>, "y: float or bfloat16");
   Status s = CheckSizes({{"n", n}, {"out_features", out_features}, {"in_features", in_features},
                          {"o_begin", o_begin}});
   if (!s.ok) return s;

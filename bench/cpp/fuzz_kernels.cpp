@@ -711,7 +711,8 @@ void fuzz_graft_chain(int64_t iters) {
 // Random sizes, row strides (some too small: an error), output ranges (some outside [0, out]); x, w and
 // y exactly as large as the strides describe. Outputs outside [o_begin, o_end) must stay untouched.
 // Half the calls take bf16 weights, half of those bf16 x too (the same values: small multiples of 1/4
-// are exact in bf16); the calls spread over every path this CPU has (portable, AVX2, AVX-512).
+// are exact in bf16), and half of those a bf16 y; the calls spread over every path this CPU has
+// (portable, AVX2, AVX-512).
 void fuzz_skinny_linear(int64_t iters) {
   Tally t("skinny_linear");
   for (int64_t it = 0; it < iters; ++it) {
@@ -724,6 +725,7 @@ void fuzz_skinny_linear(int64_t iters) {
     if (chance(0.05)) oe = chance(0.5) ? OUT + randint(1, 5) : ob - 1;
     const bool vectorized = chance(0.5), avx512 = chance(0.5), bias = chance(0.5), bf16 = chance(0.5);
     const bool bf16x = bf16 && chance(0.5);  // bf16 activations too (with bf16 weights only)
+    const bool bf16y = bf16x && chance(0.5);  // and a bf16 y (each output rounded once)
     const bool strides_ok = (n <= 1 || xs >= in) && (out <= 1 || ws >= in) && (n <= 1 || ys >= out);
     const bool valid = n >= 0 && out >= 0 && in >= 0 && ob >= 0 && strides_ok && oe >= ob && oe <= out;
     auto span = [](int64_t rows, int64_t stride, int64_t cols) {
@@ -737,8 +739,10 @@ void fuzz_skinny_linear(int64_t iters) {
     for (size_t i = 0; i < wb.size(); ++i) wb[i] = k::from_float<k::bfloat16>(w[i]);
     for (size_t i = 0; i < xb.size(); ++i) xb[i] = k::from_float<k::bfloat16>(x[i]);
     const float* bp = bias ? b.data() : nullptr;
+    std::vector<k::bfloat16> yb(bf16y ? y.size() : 0, k::from_float<k::bfloat16>(-77.f));
     const Status s =
-        bf16x  ? k::skinny_linear(xb.data(), n, xs, wb.data(), out, in, ws, bp, y.data(), ys, ob, oe, vectorized, avx512)
+        bf16y  ? k::skinny_linear(xb.data(), n, xs, wb.data(), out, in, ws, bp, yb.data(), ys, ob, oe, vectorized, avx512)
+        : bf16x ? k::skinny_linear(xb.data(), n, xs, wb.data(), out, in, ws, bp, y.data(), ys, ob, oe, vectorized, avx512)
         : bf16 ? k::skinny_linear(x.data(), n, xs, wb.data(), out, in, ws, bp, y.data(), ys, ob, oe, vectorized, avx512)
                : k::skinny_linear(x.data(), n, xs, w.data(), out, in, ws, bp, y.data(), ys, ob, oe, vectorized, avx512);
     if (!t.verdict(s, valid, it)) continue;
@@ -750,7 +754,11 @@ void fuzz_skinny_linear(int64_t iters) {
           want = bias ? b[o] : 0;
           for (int64_t c = 0; c < in; ++c) want += static_cast<double>(x[i * xs + c]) * w[o * ws + c];
         }
-        same = same && y[i * ys + o] == static_cast<float>(want);
+        if (bf16y) {  // the exact sum, rounded once
+          same = same && yb[i * ys + o].bits == k::from_float<k::bfloat16>(static_cast<float>(want)).bits;
+        } else {
+          same = same && y[i * ys + o] == static_cast<float>(want);
+        }
       }
     t.check(same, "call " + std::to_string(it) + ": outputs differ");
   }
