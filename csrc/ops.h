@@ -41,6 +41,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> graft_cha
 at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              bool vectorized);
 bool skinny_linear_vectorized();  // true when skinny_linear has an AVX2/FMA path on this CPU
+// The lean forward's fused steps (lean_ops.cpp): an RMS norm, and the rotary embedding of q or k.
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor rotary_embedding_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
 at::Tensor greedy_topk_cpu(const at::Tensor& logits, int64_t k);
 

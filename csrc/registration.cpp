@@ -25,6 +25,8 @@ TORCH_LIBRARY(token_recycling, m) {
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias=None, bool vectorized=True) -> Tensor");
   m.def("skinny_linear_vectorized() -> bool", &token_recycling::skinny_linear_vectorized);
   m.def("greedy_topk(Tensor logits, int k) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rotary_embedding(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   // Deferred device-error checks (device_errors.h): no tensor to dispatch on, one kernel for every backend.
   m.def("set_deferred_device_errors(Device device, bool enable) -> bool", &token_recycling::set_deferred_device_errors);
   m.def("take_device_errors(Device device) -> Tensor", &token_recycling::take_device_errors);
@@ -46,4 +48,6 @@ TORCH_LIBRARY_IMPL(token_recycling, CPU, m) {
   m.impl("graft_chain", &token_recycling::graft_chain_cpu);
   m.impl("skinny_linear", &token_recycling::skinny_linear_cpu);
   m.impl("greedy_topk", &token_recycling::greedy_topk_cpu);
+  m.impl("rms_norm", &token_recycling::rms_norm_cpu);
+  m.impl("rotary_embedding", &token_recycling::rotary_embedding_cpu);
 }

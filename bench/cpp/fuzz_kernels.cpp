@@ -26,6 +26,8 @@
 #include "../../kernels/greedy_topk.h"
 #include "../../kernels/merge_attention_states.h"
 #include "../../kernels/ngram_index.h"
+#include "../../kernels/rms_norm.h"
+#include "../../kernels/rotary.h"
 #include "../../kernels/skinny_linear.h"
 #include "../../kernels/tree_attention.h"
 #include "../../kernels/update_adjacency.h"
@@ -764,6 +766,64 @@ void fuzz_skinny_linear(int64_t iters) {
   }
 }
 
+// ------------------------------------------------------------------------------ rms_norm, rotary
+// Random sizes (some negative) and x row strides (some too small), buffers exactly as large as the
+// valid layouts need; outputs against the formulas written out with their own indexing.
+void fuzz_rms_norm(int64_t iters) {
+  Tally t("rms_norm");
+  for (int64_t it = 0; it < iters; ++it) {
+    const int64_t rows = pick_size(0, 6), dim = pick_size(0, 40);
+    const int64_t R = alloc(rows), D = alloc(dim);
+    const int64_t xs = chance(0.05) ? D - randint(1, 4) : D + randint(0, 4);
+    const bool valid = rows >= 0 && dim >= 0 && (rows <= 1 || xs >= dim);
+    std::vector<float> x(R > 0 && D > 0 ? static_cast<size_t>((R - 1) * std::max<int64_t>(xs, 0) + D) : 0);
+    std::vector<float> var(R), w(D), out(static_cast<size_t>(R * D), -77.f);
+    for (auto& v : x) v = static_cast<float>(randint(-8, 9)) / 4;
+    for (auto& v : var) v = static_cast<float>(randint(0, 9)) / 4;
+    for (auto& v : w) v = static_cast<float>(randint(-8, 9)) / 4;
+    const float eps = 1e-5f;
+    const Status s = k::rms_norm_apply(x.data(), rows, dim, xs, var.data(), w.data(), eps, out.data());
+    if (!t.verdict(s, valid, it)) continue;
+    bool same = true;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float scale = 1.0f / std::sqrt(var[r] + eps);
+      for (int64_t d = 0; d < dim; ++d) same = same && out[r * dim + d] == w[d] * (x[r * xs + d] * scale);
+    }
+    t.check(same, "call " + std::to_string(it) + ": outputs differ");
+  }
+}
+
+void fuzz_rotary(int64_t iters) {
+  Tally t("rotary_embedding");
+  for (int64_t it = 0; it < iters; ++it) {
+    const int64_t b = pick_size(0, 3), h = pick_size(0, 4), n = pick_size(0, 5);
+    const int64_t d = chance(0.1) ? 2 * randint(0, 8) + 1 : 2 * pick_size(0, 8);
+    const int64_t B = alloc(b), H = alloc(h), N = alloc(n), Dm = alloc(d);
+    // x as [b, n, h, d].transpose(1, 2): strides (n*h*d, d, h*d)
+    const int64_t sb = N * H * Dm, sh = Dm, st = H * Dm;
+    const bool valid = b >= 0 && h >= 0 && n >= 0 && d >= 0 && d % 2 == 0;
+    std::vector<float> x(static_cast<size_t>(std::max<int64_t>(B * N * H * Dm, 0)));
+    std::vector<float> c(static_cast<size_t>(std::max<int64_t>(B * N * Dm, 0))), sn(c.size());
+    std::vector<float> out(x.size(), -77.f);
+    for (auto& v : x) v = static_cast<float>(randint(-8, 9)) / 4;
+    for (auto& v : c) v = static_cast<float>(randint(-4, 5)) / 4;
+    for (auto& v : sn) v = static_cast<float>(randint(-4, 5)) / 4;
+    const Status s = k::rotary_embedding(x.data(), b, h, n, d, sb, sh, st, c.data(), sn.data(), out.data());
+    if (!t.verdict(s, valid, it)) continue;
+    bool same = true;
+    for (int64_t i = 0; i < b; ++i)
+      for (int64_t j = 0; j < h; ++j)
+        for (int64_t p = 0; p < n; ++p)
+          for (int64_t e = 0; e < d; ++e) {
+            const float* xr = &x[i * sb + j * sh + p * st];
+            const float rot = e < d / 2 ? -xr[e + d / 2] : xr[e - d / 2];
+            const float want = xr[e] * c[(i * n + p) * d + e] + rot * sn[(i * n + p) * d + e];
+            same = same && out[((i * h + j) * n + p) * d + e] == want;  // small multiples of 1/16: exact
+          }
+    t.check(same, "call " + std::to_string(it) + ": outputs differ");
+  }
+}
+
 // ------------------------------------------------------------------------------ greedy_topk
 // Random rows of small integer logits (many ties), now and then NaN and +-inf; random k (some outside
 // [1, min(vocab, 64)]) and row strides (some too small). The result must equal a stable sort by
@@ -1034,6 +1094,8 @@ int main(int argc, char** argv) {
   if (bench::selected(opt, "graft_chain")) fuzz_graft_chain(iters);
   if (bench::selected(opt, "ngram")) fuzz_ngram(iters / 4);
   if (bench::selected(opt, "skinny_linear")) fuzz_skinny_linear(iters);
+  if (bench::selected(opt, "rms_norm")) fuzz_rms_norm(iters);
+  if (bench::selected(opt, "rotary_embedding")) fuzz_rotary(iters);
   if (bench::selected(opt, "greedy_topk")) {
     fuzz_greedy_topk<float>(iters, "float");
     fuzz_greedy_topk<k::bfloat16>(iters / 2, "bfloat16");

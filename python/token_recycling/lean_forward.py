@@ -12,7 +12,10 @@ code, calling the model's own parts: the embedding, the rotary embedding, the li
 mask function and the attention function transformers would pick. Its logits are therefore the same
 bit for bit. That is not taken on trust: :func:`usable` checks it once per model, against the model's
 own forward on a small tree, before the decode loop uses it, and a model that differs (another
-transformers version, a remote-code variant) keeps its own forward. Models of other classes, with
+transformers version, a remote-code variant) keeps its own forward. Two steps run fused, each equal
+bit for bit to the operations it replaces: the RMS norms (``ops.rms_norm``: the variance by the same
+ATen operations, the rest in one pass instead of five operations) and the rotary embedding of q and k
+(``ops.rotary_embedding``: one pass instead of seven operations each). Models of other classes, with
 sliding-window layers, with hooks (accelerate's offloading, user hooks), in training mode, on a
 device other than the CPU, or under tensor parallel always keep their own forward.
 ``TOKEN_RECYCLING_LEAN_FORWARD=off`` turns it off.
@@ -26,6 +29,8 @@ import sys
 import weakref
 
 import torch
+
+from . import ops
 
 # Causal LM classes whose forward this module repeats (their modeling code was read for it).
 CLASSES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -75,9 +80,14 @@ def _modeling(model):
     return sys.modules[type(model.model).__module__]
 
 
+FUSED = (torch.float32, torch.bfloat16)  # dtypes of ops.rms_norm and ops.rotary_embedding
+
+
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    # LlamaRMSNorm.forward / Qwen2RMSNorm.forward
+    # LlamaRMSNorm.forward / Qwen2RMSNorm.forward; ops.rms_norm where the dtypes allow (the same bits)
     dtype = x.dtype
+    if dtype in FUSED and norm.weight.dtype is dtype:
+        return ops.rms_norm(x, norm.weight, norm.variance_epsilon)
     h = x.to(torch.float32)
     variance = h.pow(2).mean(-1, keepdim=True)
     h = h * torch.rsqrt(variance + norm.variance_epsilon)
@@ -87,6 +97,13 @@ def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # apply_rotary_pos_emb for one of q, k; ops.rotary_embedding where the dtypes allow (the same bits)
+    if x.dtype in FUSED and cos.dtype is x.dtype and sin.dtype is x.dtype and x.shape[-1] % 2 == 0:
+        return ops.rotary_embedding(x, cos, sin)
+    return (x * cos) + (_rotate_half(x) * sin)
 
 
 def forward(model, input_ids: torch.Tensor, attention_mask, position_ids: torch.Tensor, cache,
@@ -117,8 +134,8 @@ def forward(model, input_ids: torch.Tensor, attention_mask, position_ids: torch.
         q = attn.q_proj.forward(x).view(shape).transpose(1, 2)
         k = attn.k_proj.forward(x).view(shape).transpose(1, 2)
         v = attn.v_proj.forward(x).view(shape).transpose(1, 2)
-        q = (q * cos) + (_rotate_half(q) * sin)
-        k = (k * cos) + (_rotate_half(k) * sin)
+        q = _rotary(q, cos, sin)
+        k = _rotary(k, cos, sin)
         k, v = cache.update(k, v, attn.layer_idx, kwargs=layer_kwargs)
         extra = {"sliding_window": attn.sliding_window} if hasattr(attn, "sliding_window") else {}
         out, _ = attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, **extra, **layer_kwargs)

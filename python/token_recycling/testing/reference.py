@@ -289,3 +289,17 @@ def greedy_topk(logits, k):
     nan_sorted = torch.gather(nan, -1, by_value).to(torch.int8)
     order = torch.sort(nan_sorted, dim=-1, descending=True, stable=True).indices
     return torch.gather(by_value, -1, order)[..., :k].contiguous()
+
+
+def rms_norm(x, weight, eps):
+    """transformers' LlamaRMSNorm.forward, operation by operation."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotary_embedding(x, cos, sin):
+    """apply_rotary_pos_emb for one tensor (cos, sin already [batch, 1, tokens, head_dim])."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)

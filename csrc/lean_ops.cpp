@@ -1,0 +1,71 @@
+// The lean verification forward's fused elementwise steps (lean_forward.py): an RMS norm's tail and the
+// rotary embedding, each the same bit for bit as the tensor operations they replace.
+#include "../kernels/rms_norm.h"
+#include "../kernels/rotary.h"
+
+#include "checks.h"
+#include "ops.h"
+
+namespace token_recycling {
+
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  constexpr const char* op = "rms_norm";
+  check_dtype(x, {at::kFloat, at::kBFloat16}, op, "x");
+  check_dtype(weight, {x.scalar_type()}, op, "weight");
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must be [..., dim], got a 0-D tensor");
+  check_dim(weight, 1, op, "weight");
+  check_size(weight, 0, x.size(-1), op, "weight", "dim, x.size(-1)");
+  check_device(weight, x.device(), op, "weight");
+  const int64_t dim = x.size(-1);
+  const auto rows = x.reshape({-1, dim}).contiguous();
+  // The variance as transformers computes it, by the same ATen operations (so in their summation order).
+  const auto variance = rows.to(at::kFloat).pow(2).mean(-1).contiguous();
+  const auto w = weight.contiguous();
+  auto out = at::empty(x.sizes(), x.options());
+  kernels::Status s;
+  if (x.scalar_type() == at::kFloat) {
+    s = kernels::rms_norm_apply(rows.data_ptr<float>(), rows.size(0), dim, dim, variance.data_ptr<float>(),
+                                w.data_ptr<float>(), static_cast<float>(eps), out.data_ptr<float>());
+  } else {
+    using bf = kernels::bfloat16;
+    s = kernels::rms_norm_apply(reinterpret_cast<const bf*>(rows.data_ptr()), rows.size(0), dim, dim,
+                                variance.data_ptr<float>(), reinterpret_cast<const bf*>(w.data_ptr()),
+                                static_cast<float>(eps), reinterpret_cast<bf*>(out.data_ptr()));
+  }
+  throw_if_error(s, op);
+  return out;
+}
+
+at::Tensor rotary_embedding_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  constexpr const char* op = "rotary_embedding";
+  check_dtype(x, {at::kFloat, at::kBFloat16}, op, "x");
+  check_dtype(cos, {x.scalar_type()}, op, "cos");
+  check_dtype(sin, {x.scalar_type()}, op, "sin");
+  check_dim(x, 4, op, "x");
+  check_device(cos, x.device(), op, "cos");
+  check_device(sin, x.device(), op, "sin");
+  const int64_t batch = x.size(0), heads = x.size(1), tokens = x.size(2), dim = x.size(3);
+  TORCH_CHECK_VALUE(dim % 2 == 0, op, ": x's last dimension (head_dim) must be even, got ", dim);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{cos, "cos"}, {sin, "sin"}}) {
+    const bool fits = t.dim() == 4 && t.size(0) == batch && t.size(1) == 1 && t.size(2) == tokens && t.size(3) == dim;
+    TORCH_CHECK_VALUE(fits, op, ": ", name, " must be [batch=", batch, ", 1, tokens=", tokens, ", dim=", dim,
+                      "] (shared by the heads), got ", t.sizes());
+  }
+  const auto xs = x.stride(3) == 1 ? x : x.contiguous();
+  const auto c = cos.contiguous(), sn = sin.contiguous();
+  auto out = at::empty({batch, heads, tokens, dim}, x.options());
+  kernels::Status s;
+  if (x.scalar_type() == at::kFloat) {
+    s = kernels::rotary_embedding(xs.data_ptr<float>(), batch, heads, tokens, dim, xs.stride(0), xs.stride(1),
+                                  xs.stride(2), c.data_ptr<float>(), sn.data_ptr<float>(), out.data_ptr<float>());
+  } else {
+    using bf = kernels::bfloat16;
+    s = kernels::rotary_embedding(reinterpret_cast<const bf*>(xs.data_ptr()), batch, heads, tokens, dim, xs.stride(0),
+                                  xs.stride(1), xs.stride(2), reinterpret_cast<const bf*>(c.data_ptr()),
+                                  reinterpret_cast<const bf*>(sn.data_ptr()), reinterpret_cast<bf*>(out.data_ptr()));
+  }
+  throw_if_error(s, op);
+  return out;
+}
+
+}  // namespace token_recycling
