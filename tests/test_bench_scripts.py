@@ -43,3 +43,9 @@ def test_attention_and_step_breakdown_smoke(tmp_path):
     assert "ours ms" in out
     out = run(str(BENCH / "step_breakdown.py"), "--device", "cpu", "--quick", "--steps", "4", cwd=tmp_path)
     assert "tree+uncapt" in out and "dense" in out
+
+
+def test_linear_bandwidth_quick(tmp_path):
+    printed = run(str(BENCH / "linear_bandwidth.py"), "--quick", "--rows", "1,3", "--threads", "1", cwd=tmp_path)
+    assert "a plain sum reads" in printed
+    assert printed.count("skinny_linear") == 4  # two shapes, two row counts
