@@ -4,8 +4,9 @@
 //
 // in one pass instead of seven tensor operations per tensor. Each product and the sum round as
 // torch's elementwise operations do (computed in float32; for bfloat16 each of the two products and
-// the sum rounded to nearest even), so the result is the same bit for bit. (The plain loops below must
-// not be contracted into fused multiply-adds: they are compiled for the generic target, which has none.)
+// the sum rounded to nearest even), so the result is the same bit for bit. The float32 sum of two
+// products must not be contracted into a fused multiply-add (one rounding fewer than torch's): the
+// function turns contraction off for GCC and Clang, whatever -march a build uses.
 //
 // x: [batch, heads, tokens, dim] with strides (sb, sh, st) and contiguous elements (q and k as
 // view(...).transpose(1, 2) leave them); cos, sin: [batch, tokens, dim] contiguous (shared by every
@@ -21,9 +22,19 @@
 
 namespace token_recycling::kernels {
 
+#if defined(__GNUC__) && !defined(__clang__)
+#define TR_NO_FP_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define TR_NO_FP_CONTRACT
+#endif
+
 template <typename T>
-inline Status rotary_embedding(const T* x, int64_t batch, int64_t heads, int64_t tokens, int64_t dim, int64_t sb,
-                               int64_t sh, int64_t st, const T* cos, const T* sin, T* out) {
+TR_NO_FP_CONTRACT inline Status rotary_embedding(const T* x, int64_t batch, int64_t heads, int64_t tokens, int64_t dim,
+                                                 int64_t sb, int64_t sh, int64_t st, const T* cos, const T* sin,
+                                                 T* out) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, bfloat16>, "T: float or bfloat16");
   Status s = CheckSizes({{"batch", batch}, {"heads", heads}, {"tokens", tokens}, {"dim", dim}});
   if (!s.ok) return s;
@@ -45,5 +56,7 @@ inline Status rotary_embedding(const T* x, int64_t batch, int64_t heads, int64_t
       }
   return Status::Ok();
 }
+
+#undef TR_NO_FP_CONTRACT
 
 }  // namespace token_recycling::kernels
