@@ -77,6 +77,7 @@ def test_bad_input_names_the_argument():
 def test_opcheck():
     x = torch.randn(3, 16)
     torch.library.opcheck(torch.ops.token_recycling.rms_norm, (x, torch.randn(16), 1e-5))
+    torch.library.opcheck(torch.ops.token_recycling.rms_norm, (torch.randn(16, 3).T, torch.randn(16), 1e-5))
     q = torch.randn(1, 2, 3, 8)
     cs = torch.randn(1, 1, 3, 8)
     torch.library.opcheck(torch.ops.token_recycling.rotary_embedding, (q, cs, cs))
