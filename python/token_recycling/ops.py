@@ -200,7 +200,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' Llama/Qwen2 RMS norm, ``weight * (h * rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)``
     with ``h = x.to(float32)``, equal to it bit for bit, in four operations instead of eight (the variance by
     ATen's own ``pow`` and ``mean``, the rest in one pass). x ``[..., dim]`` and weight ``[dim]``, both
-    float32 or both bfloat16; returns x's shape and dtype. CPU only."""
+    float32 or both bfloat16; returns a contiguous tensor of x's shape and dtype. CPU only."""
     return _ops.rms_norm(x, weight, eps)
 
 
