@@ -17,7 +17,9 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
   check_size(weight, 0, x.size(-1), op, "weight", "dim, x.size(-1)");
   check_device(weight, x.device(), op, "weight");
   const int64_t dim = x.size(-1);
-  const auto rows = x.reshape({-1, dim}).contiguous();
+  int64_t n = 1;  // rows (not -1 in reshape: with dim 0 it could not be inferred)
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) n *= x.size(d);
+  const auto rows = x.reshape({n, dim}).contiguous();
   // The variance as transformers computes it, by the same ATen operations (so in their summation order).
   const auto variance = rows.to(at::kFloat).pow(2).mean(-1).contiguous();
   const auto w = weight.contiguous();

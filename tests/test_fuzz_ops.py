@@ -864,6 +864,72 @@ def test_fuzz_greedy_topk():
     drive("greedy_topk", make_greedy_topk)
 
 
+# ------------------------------------------------------------------------- rms_norm, rotary_embedding
+
+def make_rms_norm(rng, gen):
+    dim = rng.randrange(0, 40)
+    lead = rng.choice([(), (rng.randrange(0, 4),), (rng.randrange(1, 3), rng.randrange(0, 4))])
+    dtype = rng.choice([torch.float32, torch.bfloat16])
+    x = (torch.randn((*lead, dim), generator=gen) * rng.choice([1e-3, 1.0, 100.0])).to(dtype)
+    weight = torch.randn(dim, generator=gen).to(dtype)
+    eps = rng.choice([1e-5, 1e-6])
+    args = [x, weight, eps]
+    fault = rng.choice([None] * 5 + ["dtype", "weight", "weight dtype", "rank", "python"])
+    raises = (ValueError,)
+    if fault == "dtype":
+        args[0], raises = wrong_dtype(rng, x, [torch.float32, torch.bfloat16]), (TypeError,)
+    elif fault == "weight":
+        args[1] = torch.randn(dim + rng.choice([1, 2]), generator=gen).to(dtype)
+    elif fault == "weight dtype":
+        args[1], raises = weight.to(torch.bfloat16 if dtype == torch.float32 else torch.float32), (TypeError,)
+    elif fault == "rank":
+        args[0], args[1] = torch.tensor(1.0, dtype=dtype), torch.randn(1).to(dtype)
+    case = Case(args, fault, raises)
+    if fault == "python":
+        python_value_fault(rng, case)
+    if case.fault is None:
+        want = reference.rms_norm(x, weight, eps)
+        case.args = [scramble(x, rng), weight, eps]
+        case.check = lambda got: equal(got, want, "rms_norm")
+    return case
+
+
+def test_fuzz_rms_norm():
+    drive("rms_norm", make_rms_norm)
+
+
+def make_rotary_embedding(rng, gen):
+    b, h, n, d = rng.randrange(0, 3), rng.randrange(0, 4), rng.randrange(0, 5), 2 * rng.randrange(0, 9)
+    dtype = rng.choice([torch.float32, torch.bfloat16])
+    x = torch.randn(b, n, h, d, generator=gen).to(dtype).transpose(1, 2)  # as q and k are made
+    if rng.random() < 0.3:
+        x = x.contiguous()
+    cos, sin = (torch.randn(b, 1, n, d, generator=gen).to(dtype) for _ in range(2))
+    args = [x, cos, sin]
+    fault = rng.choice([None] * 5 + ["dtype", "cos", "sin", "odd", "rank", "python"])
+    raises = (ValueError,)
+    if fault == "dtype":
+        args[0], raises = wrong_dtype(rng, x, [torch.float32, torch.bfloat16]), (TypeError,)
+    elif fault in ("cos", "sin"):
+        bad = torch.randn(b, rng.choice([2, 3]), n, d, generator=gen).to(dtype)
+        args[1 if fault == "cos" else 2] = bad
+    elif fault == "odd":
+        args = [torch.randn(b, h, n, d + 1, generator=gen).to(dtype)] + [torch.randn(b, 1, n, d + 1).to(dtype)] * 2
+    elif fault == "rank":
+        args[0] = torch.randn(h, n, d, generator=gen).to(dtype)
+    case = Case(args, fault, raises)
+    if fault == "python":
+        python_value_fault(rng, case)
+    if case.fault is None:
+        want = reference.rotary_embedding(x, cos, sin)
+        case.check = lambda got: equal(got, want, "rotary_embedding")
+    return case
+
+
+def test_fuzz_rotary_embedding():
+    drive("rotary_embedding", make_rotary_embedding)
+
+
 # ---------------------------------------------------------------------------- deferred device checks
 # (the CPU side: the CUDA side is tested in test_step_sync.py and test_ops_cuda.py on a GPU)
 
