@@ -8,7 +8,9 @@
 // rsqrt is 1 / sqrt, both correctly rounded), the product in float32, then for bfloat16 one rounding
 // to nearest even, and weight times it computed in float32 and rounded to bfloat16 again. The variance
 // comes from the caller: its sum runs in the reduction order of the caller's framework, which this
-// kernel does not repeat (csrc/lean_ops.cpp computes it with ATen's own pow and mean).
+// kernel does not repeat. rms_norm_squares writes the float32 squares that sum reads (h * h, as torch's
+// pow(2) computes them), so the caller makes one call of its framework's sum, divided by dim as mean
+// divides (csrc/lean_ops.cpp: ATen's sum).
 //
 // x: [rows, dim] (row stride x_stride, elements contiguous); variance: [rows] float32; weight: [dim];
 // out: [rows, dim] contiguous. T: float or bfloat16 (x, weight and out alike).
@@ -22,6 +24,26 @@
 #include "status.h"
 
 namespace token_recycling::kernels {
+
+// squares[r, d] = float(x[r, d]) * float(x[r, d]): squares [rows, dim] contiguous float32.
+template <typename T>
+inline Status rms_norm_squares(const T* x, int64_t rows, int64_t dim, int64_t x_stride, float* squares) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, bfloat16>, "T: float or bfloat16");
+  Status s = CheckSizes({{"rows", rows}, {"dim", dim}});
+  if (!s.ok) return s;
+  if (rows > 1 && x_stride < dim) {
+    return Status::Error("x row stride " + std::to_string(x_stride) + " < dim " + std::to_string(dim));
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * x_stride;
+    float* o = squares + r * dim;
+    for (int64_t d = 0; d < dim; ++d) {
+      const float h = to_float(xr[d]);
+      o[d] = h * h;
+    }
+  }
+  return Status::Ok();
+}
 
 template <typename T>
 inline Status rms_norm_apply(const T* x, int64_t rows, int64_t dim, int64_t x_stride, const float* variance,

@@ -790,6 +790,14 @@ void fuzz_rms_norm(int64_t iters) {
       for (int64_t d = 0; d < dim; ++d) same = same && out[r * dim + d] == w[d] * (x[r * xs + d] * scale);
     }
     t.check(same, "call " + std::to_string(it) + ": outputs differ");
+    // The squares the caller sums for the variance, from the same x.
+    std::vector<float> sq(static_cast<size_t>(R * D), -77.f);
+    const Status q = k::rms_norm_squares(x.data(), rows, dim, xs, sq.data());
+    if (!t.verdict(q, valid, it)) continue;
+    bool squares = true;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t d = 0; d < dim; ++d) squares = squares && sq[r * dim + d] == x[r * xs + d] * x[r * xs + d];
+    t.check(squares, "call " + std::to_string(it) + ": squares differ");
   }
 }
 

@@ -13,9 +13,9 @@ mask function and the attention function transformers would pick. Its logits are
 bit for bit. That is not taken on trust: :func:`usable` checks it once per model, against the model's
 own forward on a small tree, before the decode loop uses it, and a model that differs (another
 transformers version, a remote-code variant) keeps its own forward. Two steps run fused, each equal
-bit for bit to the operations it replaces: the RMS norms (``ops.rms_norm``: the variance by the same
-ATen operations, the rest in one pass instead of five operations) and the rotary embedding of q and k
-(``ops.rotary_embedding``: one pass instead of seven operations each). Models of other classes, with
+bit for bit to the operations it replaces: the RMS norms (``ops.rms_norm``: the squares' sum by ATen's
+own ``sum``, in ``mean``'s order, the rest in passes of its own, instead of six operations) and the
+rotary embedding of q and k (``ops.rotary_embedding``: one pass instead of seven operations each). Models of other classes, with
 sliding-window layers, with hooks (accelerate's offloading, user hooks), in training mode, on a
 device other than the CPU, or under tensor parallel always keep their own forward.
 ``TOKEN_RECYCLING_LEAN_FORWARD=off`` turns it off.
