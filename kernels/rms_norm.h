@@ -25,15 +25,23 @@
 
 namespace token_recycling::kernels {
 
-// squares[r, d] = float(x[r, d]) * float(x[r, d]): squares [rows, dim] contiguous float32.
-template <typename T>
-inline Status rms_norm_squares(const T* x, int64_t rows, int64_t dim, int64_t x_stride, float* squares) {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, bfloat16>, "T: float or bfloat16");
+namespace rms_norm_detail {
+inline Status check_rows(int64_t rows, int64_t dim, int64_t x_stride) {
   Status s = CheckSizes({{"rows", rows}, {"dim", dim}});
   if (!s.ok) return s;
   if (rows > 1 && x_stride < dim) {
     return Status::Error("x row stride " + std::to_string(x_stride) + " < dim " + std::to_string(dim));
   }
+  return Status::Ok();
+}
+}  // namespace rms_norm_detail
+
+// squares[r, d] = float(x[r, d]) * float(x[r, d]): squares [rows, dim] contiguous float32.
+template <typename T>
+inline Status rms_norm_squares(const T* x, int64_t rows, int64_t dim, int64_t x_stride, float* squares) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, bfloat16>, "T: float or bfloat16");
+  Status s = rms_norm_detail::check_rows(rows, dim, x_stride);
+  if (!s.ok) return s;
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * x_stride;
     float* o = squares + r * dim;
@@ -49,11 +57,8 @@ template <typename T>
 inline Status rms_norm_apply(const T* x, int64_t rows, int64_t dim, int64_t x_stride, const float* variance,
                              const T* weight, float eps, T* out) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, bfloat16>, "T: float or bfloat16");
-  Status s = CheckSizes({{"rows", rows}, {"dim", dim}});
+  Status s = rms_norm_detail::check_rows(rows, dim, x_stride);
   if (!s.ok) return s;
-  if (rows > 1 && x_stride < dim) {
-    return Status::Error("x row stride " + std::to_string(x_stride) + " < dim " + std::to_string(dim));
-  }
   for (int64_t r = 0; r < rows; ++r) {
     const float scale = 1.0f / std::sqrt(variance[r] + eps);
     const T* xr = x + r * x_stride;
