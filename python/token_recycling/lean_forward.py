@@ -15,9 +15,10 @@ own forward on a small tree, before the decode loop uses it, and a model that di
 transformers version, a remote-code variant) keeps its own forward. Two steps run fused, each equal
 bit for bit to the operations it replaces: the RMS norms (``ops.rms_norm``: the squares' sum by ATen's
 own ``sum``, in ``mean``'s order, the rest in passes of its own, instead of six operations) and the
-rotary embedding of q and k (``ops.rotary_embedding``: one pass instead of seven operations each). Models of other classes, with
-sliding-window layers, with hooks (accelerate's offloading, user hooks), in training mode, on a
-device other than the CPU, or under tensor parallel always keep their own forward.
+rotary embedding of q and k (``ops.rotary_embedding``: one pass instead of seven operations each).
+Models of other classes, with sliding-window layers, with hooks (accelerate's offloading, user
+hooks), in training mode, on a device other than the CPU, or under tensor parallel always keep their
+own forward.
 ``TOKEN_RECYCLING_LEAN_FORWARD=off`` turns it off.
 """
 
