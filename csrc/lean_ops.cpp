@@ -8,6 +8,27 @@
 
 namespace token_recycling {
 
+namespace {
+
+// rows [n, dim] contiguous, weight [dim] contiguous, out [n, dim]: all T (float or bfloat16).
+template <typename T>
+void rms_norm_rows(const at::Tensor& rows, const at::Tensor& weight, int64_t n, int64_t dim, float eps,
+                   at::Tensor& out, const char* op) {
+  const T* xp = reinterpret_cast<const T*>(rows.data_ptr());
+  // The variance as transformers computes it, h.pow(2).mean(-1): the squares here (pow(2) of a float is
+  // h * h), then ATen's own sum (its summation order) divided by dim, as ATen's mean divides its sum.
+  auto squares = at::empty({n, dim}, rows.options().dtype(at::kFloat));
+  throw_if_error(kernels::rms_norm_squares(xp, n, dim, dim, squares.data_ptr<float>()), op);
+  auto variance = at::sum(squares, -1).contiguous();
+  float* v = variance.data_ptr<float>();
+  for (int64_t r = 0; r < n; ++r) v[r] /= static_cast<float>(dim);
+  throw_if_error(kernels::rms_norm_apply(xp, n, dim, dim, v, reinterpret_cast<const T*>(weight.data_ptr()), eps,
+                                         reinterpret_cast<T*>(out.data_ptr())),
+                 op);
+}
+
+}  // namespace
+
 at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
   constexpr const char* op = "rms_norm";
   check_dtype(x, {at::kFloat, at::kBFloat16}, op, "x");
@@ -20,31 +41,12 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
   int64_t n = 1;  // rows (not -1 in reshape: with dim 0 it could not be inferred)
   for (int64_t d = 0; d + 1 < x.dim(); ++d) n *= x.size(d);
   const auto rows = x.reshape({n, dim}).contiguous();
-  // The variance as transformers computes it, h.pow(2).mean(-1): the squares here (pow(2) of a float is
-  // h * h), then ATen's own sum (its summation order) divided by dim, as ATen's mean divides its sum.
-  auto squares = at::empty({n, dim}, x.options().dtype(at::kFloat));
-  kernels::Status s;
-  using bf = kernels::bfloat16;
-  if (x.scalar_type() == at::kFloat) {
-    s = kernels::rms_norm_squares(rows.data_ptr<float>(), n, dim, dim, squares.data_ptr<float>());
-  } else {
-    s = kernels::rms_norm_squares(reinterpret_cast<const bf*>(rows.data_ptr()), n, dim, dim, squares.data_ptr<float>());
-  }
-  throw_if_error(s, op);
-  auto variance = at::sum(squares, -1).contiguous();
-  float* v = variance.data_ptr<float>();
-  for (int64_t r = 0; r < n; ++r) v[r] /= static_cast<float>(dim);
-  const auto w = weight.contiguous();
   auto out = at::empty(x.sizes(), x.options());
   if (x.scalar_type() == at::kFloat) {
-    s = kernels::rms_norm_apply(rows.data_ptr<float>(), n, dim, dim, v, w.data_ptr<float>(), static_cast<float>(eps),
-                                out.data_ptr<float>());
+    rms_norm_rows<float>(rows, weight.contiguous(), n, dim, static_cast<float>(eps), out, op);
   } else {
-    s = kernels::rms_norm_apply(reinterpret_cast<const bf*>(rows.data_ptr()), n, dim, dim, v,
-                                reinterpret_cast<const bf*>(w.data_ptr()), static_cast<float>(eps),
-                                reinterpret_cast<bf*>(out.data_ptr()));
+    rms_norm_rows<kernels::bfloat16>(rows, weight.contiguous(), n, dim, static_cast<float>(eps), out, op);
   }
-  throw_if_error(s, op);
   return out;
 }
 
