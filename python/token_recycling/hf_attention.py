@@ -65,6 +65,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AttentionInterface
@@ -119,13 +120,24 @@ def tree_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
                            **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function: query ``[B, Hq, N, D]``, key/value ``[B, Hkv, S, D]``;
     returns ``([B, N, Hq, D], None)``."""
+    return attention_for(query, key, attention_mask, scaling, dropout, kwargs)(module, query, key, value), None
+
+
+def attention_for(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                  scaling: float | None = None, dropout: float = 0.0, kwargs: dict | None = None
+                  ) -> Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """What :func:`tree_attention_forward` runs for a query and key of these shapes and these
+    arguments, as ``f(module, query, key, value) -> [B, N, Hq, D]`` with the rest decided once: the
+    path, the mask on the device, the prefix tensor, the scale. A forward whose layers share the
+    shapes and arguments (lean_forward.py) decides once and calls ``f`` in every layer."""
+    kwargs = dict(kwargs or {})
     prefix = kwargs.pop(PREFIX_KWARG, None)
     start = kwargs.pop(START_KWARG, None)
     tree = tree_mask_of(attention_mask, query, key, per_row=prefix is not None)
     if tree is not None and prefix is None and key.shape[2] == query.shape[2]:
         tree = None  # N keys only (a padded one-row prefill): the square mask is the dense one, either way
     if tree is None:
-        return dense_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return _dense_call(attention_mask, dropout, scaling, kwargs)
     batch, n, key_len = query.shape[0], query.shape[2], key.shape[2]
     window_size = kwargs.get("sliding_window")
     if window_size is not None:
@@ -134,19 +146,21 @@ def tree_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         # A sliding-window layer (window.WindowLayer) holds the window's end with the tree last, so its own
         # prefix is key_len - N (not the model's); the dense path applies the window along each node's path.
         dense = window.dense_tree_mask(tree.to(query.device), key_len, window_size)
-        return dense_attention(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
+        return _dense_call(dense, dropout, scaling, kwargs)
     prefix_len = prefix_tensor(prefix, batch, n, key_len, query.device)
     start = tree_start_of(start, n, key_len)
+    tree = tree.to(query.device)
     if dropout > 0.0 or not _kernel_can_run(query, kwargs):
-        dense = dense_mask(tree.to(query.device), prefix_len, key_len, start)
-        return dense_attention(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
+        return _dense_call(dense_mask(tree, prefix_len, key_len, start), dropout, scaling, kwargs)
+    scale = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
     if start < 0 and tree.dim() == 2 and choose_path(prefix, query, key) == "two-part":
-        out = two_part_attention(query, key, value, prefix, tree.to(query.device), float(scaling))
-    else:
-        out = ops.tree_attention(query, key, value, prefix_len, tree.to(query.device), float(scaling), start)
-    return out.transpose(1, 2).contiguous(), None
+        return lambda module, q, k, v: two_part_attention(q, k, v, prefix, tree, scale).transpose(1, 2).contiguous()
+    return lambda module, q, k, v: ops.tree_attention(q, k, v, prefix_len, tree, scale, start).transpose(1, 2).contiguous()
+
+
+def _dense_call(mask: torch.Tensor | None, dropout: float, scaling: float | None, kwargs: dict):
+    return lambda module, q, k, v: dense_attention(module, q, k, v, mask, dropout=dropout, scaling=scaling,
+                                                   **kwargs)[0]
 
 
 def dense_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

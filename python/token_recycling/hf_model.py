@@ -79,7 +79,8 @@ def model_dtype(model) -> torch.dtype:
 
 
 def forward_tree(model, tokens: torch.Tensor, depths: torch.Tensor, tree: torch.Tensor, prefix, cache,
-                 tree_attention: bool, cache_kwarg: str, start: int | None = None, lean: bool = False) -> torch.Tensor:
+                 tree_attention: bool, cache_kwarg: str, start: int | None = None,
+                 lean: bool | lean_forward.Parts = False) -> torch.Tensor:
     """One forward of every row's draft tree: tokens/depths ``[B, N]``, tree ``[B, N, N]`` bool (node i
     sees node j). Row b's node i sits at position ``prefix[b] + depth(i)``, seeing row b's prefix and
     its ancestors. Returns logits ``[B, N, V]``; the cache gains N slots.
@@ -91,7 +92,8 @@ def forward_tree(model, tokens: torch.Tensor, depths: torch.Tensor, tree: torch.
     With ``tree_attention`` the mask is the bare tree block and the prefix length (and ``start``) go
     along as keyword arguments (the protocol of hf_attention.py; the window is taken from the layer);
     otherwise a dense additive mask over the keys, or one per layer type with sliding-window layers
-    (window.py). ``lean``: through lean_forward.forward (the same logits; see :func:`lean_usable`)."""
+    (window.py). ``lean``: through lean_forward.forward (the same logits; see :func:`lean_usable`), with
+    the model's parts looked up there or, given a ``lean_forward.Parts``, earlier."""
     batch, n = tokens.shape
     extra = {}
     if tree_attention:
@@ -107,7 +109,8 @@ def forward_tree(model, tokens: torch.Tensor, depths: torch.Tensor, tree: torch.
         mask = kv.rows_mask(tree, prefix, start, model_dtype(model), kv.static_capacity(cache))
     offset = prefix.to(tokens.device).view(-1, 1) if isinstance(prefix, torch.Tensor) else prefix
     if lean:
-        return lean_forward.forward(model, tokens, mask, depths + offset, cache, **extra)
+        parts = lean if isinstance(lean, lean_forward.Parts) else None
+        return lean_forward.forward(model, tokens, mask, depths + offset, cache, parts=parts, **extra)
     out = model(input_ids=tokens, attention_mask=mask, position_ids=depths + offset, use_cache=True,
                 **{cache_kwarg: cache}, **extra)
     return out.logits

@@ -84,15 +84,17 @@ def _modeling(model):
 FUSED = (torch.float32, torch.bfloat16)  # dtypes of ops.rms_norm and ops.rotary_embedding
 
 
-def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    # LlamaRMSNorm.forward / Qwen2RMSNorm.forward; ops.rms_norm where the dtypes allow (the same bits)
+def _rms_norm(norm: tuple[torch.Tensor, float], x: torch.Tensor) -> torch.Tensor:
+    # LlamaRMSNorm.forward / Qwen2RMSNorm.forward of a norm's (weight, variance_epsilon); ops.rms_norm
+    # where the dtypes allow (the same bits)
+    weight, eps = norm
     dtype = x.dtype
-    if dtype in FUSED and norm.weight.dtype is dtype:
-        return ops.rms_norm(x, norm.weight, norm.variance_epsilon)
+    if dtype in FUSED and weight.dtype is dtype:
+        return ops.rms_norm(x, weight, eps)
     h = x.to(torch.float32)
     variance = h.pow(2).mean(-1, keepdim=True)
-    h = h * torch.rsqrt(variance + norm.variance_epsilon)
-    return norm.weight * h.to(dtype)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -107,46 +109,90 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return (x * cos) + (_rotate_half(x) * sin)
 
 
+class Parts:
+    """A model's parts as :func:`forward` reads them, looked up once (per generate() call in the decode
+    loop): an ``nn.Module`` attribute lookup goes through ``Module.__getattr__``, and a forward of a
+    30-layer model would make some 600 of them. The linear layers are kept as modules and their
+    ``forward`` read at each call, so routing entered later (skinny.routed) still applies."""
+
+    def __init__(self, model):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        from . import hf_attention
+
+        self.model = model
+        self.modeling = _modeling(model)
+        base = model.model
+        self.config = config = base.config
+        self.embed, self.rotary, self.head = base.embed_tokens, base.rotary_emb, model.lm_head
+        self.norm = _norm(base.norm)
+        self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation,
+                                                              self.modeling.eager_attention_forward)
+        self.tree_backend = self.attention is hf_attention.tree_attention_forward
+        self.layers = []
+        for layer in base.layers[: config.num_hidden_layers]:
+            attn, mlp = layer.self_attn, layer.mlp
+            # Qwen2's attention differs from Llama's only in its sliding_window keyword
+            extra = {"sliding_window": attn.sliding_window} if hasattr(attn, "sliding_window") else {}
+            act = mlp.act_fn  # a module without hooks (eligible): calling it is calling its forward
+            self.layers.append((_norm(layer.input_layernorm), attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                attn.head_dim, attn.layer_idx, attn.scaling, extra, _norm(layer.post_attention_layernorm),
+                                mlp.gate_proj, mlp.up_proj, mlp.down_proj, getattr(act, "forward", act)))
+
+
+def _norm(norm) -> tuple[torch.Tensor, float]:
+    return norm.weight, norm.variance_epsilon
+
+
 def forward(model, input_ids: torch.Tensor, attention_mask, position_ids: torch.Tensor, cache,
-            **kwargs) -> torch.Tensor:
+            parts: Parts | None = None, **kwargs) -> torch.Tensor:
     """Logits ``[B, N, V]`` of ``model(input_ids=..., attention_mask=..., position_ids=...,
     use_cache=True, cache=cache, **kwargs)``, computed as that call computes them (see the module
-    docstring); ``kwargs`` reach the attention function as they would there."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    docstring); ``kwargs`` reach the attention function as they would there. ``parts``: ``Parts(model)``
+    made earlier (made here when not given).
 
-    modeling = _modeling(model)
-    base = model.model
-    config = base.config
-    embeds = base.embed_tokens.forward(input_ids)
-    mask = modeling.create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=attention_mask,
-                                       cache=cache, position_ids=position_ids)
-    cos, sin = base.rotary_emb(embeds, position_ids=position_ids)
+    With this project's tree attention as the model's attention, what that function would decide per
+    layer (the path, the mask, the prefix tensor: hf_attention.attention_for) is decided at the first
+    layer and again only where a layer's shapes or scale differ."""
+    from . import hf_attention
+
+    parts = parts if parts is not None and parts.model is model else Parts(model)
+    embeds = parts.embed.forward(input_ids)
+    mask = parts.modeling.create_causal_mask(config=parts.config, inputs_embeds=embeds, attention_mask=attention_mask,
+                                             cache=cache, position_ids=position_ids)
+    cos, sin = parts.rotary.forward(embeds, position_ids=position_ids)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, modeling.eager_attention_forward)
+    attention = parts.attention
     layer_kwargs = {"position_ids": position_ids, "use_cache": True, **kwargs}
+    attend, decided_for = None, None
     hidden = embeds
-    for layer in base.layers[: config.num_hidden_layers]:
-        attn, mlp = layer.self_attn, layer.mlp
-        # LlamaDecoderLayer.forward, LlamaAttention.forward, LlamaMLP.forward (Qwen2's differ only in
-        # the attention's sliding_window keyword)
+    for (norm1, attn, q_proj, k_proj, v_proj, o_proj, head_dim, layer_idx, scaling, extra, norm2, gate, up, down,
+         act) in parts.layers:
+        # LlamaDecoderLayer.forward, LlamaAttention.forward, LlamaMLP.forward
         residual = hidden
-        x = _rms_norm(layer.input_layernorm, hidden)
-        shape = (*x.shape[:-1], -1, attn.head_dim)
-        q = attn.q_proj.forward(x).view(shape).transpose(1, 2)
-        k = attn.k_proj.forward(x).view(shape).transpose(1, 2)
-        v = attn.v_proj.forward(x).view(shape).transpose(1, 2)
+        x = _rms_norm(norm1, hidden)
+        shape = (*x.shape[:-1], -1, head_dim)
+        q = q_proj.forward(x).view(shape).transpose(1, 2)
+        k = k_proj.forward(x).view(shape).transpose(1, 2)
+        v = v_proj.forward(x).view(shape).transpose(1, 2)
         q = _rotary(q, cos, sin)
         k = _rotary(k, cos, sin)
-        k, v = cache.update(k, v, attn.layer_idx, kwargs=layer_kwargs)
-        extra = {"sliding_window": attn.sliding_window} if hasattr(attn, "sliding_window") else {}
-        out, _ = attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, **extra, **layer_kwargs)
-        out = attn.o_proj.forward(out.reshape(*x.shape[:-1], -1).contiguous())
+        k, v = cache.update(k, v, layer_idx, kwargs=layer_kwargs)
+        if parts.tree_backend:
+            key = (q.shape, k.shape, scaling)
+            if key != decided_for:
+                attend = hf_attention.attention_for(q, k, mask, scaling, 0.0, {**extra, **layer_kwargs})
+                decided_for = key
+            out = attend(attn, q, k, v)
+        else:
+            out, _ = attention(attn, q, k, v, mask, dropout=0.0, scaling=scaling, **extra, **layer_kwargs)
+        out = o_proj.forward(out.reshape(*x.shape[:-1], -1).contiguous())
         hidden = residual + out
         residual = hidden
-        x = _rms_norm(layer.post_attention_layernorm, hidden)
-        hidden = residual + mlp.down_proj.forward(mlp.act_fn(mlp.gate_proj.forward(x)) * mlp.up_proj.forward(x))
-    hidden = _rms_norm(base.norm, hidden)
-    return model.lm_head.forward(hidden)
+        x = _rms_norm(norm2, hidden)
+        hidden = residual + down.forward(act(gate.forward(x)) * up.forward(x))
+    hidden = _rms_norm(parts.norm, hidden)
+    return parts.head.forward(hidden)
 
 
 @torch.no_grad()

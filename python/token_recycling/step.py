@@ -26,7 +26,7 @@ import time
 import torch
 
 from . import cache as kv
-from . import calibration, distributed, hf_model, skinny, window
+from . import calibration, distributed, hf_model, lean_forward, skinny, window
 from .auto_tree import CostModel, sync
 from .draft import Draft
 from .emit import Emitter
@@ -56,7 +56,8 @@ class Decoder:
         self.rec = rec
         self.costs: dict[int, StepCost] = {}
         self.fixed: CostModel | None = None  # a curve given instead of measured (TokenRecycler.use_cost_curve)
-        self.lean = False  # this call's verification forwards go through lean_forward (decode)
+        # This call's verification forwards go through lean_forward (decode): its lean_forward.Parts, or False.
+        self.lean: lean_forward.Parts | bool = False
 
     def cost(self, batch: int) -> StepCost | None:
         policy = self.rec.drafter.policy
@@ -79,6 +80,8 @@ class Decoder:
         # Verification forwards without transformers' per-module Python where that gives the same
         # logits (lean_forward.py); decided per call: hooks or a mode may have changed since the last.
         self.lean = hf_model.lean_usable(rec.model, rec.tree_attention, rec._cache_kwarg)
+        if self.lean:  # the model's parts, looked up once for this call's forwards
+            self.lean = lean_forward.Parts(rec.model)
         rows = self._prefill(input_ids, pads, cache, verifier, stopping, streamer, capacity)
         steps = self._loop(rows, cache)
         if rec.graph is not None:
