@@ -13,6 +13,7 @@ from token_recycling import TokenRecycler
 from token_recycling.auto_tree import CostModel
 from token_recycling.ngram import NgramIndex
 from token_recycling.policy import ChainStats, Plan, Policy, StepCost, agreement
+from token_recycling.policy import median as policy_median
 
 
 def test_chain_stats_count_positions_until_the_first_miss():
@@ -382,6 +383,25 @@ def test_expected_gains_follow_what_drafted_steps_produced():
     for _ in range(300):  # the raw gain (before calibration) is what is compared
         policy.record_outcome(Plan(0, [[5, 6, 7]], chain_gain=2.0), [5, 6, 9])
     assert policy.calibration["chains"] == pytest.approx(1.0)
+
+
+def test_calibration_kept_as_outcomes_come_equals_one_summed_afresh():
+    policy = Policy(8, max_chain=10, max_ngram=4)
+    rng = random.Random(3)
+    for i in range(700):  # the kept outcomes wrap around more than twice
+        gain, produced = rng.uniform(0.1, 3.0), rng.randrange(0, 4)
+        policy.record_outcome(Plan(0, [[1] * 5], chain_gain=gain), [1] * produced + [9])
+        kept = policy.outcomes["chains"]
+        expected = sum(e for e, _ in kept)
+        fresh = np.clip(sum(a for _, a in kept) / expected, 0.25, 1.5) if len(kept) >= 32 else 1.0
+        assert policy.calibration["chains"] == pytest.approx(fresh, rel=1e-12), i
+
+
+def test_step_cost_median_is_numpys():
+    rng = random.Random(5)
+    for n in range(1, 40):
+        values = [rng.uniform(0.5, 2.0) for _ in range(n)]
+        assert policy_median(values) == float(np.median(values))
 
 
 def test_calibration_is_kept_in_the_state():

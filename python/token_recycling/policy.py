@@ -76,6 +76,13 @@ SOURCES = ("chains", "tree", "lone tree")
 OUTCOMES_KEPT = 256  # per source, the last drafted plans its calibration is measured over
 
 
+def median(values) -> float:
+    """np.median of a short sequence of floats, without numpy's per-call cost (called every step)."""
+    ordered = sorted(values)
+    half = len(ordered) // 2
+    return float(ordered[half]) if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2.0
+
+
 def right_prefix(draft: list[int], actual: list[int]) -> int:
     """How many leading tokens of ``draft`` equal the tokens the model produced (``actual``)."""
     right, n = 0, min(len(draft), len(actual))
@@ -248,8 +255,8 @@ class StepCost:
             return
         self.ratios.append(forward_seconds / max(self.curve(forwarded), 1e-9))
         self.overheads.append(max(step_seconds - forward_seconds, 0.0))
-        self.scale = float(np.median(self.ratios))
-        self.overhead = float(np.median(self.overheads))
+        self.scale = median(self.ratios)
+        self.overhead = median(self.overheads)
 
     def forward(self, m) -> np.ndarray:
         return self.scale * np.asarray(self.curve(m)) if self.curve.measured else 1.0 + 0.01 * np.asarray(m)
@@ -286,6 +293,9 @@ class Policy:
         # Per source, (expected, produced) extra tokens of the last plans that drafted from it: how far
         # to trust each source's estimates (record_outcome).
         self.outcomes: dict[str, deque[tuple[float, int]]] = {s: deque(maxlen=OUTCOMES_KEPT) for s in SOURCES}
+        # Per source, the kept outcomes' sums (expected, produced) and appends since they were last
+        # summed afresh: kept as they change, summed again once per OUTCOMES_KEPT appends.
+        self._sums: dict[str, list] = {s: [0.0, 0, 0] for s in SOURCES}
         self.calibration: dict[str, float] = {s: 1.0 for s in SOURCES}
 
     # ------------------------------------------------------------------ matrix tree gains
@@ -428,14 +438,23 @@ class Policy:
                                       (tree, plan.tree_gain, plan.tree_nodes > 0)):
             if not drafted:
                 continue
-            self.outcomes[source].append((gain, got[source]))
-            self._calibrate(source)
+            kept, sums = self.outcomes[source], self._sums[source]
+            if len(kept) == kept.maxlen:
+                sums[0] -= kept[0][0]
+                sums[1] -= kept[0][1]
+            kept.append((gain, got[source]))
+            sums[0] += gain
+            sums[1] += got[source]
+            sums[2] += 1
+            self._calibrate(source, recount=sums[2] >= OUTCOMES_KEPT)
 
-    def _calibrate(self, source: str) -> None:
-        """The source's calibration from its kept outcomes alone (1.0 until 32 are in)."""
-        outcomes = self.outcomes[source]
-        expected = sum(e for e, _ in outcomes)
-        produced = sum(a for _, a in outcomes)
+    def _calibrate(self, source: str, recount: bool = True) -> None:
+        """The source's calibration from its kept outcomes alone (1.0 until 32 are in); ``recount``:
+        their sums afresh (else as record_outcome keeps them)."""
+        outcomes, sums = self.outcomes[source], self._sums[source]
+        if recount:
+            sums[:] = [sum(e for e, _ in outcomes), sum(a for _, a in outcomes), 0]
+        expected, produced = sums[0], sums[1]
         trusted = len(outcomes) >= 32 and expected > 0
         self.calibration[source] = float(np.clip(produced / expected, 0.25, 1.5)) if trusted else 1.0
 
