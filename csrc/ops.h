@@ -40,6 +40,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> graft_cha
 
 at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              bool vectorized);
+// x [..., in] times each weight [out_i, in] (+ bias_i), the outputs side by side: [..., sum out_i].
+at::Tensor skinny_linear_cat_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases, bool vectorized);
 bool skinny_linear_vectorized();  // true when skinny_linear has an AVX2/FMA path on this CPU
 // The lean forward's fused steps (lean_ops.cpp): an RMS norm, and the rotary embedding of q or k.
 at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps);

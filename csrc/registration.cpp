@@ -23,6 +23,7 @@ TORCH_LIBRARY(token_recycling, m) {
   m.def("graft_chain(Tensor tree_tokens, Tensor parents, Tensor chain, Tensor chain_len) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias=None, bool vectorized=True) -> Tensor");
+  m.def("skinny_linear_cat(Tensor x, Tensor[] weights, Tensor[] biases, bool vectorized=True) -> Tensor");
   m.def("skinny_linear_vectorized() -> bool", &token_recycling::skinny_linear_vectorized);
   m.def("greedy_topk(Tensor logits, int k) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -47,6 +48,7 @@ TORCH_LIBRARY_IMPL(token_recycling, CPU, m) {
   m.impl("ngram_candidates", &token_recycling::ngram_candidates_cpu);
   m.impl("graft_chain", &token_recycling::graft_chain_cpu);
   m.impl("skinny_linear", &token_recycling::skinny_linear_cpu);
+  m.impl("skinny_linear_cat", &token_recycling::skinny_linear_cat_cpu);
   m.impl("greedy_topk", &token_recycling::greedy_topk_cpu);
   m.impl("rms_norm", &token_recycling::rms_norm_cpu);
   m.impl("rotary_embedding", &token_recycling::rotary_embedding_cpu);

@@ -809,6 +809,43 @@ def test_fuzz_skinny_linear():
     drive("skinny_linear", make_skinny_linear)
 
 
+def make_skinny_linear_cat(rng, gen):
+    n, inf, parts = rng.randrange(0, 14), rng.randrange(0, 40), rng.randrange(1, 4)
+    lead = rng.choice([(n,), (1, n), (2, n // 2)])
+    x = torch.randn(*lead, inf, generator=gen)
+    ws = [torch.randn(rng.randrange(0, 20), inf, generator=gen) for _ in range(parts)]
+    bs = [torch.randn(w.shape[0], generator=gen) for w in ws] if rng.random() < 0.5 else []
+    args = [x, ws, bs, rng.random() < 0.5]
+    fault = rng.choice([None] * 6 + ["dtype", "in_features", "bias size", "bias count", "no weight"])
+    raises = (ValueError,)
+    if fault == "dtype":
+        i = rng.randrange(parts)
+        args[1] = [wrong_dtype(rng, w, [torch.float32]) if j == i else w for j, w in enumerate(ws)]
+        raises = (TypeError,)
+    elif fault == "in_features":
+        i = rng.randrange(parts)
+        args[1] = [torch.randn(w.shape[0], inf + rng.randrange(1, 4), generator=gen) if j == i else w
+                   for j, w in enumerate(ws)]
+    elif fault == "bias size":
+        i = rng.randrange(parts)
+        args[2] = [torch.randn(w.shape[0] + rng.choice([1, 2]), generator=gen) if j == i else torch.randn(w.shape[0])
+                   for j, w in enumerate(ws)]
+    elif fault == "bias count":
+        args[2] = [torch.randn(w.shape[0], generator=gen) for w in ws] + [torch.randn(1)]
+    elif fault == "no weight":
+        args[1], args[2] = [], []
+    case = Case(args, fault, raises)
+    if fault is None:
+        want = torch.cat([reference.skinny_linear(x, w, bs[i] if bs else None) for i, w in enumerate(ws)], -1)
+        case.args = [scramble(x, rng), [scramble(w, rng) for w in ws], bs, args[3]]
+        case.check = lambda got: torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * (1 + inf ** 0.5))
+    return case
+
+
+def test_fuzz_skinny_linear_cat():
+    drive("skinny_linear_cat", make_skinny_linear_cat)
+
+
 def make_skinny_linear_vectorized(rng, gen):
     from token_recycling.tools.models import cpu_flags
     want = {"avx2", "fma"} <= cpu_flags() and platform.machine() in ("x86_64", "AMD64")

@@ -44,6 +44,37 @@ def test_logits_equal_the_models_own_forward(arch, dtype, tree_attention):
             assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q, k and v have biases
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_joint_projections_under_routing_give_the_same_logits(arch, dtype, monkeypatch):
+    """Under skinny_linear routing the lean forward runs q/k/v and gate/up as one skinny_linear_cat
+    call each (skinny.joint); the model's own forward runs them one by one: the logits and the cache
+    are equal bit for bit, and the joint calls did run."""
+    from token_recycling import skinny
+
+    if not skinny.available():
+        pytest.skip("skinny_linear has no vectorized path on this CPU: routing is off")
+    model = tiny_model(arch, dtype=dtype)
+    calls = []
+    real = skinny._cat_op()
+    monkeypatch.setattr(skinny, "_cat_op", lambda: lambda *a: calls.append(len(a[1])) or real(*a))
+    with skinny.routed(model), torch.no_grad():  # routing takes inference calls only
+        tokens, depths, tree = _tree_inputs(model.config.vocab_size)
+        kwarg = hf_model.cache_kwarg(model)
+        stock_cache, lean_cache = _prefilled(model), _prefilled(model)
+        stock = hf_model.forward_tree(model, tokens, depths, tree, 12, stock_cache, False, kwarg)
+        assert not calls
+        lean = hf_model.forward_tree(model, tokens, depths, tree, 12, lean_cache, False, kwarg, lean=True)
+    assert calls == [3, 2] * model.config.num_hidden_layers
+    assert torch.equal(stock, lean)
+    for a, b in zip(stock_cache.layers, lean_cache.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    calls.clear()  # outside the routing: each layer's own forward
+    with torch.no_grad():
+        lean_forward.forward(model, tokens, None, depths + 12, _prefilled(model))
+    assert not calls
+
+
 def test_the_decode_loop_uses_it_and_stays_lossless():
     model, reference = tiny_model("llama"), private_copy("llama")[1]
     rec = TokenRecycler(model)

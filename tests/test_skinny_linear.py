@@ -132,6 +132,46 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.token_recycling.skinny_linear, (x.bfloat16(), w.bfloat16(), b.bfloat16(), True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vectorized", [True, False])
+def test_cat_is_the_separate_calls_side_by_side(dtype, vectorized):
+    """skinny_linear_cat: equal bit for bit to the separate calls concatenated (so a fused projection
+    changes no logit), and within rounding of float64. Sizes that are not multiples of 4 and
+    a part of 1030 rows make the threads' split fall inside and between parts."""
+    g = torch.Generator().manual_seed(7)
+    for n in (1, 2, 3, 5, 8, 16):
+        for outs in [(7,), (5, 3), (192, 33, 1030), (576, 192, 192), (64, 1, 40)]:
+            for with_bias in (False, True):
+                x = torch.randn(2, n, 96, generator=g).to(dtype)
+                ws = [torch.randn(o, 96, generator=g).to(dtype) for o in outs]
+                bs = [torch.randn(o, generator=g).to(dtype) for o in outs] if with_bias else []
+                got = ops.skinny_linear_cat(x, ws, bs, vectorized)
+                parts = [ops.skinny_linear(x, w, bs[i] if bs else None, vectorized) for i, w in enumerate(ws)]
+                assert torch.equal(got, torch.cat(parts, -1)), (n, outs, with_bias)
+                exact = torch.cat([x.double() @ w.double().T + (bs[i].double() if bs else 0)
+                                   for i, w in enumerate(ws)], -1)
+                tol = 2**-7 * exact.abs().max().item() if dtype is torch.bfloat16 else 1e-4
+                assert (got.double() - exact).abs().max().item() <= tol
+
+
+def test_cat_bad_input_names_the_argument():
+    x, w = torch.randn(2, 4), torch.randn(3, 4)
+    with pytest.raises(ValueError, match="weights must hold at least one weight"):
+        ops.skinny_linear_cat(x, [])
+    with pytest.raises(TypeError, match=r"weights\[1\] must have the dtype of the first weight"):
+        ops.skinny_linear_cat(x, [w, w.bfloat16()])
+    with pytest.raises(ValueError, match=r"weights\[1\].size\(1\) must be 4"):
+        ops.skinny_linear_cat(x, [w, torch.randn(3, 5)])
+    with pytest.raises(ValueError, match="biases must be empty or hold one bias per weight"):
+        ops.skinny_linear_cat(x, [w, w], [torch.randn(3)])
+    with pytest.raises(ValueError, match=r"biases\[1\].size\(0\) must be 2"):
+        ops.skinny_linear_cat(x, [w, w[:2]], [torch.randn(3), torch.randn(3)])
+    with pytest.raises(TypeError, match="x must be BFloat16"):
+        ops.skinny_linear_cat(x, [w.bfloat16()])
+    torch.library.opcheck(torch.ops.token_recycling.skinny_linear_cat, (x, [w, w[:1]], [], True))
+    torch.library.opcheck(torch.ops.token_recycling.skinny_linear_cat, (x, [w, w[:1]], [w[:, 0], w[:1, 0]], False))
+
+
 # ------------------------------------------------------------------------------ routing in a model
 def test_routed_takes_few_row_forwards_only_and_restores_the_model(monkeypatch):
     model = tiny_model("llama")
@@ -157,6 +197,7 @@ def test_routed_takes_few_row_forwards_only_and_restores_the_model(monkeypatch):
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-5)
     assert all("forward" not in m.__dict__ for m in linears)
+    assert not any(m in skinny._routes for m in linears)  # joint() sees no routing left behind
     rows_seen.clear()
     with torch.no_grad():
         model(ids[:, :3])

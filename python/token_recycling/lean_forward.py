@@ -31,7 +31,7 @@ import weakref
 
 import torch
 
-from . import ops
+from . import ops, skinny
 
 # Causal LM classes whose forward this module repeats (their modeling code was read for it).
 CLASSES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -135,9 +135,11 @@ class Parts:
             # Qwen2's attention differs from Llama's only in its sliding_window keyword
             extra = {"sliding_window": attn.sliding_window} if hasattr(attn, "sliding_window") else {}
             act = mlp.act_fn  # a module without hooks (eligible): calling it is calling its forward
-            self.layers.append((_norm(layer.input_layernorm), attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                                attn.head_dim, attn.layer_idx, attn.scaling, extra, _norm(layer.post_attention_layernorm),
-                                mlp.gate_proj, mlp.up_proj, mlp.down_proj, getattr(act, "forward", act)))
+            # q, k and v, and gate and up, each in one skinny_linear call where the routing allows
+            qkv, gate_up = skinny.joint([attn.q_proj, attn.k_proj, attn.v_proj]), skinny.joint([mlp.gate_proj, mlp.up_proj])
+            self.layers.append((_norm(layer.input_layernorm), attn, qkv, attn.o_proj, attn.head_dim, attn.layer_idx,
+                                attn.scaling, extra, _norm(layer.post_attention_layernorm), gate_up, mlp.down_proj,
+                                getattr(act, "forward", act)))
 
 
 def _norm(norm) -> tuple[torch.Tensor, float]:
@@ -166,15 +168,15 @@ def forward(model, input_ids: torch.Tensor, attention_mask, position_ids: torch.
     layer_kwargs = {"position_ids": position_ids, "use_cache": True, **kwargs}
     attend, decided_for = None, None
     hidden = embeds
-    for (norm1, attn, q_proj, k_proj, v_proj, o_proj, head_dim, layer_idx, scaling, extra, norm2, gate, up, down,
-         act) in parts.layers:
+    for norm1, attn, qkv, o_proj, head_dim, layer_idx, scaling, extra, norm2, gate_up, down, act in parts.layers:
         # LlamaDecoderLayer.forward, LlamaAttention.forward, LlamaMLP.forward
         residual = hidden
         x = _rms_norm(norm1, hidden)
         shape = (*x.shape[:-1], -1, head_dim)
-        q = q_proj.forward(x).view(shape).transpose(1, 2)
-        k = k_proj.forward(x).view(shape).transpose(1, 2)
-        v = v_proj.forward(x).view(shape).transpose(1, 2)
+        q, k, v = qkv(x)
+        q = q.view(shape).transpose(1, 2)
+        k = k.view(shape).transpose(1, 2)
+        v = v.view(shape).transpose(1, 2)
         q = _rotary(q, cos, sin)
         k = _rotary(k, cos, sin)
         k, v = cache.update(k, v, layer_idx, kwargs=layer_kwargs)
@@ -190,7 +192,8 @@ def forward(model, input_ids: torch.Tensor, attention_mask, position_ids: torch.
         hidden = residual + out
         residual = hidden
         x = _rms_norm(norm2, hidden)
-        hidden = residual + down.forward(act(gate.forward(x)) * up.forward(x))
+        gate, up = gate_up(x)
+        hidden = residual + down.forward(act(gate) * up)
     hidden = _rms_norm(parts.norm, hidden)
     return parts.head.forward(hidden)
 

@@ -191,6 +191,19 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return _ops.skinny_linear(x, weight, bias, vectorized)
 
 
+def skinny_linear_cat(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor] | None = None,
+                      vectorized: bool = True) -> torch.Tensor:
+    """:func:`skinny_linear` of one x by several weights in one call, their outputs side by side:
+    ``torch.cat([skinny_linear(x, w, b, vectorized) for w, b in zip(weights, biases)], -1)``, equal bit
+    for bit, as one op with one split of the work between threads (a layer's q, k and v projections,
+    or its gate and up projections: ``skinny.joint``).
+
+    weights ``[out_i, in]``, all float32 or all bfloat16 (x's dtype); biases None/empty or one
+    ``[out_i]`` per weight; returns ``[..., sum out_i]``. CPU only.
+    """
+    return _ops.skinny_linear_cat(x, list(weights), list(biases or []), vectorized)
+
+
 def skinny_linear_vectorized() -> bool:
     """True when :func:`skinny_linear` has a vectorized path (AVX2/FMA or AVX-512) on this CPU (else the portable loop)."""
     return _ops.skinny_linear_vectorized()
@@ -338,6 +351,11 @@ def _(tree_tokens, parents, chain, chain_len):
 @torch.library.register_fake("token_recycling::skinny_linear")
 def _(x, weight, bias=None, vectorized=True):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("token_recycling::skinny_linear_cat")
+def _(x, weights, biases, vectorized=True):
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
 
 
 @torch.library.register_fake("token_recycling::greedy_topk")

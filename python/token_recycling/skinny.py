@@ -60,6 +60,7 @@ PACK_HINT = 8  # the row count oneDNN's packed layout is chosen for (any row cou
 PACK_MEMORY_SHARE = 0.25  # pack only while the copies take at most this share of MemAvailable
 
 _packed: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}  # id(weight) -> (weight, _version, packed)
+_routes: dict[torch.nn.Module, tuple[int, int]] = {}  # a routed layer -> its (min_rows, max_rows), while routed
 
 
 def available() -> bool:
@@ -174,15 +175,53 @@ def routed(model, enabled: bool = True, max_rows: int = MAX_ROWS, min_rows: int 
             original = module.forward
             packed = packed_weight(module.weight) if pack and module.weight.dtype is torch.bfloat16 else None
             module.forward = _routed_forward(module, original, limit, min_rows, packed)
-            patched.append((module, had_own, original))
+            patched.append((module, had_own, original, _routes.get(module)))
+            _routes[module] = (min_rows, limit)
     try:
         yield len(patched)
     finally:
-        for module, had_own, original in reversed(patched):
+        for module, had_own, original, route in reversed(patched):
             if had_own:
                 module.forward = original
             else:
                 del module.forward
+            if route is None:
+                _routes.pop(module, None)
+            else:
+                _routes[module] = route
+
+
+def _cat_op():
+    return torch.ops.token_recycling.skinny_linear_cat.default
+
+
+def joint(modules: list[torch.nn.Linear]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    """The forward of linear layers that take the same input (a layer's q, k and v projections, or its
+    gate and up projections), as a function of that input returning their outputs: where the routing
+    entered now (:func:`routed`) gives every one of them ``skinny_linear`` for x's rows, one
+    ``skinny_linear_cat`` call, its output split (equal bit for bit to the separate calls: one
+    dispatch and one split between threads instead of one per layer); otherwise each layer's own
+    forward. Made per generate() call, inside the routing (lean_forward.Parts)."""
+    def separate(x: torch.Tensor) -> list[torch.Tensor]:
+        return [m.forward(x) for m in modules]
+
+    routes = [_routes.get(m) for m in modules]
+    if len(modules) < 2 or any(r is None for r in routes):
+        return separate
+    weights, biases = [m.weight for m in modules], [m.bias for m in modules]
+    dtype = weights[0].dtype
+    if any(w.dtype is not dtype for w in weights) or any((b is None) != (biases[0] is None) for b in biases):
+        return separate
+    low, high = max(r[0] for r in routes), min(r[1] for r in routes)
+    op, sizes, grad_enabled = _cat_op(), [w.shape[0] for w in weights], torch.is_grad_enabled
+    biases = [] if biases[0] is None else biases
+
+    def forward(x: torch.Tensor) -> list[torch.Tensor]:
+        last = x.shape[-1] if x.dim() else 0
+        if last and x.dtype is dtype and not grad_enabled() and low <= x.numel() // last <= high:
+            return op(x, weights, biases, True).split(sizes, -1)
+        return separate(x)
+    return forward
 
 
 def _time_both(weights: list[torch.Tensor], rows: int, repeats: int, packed: list[torch.Tensor] | None = None
