@@ -152,7 +152,10 @@ def test_the_drafter_measures_the_whole_curve_once_then_rescales_it(monkeypatch)
     drafter = Drafter(320, torch.device("cpu"), "auto", 8)
     drafter.tune(clock.forward, prefix=50, capacity=None)
     full = len(clock.calls)
-    assert max(clock.calls) == 128 and full == 1 + 5 * 5 + 2 * 6  # warm-up; sizes <= 16 5 times, larger 2
+    # warm-up; sizes <= 16 five times, larger ones twice, until two in a row cost 4x size 1 (64, 96)
+    assert max(clock.calls) == 96 and full == 1 + 5 * 5 + 2 * 5
+    assert drafter.policy.cost.curve.sizes == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96]
+    assert drafter.policy.cost.curve(128) == pytest.approx(0.01 * (1 + 128 / 16))  # the last slope goes on
     drafter.tune(clock.forward, prefix=300, capacity=None)  # not yet twice the context (+256)
     assert len(clock.calls) == full
     drafter.tune(clock.forward, prefix=400, capacity=None)
@@ -289,6 +292,17 @@ def test_the_curve_ignores_slow_outliers(monkeypatch):
     monkeypatch.setattr(auto_tree.time, "perf_counter", clock.perf_counter)
     curve = auto_tree.measure_cost(clock.forward, sizes=(1, 2, 4), small_repeats=2)
     assert curve.seconds == pytest.approx([true(1), true(4), true(4)])
+
+
+def test_the_curve_stops_past_two_sizes_that_cost_four_root_steps(monkeypatch):
+    from token_recycling import auto_tree
+    steep = FakeClock(lambda n: 0.01 * (1 + n / 8))  # size 1: 0.01125; 4x is reached from 32 on
+    monkeypatch.setattr(auto_tree.time, "perf_counter", steep.perf_counter)
+    curve = auto_tree.measure_cost(steep.forward)
+    assert curve.sizes == [1, 2, 4, 8, 16, 24, 32, 48] and max(steep.calls) == 48
+    one_slow = FakeClock(lambda n: 0.01 * (5.0 if n == 24 else 1 + n / 64))  # one slow size does not stop it
+    monkeypatch.setattr(auto_tree.time, "perf_counter", one_slow.perf_counter)
+    assert auto_tree.measure_cost(one_slow.forward).sizes == list(auto_tree.COST_SIZES)
 
 
 def brute_force_chain_choice(policy: Policy, candidates, run: int, budget: int, price: float):

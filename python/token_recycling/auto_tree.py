@@ -139,26 +139,48 @@ class AutoTree:
 SMALL_SIZES = 16  # sizes a CPU step forwards (the policy's choices there): timed more often
 
 
-def measure_cost(forward_n, sizes=COST_SIZES, repeats: int = 2, context: int = 0, small_repeats: int = 5) -> CostModel:
+STOP_RATIO = 4.0  # larger sizes are not timed once two in a row cost this many one-token forwards
+
+
+def measure_cost(forward_n, sizes=COST_SIZES, repeats: int = 2, context: int = 0, small_repeats: int = 5,
+                 stop_ratio: float = STOP_RATIO) -> CostModel:
     """Time forward_n(n) (one verification forward of n tokens, cache restored afterwards).
 
-    In interleaved rounds (each round times every size once, so a burst of load from elsewhere hits
-    small and large sizes alike rather than one size's repeats), ``small_repeats`` rounds for sizes
-    up to SMALL_SIZES (cheap, and what the policy picks on a CPU) and ``repeats`` for larger ones. A
-    size keeps its fastest time: load and interrupts only ever add. The curve is then made monotone
-    from above (t(n) = the least time of any size >= n), so a slow outlier at a small size is lowered
-    to its neighbours' level instead of lifting every larger size to it: lifting made t(1..8) look
-    flat once (a 7-node tree on every step of a 40-prompt run where 4 paid best)."""
-    forward_n(max(sizes))  # warm-up: allocator, kernels
+    Sizes up to SMALL_SIZES (cheap, and what the policy picks on a CPU) in ``small_repeats``
+    interleaved rounds (each round times every size once, so a burst of load from elsewhere hits
+    them alike rather than one size's repeats); then the larger sizes in ascending order,
+    ``repeats`` times each, until two in a row cost at least ``stop_ratio`` times size 1: past
+    them the curve's last slope goes on (CostModel), which is what a step bound by arithmetic costs,
+    and a step that costs four root-only steps is rarely worth its tokens. On a 2-core CPU that
+    skips the forwards of 96 and 128 tokens, most of the measurement's time in a user's first
+    request; a GPU, whose curve stays nearly flat, times every size. A size keeps its fastest
+    time: load and interrupts only ever add. The curve is then made monotone from above (t(n) =
+    the least time of any size >= n), so a slow outlier at a small size is lowered to its
+    neighbours' level instead of lifting every larger size to it: lifting made t(1..8) look flat
+    once (a 7-node tree on every step of a 40-prompt run where 4 paid best)."""
+    sizes = sorted(sizes)
+    forward_n(min(sizes[-1], SMALL_SIZES))  # warm-up: allocator, kernels
     best = {n: float("inf") for n in sizes}
-    for r in range(max(repeats, small_repeats)):
-        for n in sizes:
-            if r < (small_repeats if n <= SMALL_SIZES else repeats):
-                t = time.perf_counter()
-                forward_n(n)
-                best[n] = min(best[n], time.perf_counter() - t)
-    secs = np.minimum.accumulate(np.array([best[n] for n in sizes])[::-1])[::-1].tolist()
-    return CostModel(list(sizes), secs, context)
+
+    def time_one(n: int) -> None:
+        t = time.perf_counter()
+        forward_n(n)
+        best[n] = min(best[n], time.perf_counter() - t)
+
+    small = [n for n in sizes if n <= SMALL_SIZES]
+    for _ in range(small_repeats):
+        for n in small:
+            time_one(n)
+    measured, above = list(small), 0
+    for n in sizes[len(small):]:
+        for _ in range(repeats):
+            time_one(n)
+        measured.append(n)
+        above = above + 1 if best[n] >= stop_ratio * best[sizes[0]] else 0
+        if above == 2:
+            break
+    secs = np.minimum.accumulate(np.array([best[n] for n in measured])[::-1])[::-1].tolist()
+    return CostModel(measured, secs, context)
 
 
 REMEASURE_SIZES = (1, 16, 64)
