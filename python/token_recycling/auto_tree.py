@@ -152,8 +152,8 @@ def measure_cost(forward_n, sizes=COST_SIZES, repeats: int = 2, context: int = 0
     ``repeats`` times each, until two in a row cost at least ``stop_ratio`` times size 1: past
     them the curve's last slope goes on (CostModel), which is what a step bound by arithmetic costs,
     and a step that costs four root-only steps is rarely worth its tokens. On a 2-core CPU that
-    skips the forwards of 96 and 128 tokens, most of the measurement's time in a user's first
-    request; a GPU, whose curve stays nearly flat, times every size. A size keeps its fastest
+    skips the forwards of 96 and 128 tokens (or of 128 alone), most of the measurement's time in a
+    user's first request; a GPU, whose curve stays nearly flat, times every size. A size keeps its fastest
     time: load and interrupts only ever add. The curve is then made monotone from above (t(n) =
     the least time of any size >= n), so a slow outlier at a small size is lowered to its
     neighbours' level instead of lifting every larger size to it: lifting made t(1..8) look flat

@@ -155,7 +155,8 @@ def attention_for(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.
     scale = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
     if start < 0 and tree.dim() == 2 and choose_path(prefix, query, key) == "two-part":
         return lambda module, q, k, v: two_part_attention(q, k, v, prefix, tree, scale).transpose(1, 2).contiguous()
-    return lambda module, q, k, v: ops.tree_attention(q, k, v, prefix_len, tree, scale, start).transpose(1, 2).contiguous()
+    return lambda module, q, k, v: ops.tree_attention(q, k, v, prefix_len, tree, scale,
+                                                      start).transpose(1, 2).contiguous()
 
 
 def _dense_call(mask: torch.Tensor | None, dropout: float, scaling: float | None, kwargs: dict):

@@ -136,7 +136,8 @@ class Parts:
             extra = {"sliding_window": attn.sliding_window} if hasattr(attn, "sliding_window") else {}
             act = mlp.act_fn  # a module without hooks (eligible): calling it is calling its forward
             # q, k and v, and gate and up, each in one skinny_linear call where the routing allows
-            qkv, gate_up = skinny.joint([attn.q_proj, attn.k_proj, attn.v_proj]), skinny.joint([mlp.gate_proj, mlp.up_proj])
+            qkv = skinny.joint([attn.q_proj, attn.k_proj, attn.v_proj])
+            gate_up = skinny.joint([mlp.gate_proj, mlp.up_proj])
             self.layers.append((_norm(layer.input_layernorm), attn, qkv, attn.o_proj, attn.head_dim, attn.layer_idx,
                                 attn.scaling, extra, _norm(layer.post_attention_layernorm), gate_up, mlp.down_proj,
                                 getattr(act, "forward", act)))
